@@ -1,0 +1,872 @@
+# The broker's event loop: accept, read, route, write, all without the GIL.
+# Python is called (with the GIL) only on the control path: a new
+# connection, its handshake, a subscription, a stats request.
+
+cdef enum ConnState:
+    CS_PREAMBLE = 0     # waiting for the client's 8-byte preamble
+    CS_CONNECT = 1      # waiting for its CONNECT frame
+    CS_READY = 2
+    CS_CLOSING = 3      # fatal error sent: write what is queued, then close
+    CS_CLOSED = 4
+
+cdef enum LoopTag:
+    # epoll data for the loop's own fds; connections use their Conn pointer.
+    TAG_WAKE = 1
+    TAG_SIGNAL = 2
+    TAG_LISTEN = 8      # TAG_LISTEN + listener index
+
+cdef enum LoopStatus:
+    LOOP_STOP = 0
+    LOOP_SIGNAL = 1
+
+cdef enum:
+    MAX_LISTENERS = 4
+    CLOSE_GRACE_MS = 2000      # how long a closing connection may take to drain
+    ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
+
+cdef struct Conn:
+    int fd
+    uint32_t id
+    int state
+    bint is_unix
+    bint dirty              # on the broker's dirty list: has output to try
+    bint want_out           # EPOLLOUT armed
+    bint owes_drop_report   # some subscription has drops to report
+    double closing_since
+    Buffer rbuf
+    Buffer wbuf
+    unsigned long long wbuf_total   # bytes ever appended to wbuf
+    unsigned long long wbuf_sent    # bytes ever sent
+    FdQueue in_fds          # received, waiting for their PUB frame
+    FdQueue out_fds         # duplicates waiting to travel with their MSG frame
+    char stamp[255]
+    uint8_t stamp_len
+    unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
+    Subscription **subs
+    size_t nsubs, subs_cap
+    Conn *next_dirty
+    Conn *next_dead
+    size_t slot
+
+
+cdef double now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6
+
+
+cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
+    cdef char head[3]
+    if n < 32:
+        head[0] = <char>(0xa0 | n)
+        buf_append(b, head, 1)
+    elif n < 256:
+        head[0] = <char>0xd9
+        head[1] = <char>n
+        buf_append(b, head, 2)
+    else:
+        n = min(n, 65535)
+        head[0] = <char>0xda
+        head[1] = <char>(n >> 8)
+        head[2] = <char>(n & 0xff)
+        buf_append(b, head, 3)
+    buf_append(b, s, n)
+
+
+cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *code,
+                           const char *message) noexcept nogil:
+    """ERROR frame with payload msgpack {"code": code, "message": message}."""
+    cdef Buffer payload
+    cdef int rc
+    memset(&payload, 0, sizeof(Buffer))
+    buf_append(&payload, b"\x82", 1)
+    append_msgpack_str(&payload, b"code", 4)
+    append_msgpack_str(&payload, code, strlen(code))
+    append_msgpack_str(&payload, b"message", 7)
+    append_msgpack_str(&payload, message, strlen(message))
+    rc = write_frame(b, K_ERROR, flags, id, NULL, 0, NULL, 0, NULL, 0,
+                     payload.data + payload.start, buf_len(&payload), 0, 0)
+    buf_free(&payload)
+    return rc
+
+
+cdef class BrokerLoop:
+    """The broker's connections, router and epoll loop. busx.Broker owns one
+    and runs it on a thread (or the main thread for serve_forever)."""
+    cdef int epfd
+    cdef int wake_fd
+    cdef int listen_fds[MAX_LISTENERS]
+    cdef bint listen_unix[MAX_LISTENERS]
+    cdef int nlisten
+    cdef bint accept_paused
+    cdef double accept_resume_at
+    cdef Conn **conns
+    cdef size_t conns_cap
+    cdef size_t nconns
+    cdef Conn *dirty
+    cdef Conn *dead
+    cdef size_t nclosing
+    cdef Router router
+    cdef size_t max_pending
+    cdef size_t max_frame
+    cdef bint disconnect_slow
+    cdef volatile int stop_requested
+    cdef uint32_t next_id
+    cdef unsigned long long rr_counter
+    cdef pthread_mutex_t state_lock
+    cdef public unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
+    cdef public unsigned long long read_calls, write_calls
+    cdef object handler
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.wake_fd = -1
+        pthread_mutex_init(&self.state_lock, NULL)
+        if router_init(&self.router) < 0:
+            raise MemoryError()
+
+    def __init__(self, handler, size_t max_pending, size_t max_frame,
+                 bint disconnect_slow):
+        """handler: the Python side (busx.broker) with on_accept, on_connect,
+        on_subscribe, on_close and on_stats callbacks."""
+        self.handler = handler
+        self.max_pending = max_pending
+        self.max_frame = max_frame
+        self.disconnect_slow = disconnect_slow
+        self.next_id = 1
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.epfd < 0 or self.wake_fd < 0:
+            raise_os_error("cannot create the broker's event loop")
+        self._watch(self.wake_fd, TAG_WAKE)
+
+    def __dealloc__(self):
+        self.handler = None
+        self.close_all()
+        router_free(&self.router)
+        pthread_mutex_destroy(&self.state_lock)
+
+    cdef void _watch(self, int fd, uint64_t tag) except *:
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = tag
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise_os_error("epoll_ctl")
+
+    def add_listener(self, int fd, bint is_unix):
+        """Accept connections on fd (a listening, non-blocking socket the
+        broker keeps owning: this loop never closes it)."""
+        if self.nlisten == MAX_LISTENERS:
+            raise ValueError("too many listeners")
+        self.listen_fds[self.nlisten] = fd
+        self.listen_unix[self.nlisten] = is_unix
+        self._watch(fd, TAG_LISTEN + self.nlisten)
+        self.nlisten += 1
+
+    def watch_signal_fd(self, int fd):
+        """Return from run() with LOOP_SIGNAL when fd (Python's signal
+        wakeup fd) becomes readable, so signal handlers get to run."""
+        self._watch(fd, TAG_SIGNAL)
+
+    def request_stop(self):
+        """Make run() return; safe from any thread."""
+        cdef uint64_t one = 1
+        self.stop_requested = 1
+        write(self.wake_fd, &one, 8)
+
+    def run(self):
+        """Serve until request_stop() or a signal; returns a LoopStatus."""
+        cdef int status
+        with nogil:
+            status = self._loop()
+        if status < 0:
+            raise_os_error("broker event loop failed", -status)
+        return status
+
+    cdef int _loop(self) noexcept nogil:
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, timeout
+        cdef uint64_t tag
+        cdef int status = -1
+        cdef uint64_t drained
+        while status < 0:
+            timeout = -1
+            if self.accept_paused or self.nclosing:
+                timeout = ACCEPT_RETRY_MS
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                return -errno
+            pthread_mutex_lock(&self.state_lock)
+            for i in range(n):
+                tag = events[i].data.u64
+                if tag == TAG_WAKE:
+                    read(self.wake_fd, &drained, 8)
+                elif tag == TAG_SIGNAL:
+                    status = LOOP_SIGNAL
+                elif tag >= TAG_LISTEN and tag < TAG_LISTEN + MAX_LISTENERS:
+                    self._accept(<int>(tag - TAG_LISTEN))
+                else:
+                    self._on_conn_event(<Conn *>events[i].data.ptr, events[i].events)
+            self._flush_dirty()
+            self._housekeeping()
+            self._bury_dead()
+            pthread_mutex_unlock(&self.state_lock)
+            if self.stop_requested:
+                status = LOOP_STOP
+        return status
+
+    # ---- connections ----
+
+    cdef void _accept(self, int index) noexcept nogil:
+        cdef int fd, k
+        cdef bint is_unix = self.listen_unix[index]
+        for k in range(64):
+            fd = accept4(self.listen_fds[index], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # Out of fds: stop watching the listeners for a moment
+                    # instead of spinning on a backlog we cannot take.
+                    self._pause_accept()
+                return
+            self._open_conn(fd, is_unix)
+
+    cdef void _pause_accept(self) noexcept nogil:
+        cdef int i
+        cdef epoll_event ev
+        ev.events = 0
+        for i in range(self.nlisten):
+            ev.data.u64 = TAG_LISTEN + i
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.listen_fds[i], &ev)
+        self.accept_paused = True
+        self.accept_resume_at = now_ms() + ACCEPT_RETRY_MS
+
+    cdef void _resume_accept(self) noexcept nogil:
+        cdef int i
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        for i in range(self.nlisten):
+            ev.data.u64 = TAG_LISTEN + i
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.listen_fds[i], &ev)
+        self.accept_paused = False
+
+    cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:
+        cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
+        cdef Conn **grown
+        cdef epoll_event ev
+        if c == NULL:
+            close(fd)
+            return
+        if self.nconns == self.conns_cap:
+            grown = <Conn **>realloc(self.conns, (self.conns_cap * 2 + 64) * sizeof(void *))
+            if grown == NULL:
+                free(c)
+                close(fd)
+                return
+            self.conns = grown
+            self.conns_cap = self.conns_cap * 2 + 64
+        c.fd = fd
+        c.id = self.next_id
+        self.next_id += 1
+        c.is_unix = is_unix
+        c.state = CS_PREAMBLE
+        c.slot = self.nconns
+        self.conns[self.nconns] = c
+        self.nconns += 1
+        ev.events = EPOLLIN | EPOLLRDHUP
+        ev.data.ptr = c
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self._close_conn(c)
+            return
+        if self._py_accept(c) < 0:
+            self._close_conn(c)
+            return
+        self._mark_dirty(c)
+
+    cdef int _py_accept(self, Conn *c) noexcept with gil:
+        """Ask Python for the HELLO to greet c with (it reads SO_PEERCRED)."""
+        try:
+            self._queue_bytes(c, self.handler.on_accept(c.id, c.fd, c.is_unix))
+            return 0
+        except BaseException as exc:
+            self._report(exc)
+            return -1
+
+    cdef int _queue_bytes(self, Conn *c, bytes data) except -1:
+        if buf_append(&c.wbuf, data, len(data)) < 0:
+            raise MemoryError()
+        c.wbuf_total += len(data)
+        return 0
+
+    cdef void _report(self, BaseException exc) noexcept:
+        try:
+            self.handler.on_internal_error(exc)
+        except BaseException:
+            pass
+
+    cdef void _on_conn_event(self, Conn *c, uint32_t events) noexcept nogil:
+        if c.state == CS_CLOSED:
+            return          # closed earlier in this batch
+        if events & EPOLLOUT:
+            self._mark_dirty(c)
+        if events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP):
+            if c.state == CS_CLOSING:
+                self._discard_input(c)
+            else:
+                self._read(c)
+
+    cdef void _discard_input(self, Conn *c) noexcept nogil:
+        cdef char sink[4096]
+        cdef ssize_t n = recv(c.fd, sink, sizeof(sink), MSG_DONTWAIT)
+        if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+            self._close_conn(c)
+
+    cdef void _read(self, Conn *c) noexcept nogil:
+        cdef bint truncated = False
+        cdef ssize_t n
+        if buf_reserve(&c.rbuf, READ_CHUNK) < 0:
+            self._fail(c, b"internal", b"broker out of memory")
+            return
+        n = recv_with_fds(c.fd, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end,
+                          &c.in_fds if c.is_unix else NULL, &truncated)
+        self.read_calls += 1
+        if n < 0:
+            if errno != EAGAIN:
+                self._close_conn(c)
+            return
+        if truncated:
+            self._fail(c, b"fds-truncated",
+                       b"file descriptors sent to the broker were lost (the broker is out "
+                       b"of fds); this connection cannot tell which message they belonged to")
+            return
+        if n == 0:
+            # Peer gone; a partial frame in rbuf dies with it.
+            self._close_conn(c)
+            return
+        c.rbuf.end += n
+        c.bytes_in += n
+        self.bytes_in += n
+        self._take_frames(c)
+
+    cdef void _take_frames(self, Conn *c) noexcept nogil:
+        cdef FrameView f
+        cdef int status
+        if c.state == CS_PREAMBLE:
+            if buf_len(&c.rbuf) < PREAMBLE_SIZE:
+                return
+            if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, 4) != 0:
+                self._fail(c, b"protocol", b"not a busx client: the connection did not "
+                           b"start with the busx preamble")
+                return
+            if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, PREAMBLE_SIZE) != 0:
+                self._fail(c, b"protocol", b"unsupported busx protocol version: this "
+                           b"broker speaks version 1; upgrade the client or the broker")
+                return
+            buf_consume(&c.rbuf, PREAMBLE_SIZE)
+            c.state = CS_CONNECT
+        while c.state == CS_CONNECT or c.state == CS_READY:
+            status = parse_frame(c.rbuf.data + c.rbuf.start, buf_len(&c.rbuf),
+                                 self.max_frame, &f)
+            if status == PARSE_NEED_MORE:
+                break
+            if status == PARSE_TOO_LARGE:
+                self._fail(c, b"too-large", b"frame exceeds the broker's max_frame; "
+                           b"publish smaller payloads or raise max_frame")
+                return
+            if status == PARSE_MALFORMED:
+                self._fail(c, b"protocol", b"malformed frame header")
+                return
+            self._handle(c, &f)
+            buf_consume(&c.rbuf, f.size)
+        if c.state != CS_CLOSED:
+            buf_shrink(&c.rbuf, READ_CHUNK * 2)
+
+    cdef void _handle(self, Conn *c, FrameView *f) noexcept nogil:
+        if c.state == CS_CONNECT:
+            if f.kind != K_CONNECT:
+                self._fail(c, b"protocol", b"expected a CONNECT frame to complete the handshake")
+            else:
+                self._on_connect(c, f)
+            return
+        if f.nfds > fdq_len(&c.in_fds):
+            self._fail(c, b"protocol", b"frame announces more fds than arrived with it")
+            return
+        if f.kind == K_PUB:
+            self._route(c, f)
+        elif f.kind == K_PING:
+            write_frame(&c.wbuf, K_PONG, 0, f.id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
+            self._mark_dirty(c)
+        elif f.kind == K_SUB:
+            self._subscribe(c, f)
+        elif f.kind == K_UNSUB:
+            self._unsubscribe(c, f.id)
+        elif f.kind == K_STATS:
+            self._stats(c, f)
+        else:
+            self._fail(c, b"protocol", b"unexpected frame kind from a client")
+
+    cdef void _on_connect(self, Conn *c, FrameView *f) noexcept nogil:
+        if self._py_connect(c, f) == 1:
+            c.state = CS_READY
+            self._mark_dirty(c)
+        else:
+            self._begin_closing(c)
+
+    cdef int _py_connect(self, Conn *c, FrameView *f) noexcept with gil:
+        """Python checks the CONNECT (token proof, policy) and returns
+        (accepted, reply frame bytes, sender stamp). 1 when accepted."""
+        try:
+            accepted, reply, stamp = self.handler.on_connect(c.id, f.payload[:f.payload_len])
+            self._queue_bytes(c, reply)
+            if not accepted:
+                return 0
+            c.stamp_len = len(stamp)
+            memcpy(c.stamp, <char *>stamp, c.stamp_len)
+            return 1
+        except BaseException as exc:
+            self._report(exc)
+            return -1
+
+    # ---- routing ----
+
+    cdef void _route(self, Conn *src, FrameView *f) noexcept nogil:
+        cdef RouteSlot *slot
+        cdef int fds[MAX_FDS_PER_FRAME]
+        cdef size_t i, j, group_end
+        cdef int k
+        for k in range(f.nfds):
+            fds[k] = fdq_pop(&src.in_fds)
+        if not self._topic_ok(src, f):
+            self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
+        else:
+            slot = router_lookup(&self.router, f.topic, f.topic_len)
+            if slot == NULL:
+                self._fail(src, b"internal", b"broker out of memory")
+            else:
+                src.msgs_in += 1
+                self.msgs_in += 1
+                i = 0
+                while i < slot.nsubs:
+                    if slot.subs[i].queue == 0:
+                        self._deliver(slot.subs[i], src, f, fds)
+                        i += 1
+                        continue
+                    # A queue group: one member, round robin.
+                    group_end = i + 1
+                    while group_end < slot.nsubs and slot.subs[group_end].queue == slot.subs[i].queue:
+                        group_end += 1
+                    j = i + self.rr_counter % (group_end - i)
+                    self.rr_counter += 1
+                    self._deliver(slot.subs[j], src, f, fds)
+                    i = group_end
+        for k in range(f.nfds):
+            close(fds[k])
+
+    cdef bint _topic_ok(self, Conn *src, FrameView *f) noexcept nogil:
+        """The PUB topic rules in C for ASCII topics; others ask Python."""
+        cdef size_t i
+        cdef unsigned char ch
+        cdef bint ascii = True
+        if f.topic_len == 0 or f.topic[0] == b'.' or f.topic[f.topic_len - 1] == b'.':
+            return False
+        for i in range(f.topic_len):
+            ch = <unsigned char>f.topic[i]
+            if ch >= 0x80:
+                ascii = False
+            elif ch <= 0x20 or ch == 0x7f or ch == b'*' or ch == b'>':
+                return False
+            elif ch == b'.' and f.topic[i + 1] == b'.':
+                return False
+        if f.topic[0] == b'_' and not (f.topic_len > 7 and memcmp(f.topic, b"_INBOX.", 7) == 0):
+            return False
+        return ascii or self._py_topic_ok(f)
+
+    cdef bint _py_topic_ok(self, FrameView *f) noexcept with gil:
+        try:
+            return self.handler.topic_is_valid(f.topic[:f.topic_len])
+        except BaseException as exc:
+            self._report(exc)
+            return False
+
+    cdef void _deliver(self, Subscription *s, Conn *src, FrameView *f,
+                       int *fds) noexcept nogil:
+        cdef Conn *dst = <Conn *>s.conn
+        cdef size_t size = frame_size(f.topic_len, f.reply_len, src.stamp_len, f.payload_len)
+        cdef size_t pending = buf_len(&dst.wbuf)
+        cdef int k, copy
+        cdef uint8_t sent_fds = 0
+        cdef uint8_t lost_fds = 0
+        if dst.state != CS_READY:
+            return
+        if pending and pending + size > self.max_pending:
+            self._slow_consumer(dst, s)
+            return
+        if dst.is_unix:
+            for k in range(f.nfds):
+                copy = fcntl(fds[k], F_DUPFD_CLOEXEC, 0)
+                if copy < 0 or fdq_push(&dst.out_fds, dst.wbuf_total, copy) < 0:
+                    if copy >= 0:
+                        close(copy)
+                    lost_fds += 1
+                else:
+                    sent_fds += 1
+        else:
+            lost_fds = f.nfds
+        if write_frame(&dst.wbuf, K_MSG, 0, s.sid, f.topic, f.topic_len, f.reply, f.reply_len,
+                       src.stamp, src.stamp_len, f.payload, f.payload_len,
+                       sent_fds, lost_fds) < 0:
+            self._fail(dst, b"internal", b"broker out of memory")
+            return
+        dst.wbuf_total += size
+        dst.msgs_out += 1
+        self.msgs_out += 1
+        self._mark_dirty(dst)
+
+    cdef void _slow_consumer(self, Conn *dst, Subscription *s) noexcept nogil:
+        if self.disconnect_slow:
+            self._fail(dst, b"slow-consumer",
+                       b"slow consumer: this subscriber fell more than max_pending bytes "
+                       b"behind and the broker's policy is to disconnect it")
+            return
+        s.dropped += 1
+        s.dropped_unreported += 1
+        dst.dropped += 1
+        self.dropped += 1
+        dst.owes_drop_report = True
+
+    cdef void _report_drops(self, Conn *c) noexcept nogil:
+        """Tell the client, per subscription, how many messages were dropped."""
+        cdef char count[9]
+        cdef size_t i
+        cdef Subscription *s
+        cdef unsigned long long n
+        cdef int shift
+        for i in range(c.nsubs):
+            s = c.subs[i]
+            if s.dropped_unreported == 0:
+                continue
+            n = s.dropped_unreported
+            count[0] = <char>0xcf       # msgpack uint64, big-endian
+            for shift in range(8):
+                count[1 + shift] = <char>((n >> (56 - 8 * shift)) & 0xff)
+            if write_frame(&c.wbuf, K_DROPPED, 0, s.sid, NULL, 0, NULL, 0, NULL, 0,
+                           count, 9, 0, 0) < 0:
+                return
+            c.wbuf_total += HEADER_SIZE + 9
+            s.dropped_unreported = 0
+        c.owes_drop_report = False
+
+    # ---- subscriptions ----
+
+    cdef Subscription *_find_sub(self, Conn *c, uint32_t sid) noexcept nogil:
+        cdef size_t i
+        for i in range(c.nsubs):
+            if c.subs[i].sid == sid:
+                return c.subs[i]
+        return NULL
+
+    cdef void _subscribe(self, Conn *c, FrameView *f) noexcept nogil:
+        cdef long long queue
+        cdef Subscription *s
+        cdef Subscription **grown
+        if self._find_sub(c, f.id) != NULL:
+            self._send_error(c, f.id, b"invalid", b"subscription id already in use")
+            return
+        queue = self._py_subscribe(c, f)
+        if queue < 0:
+            return      # refused; the error frame is queued
+        s = <Subscription *>calloc(1, sizeof(Subscription))
+        if c.nsubs == c.subs_cap:
+            grown = <Subscription **>realloc(c.subs, (c.subs_cap * 2 + 4) * sizeof(void *))
+            if grown != NULL:
+                c.subs = grown
+                c.subs_cap = c.subs_cap * 2 + 4
+        if s == NULL or c.nsubs == c.subs_cap:
+            free(s)
+            self._send_error(c, f.id, b"internal", b"broker out of memory")
+            return
+        s.conn = c
+        s.sid = f.id
+        s.queue = <uint32_t>queue
+        if router_add(&self.router, s, f.topic, f.topic_len) < 0:
+            free(s)
+            self._send_error(c, f.id, b"internal", b"broker out of memory")
+            return
+        c.subs[c.nsubs] = s
+        c.nsubs += 1
+        self._send_simple(c, K_OK, f.id)
+
+    cdef long long _py_subscribe(self, Conn *c, FrameView *f) noexcept with gil:
+        """Python validates the pattern and applies the policy: it returns the
+        queue group id (0 for none), or (code, message) to refuse. -1 when
+        refused (with the ERROR frame queued)."""
+        try:
+            verdict = self.handler.on_subscribe(
+                c.id, f.id, f.topic[:f.topic_len], f.reply[:f.reply_len])
+            if isinstance(verdict, int):
+                return verdict
+            self._send_error(c, f.id, verdict[0].encode(), verdict[1].encode())
+        except BaseException as exc:
+            self._report(exc)
+            self._send_error(c, f.id, b"internal", b"broker error during subscribe")
+        return -1
+
+    cdef void _unsubscribe(self, Conn *c, uint32_t sid) noexcept nogil:
+        cdef size_t i
+        for i in range(c.nsubs):
+            if c.subs[i].sid == sid:
+                router_remove(&self.router, c.subs[i])
+                free(c.subs[i])
+                c.nsubs -= 1
+                c.subs[i] = c.subs[c.nsubs]
+                break
+        self._send_simple(c, K_OK, sid)
+
+    cdef void _stats(self, Conn *c, FrameView *f) noexcept nogil:
+        self._py_stats(c, f)
+        self._mark_dirty(c)
+
+    cdef void _py_stats(self, Conn *c, FrameView *f) noexcept with gil:
+        try:
+            payload = self.handler.on_stats_request(c.id, self._snapshot())
+            if write_frame(&c.wbuf, K_STATS, 0, f.id, NULL, 0, NULL, 0, NULL, 0,
+                           <bytes>payload, len(payload), 0, 0) == 0:
+                c.wbuf_total += HEADER_SIZE + len(payload)
+        except BaseException as exc:
+            self._report(exc)
+            self._send_error(c, f.id, b"internal", b"broker error during stats")
+
+    # ---- output ----
+
+    cdef void _send_simple(self, Conn *c, uint8_t kind, uint32_t id) noexcept nogil:
+        if write_frame(&c.wbuf, kind, 0, id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0) == 0:
+            c.wbuf_total += HEADER_SIZE
+        self._mark_dirty(c)
+
+    cdef void _send_error(self, Conn *c, uint32_t id, const char *code,
+                          const char *message) noexcept nogil:
+        cdef size_t before = buf_len(&c.wbuf)
+        write_error_frame(&c.wbuf, id, 0, code, message)
+        c.wbuf_total += buf_len(&c.wbuf) - before
+        self._mark_dirty(c)
+
+    cdef void _fail(self, Conn *c, const char *code, const char *message) noexcept nogil:
+        """A fatal error on one connection: tell it why, then close it."""
+        cdef size_t before = buf_len(&c.wbuf)
+        if c.state >= CS_CLOSING:
+            return
+        write_error_frame(&c.wbuf, 0, F_FATAL, code, message)
+        c.wbuf_total += buf_len(&c.wbuf) - before
+        self._begin_closing(c)
+
+    cdef void _begin_closing(self, Conn *c) noexcept nogil:
+        c.state = CS_CLOSING
+        c.closing_since = now_ms()
+        self.nclosing += 1
+        self._drop_subscriptions(c)
+        self._mark_dirty(c)
+
+    cdef inline void _mark_dirty(self, Conn *c) noexcept nogil:
+        if not c.dirty:
+            c.dirty = True
+            c.next_dirty = self.dirty
+            self.dirty = c
+
+    cdef void _flush_dirty(self) noexcept nogil:
+        cdef Conn *c
+        while self.dirty != NULL:
+            c = self.dirty
+            self.dirty = c.next_dirty
+            c.dirty = False
+            if c.state != CS_CLOSED:
+                self._write(c)
+
+    cdef void _write(self, Conn *c) noexcept nogil:
+        cdef ssize_t n
+        cdef epoll_event ev
+        while buf_len(&c.wbuf):
+            n = self._send_some(c)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    break
+                self._close_conn(c)
+                return
+            buf_consume(&c.wbuf, n)
+            c.wbuf_sent += n
+            c.bytes_out += n
+            self.bytes_out += n
+            if c.owes_drop_report and buf_len(&c.wbuf) <= self.max_pending // 2:
+                self._report_drops(c)
+        if buf_len(&c.wbuf) == 0:
+            buf_shrink(&c.wbuf, WRITE_CHUNK)
+            if c.state == CS_CLOSING:
+                self._close_conn(c)
+                return
+        if (buf_len(&c.wbuf) != 0) != c.want_out:
+            c.want_out = not c.want_out
+            ev.events = EPOLLIN | EPOLLRDHUP | (EPOLLOUT if c.want_out else 0)
+            ev.data.ptr = c
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+
+    cdef ssize_t _send_some(self, Conn *c) noexcept nogil:
+        """One send()/sendmsg() of up to WRITE_CHUNK bytes. fds travel with
+        the call whose bytes start at or before their frame, so they arrive
+        no later than the frame does (docs/protocol.md, fd passing)."""
+        cdef size_t length = buf_len(&c.wbuf)
+        if length > WRITE_CHUNK:
+            length = WRITE_CHUNK
+        self.write_calls += 1
+        if fdq_len(&c.out_fds) == 0:
+            return send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
+        return send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
+
+    cdef void _housekeeping(self) noexcept nogil:
+        """Timers: resume accepting after EMFILE; close connections that
+        could not drain their last words in time."""
+        cdef double now
+        cdef size_t i
+        if not (self.accept_paused or self.nclosing):
+            return
+        now = now_ms()
+        if self.accept_paused and now >= self.accept_resume_at:
+            self._resume_accept()
+        if self.nclosing:
+            i = 0
+            while i < self.nconns:
+                if (self.conns[i].state == CS_CLOSING
+                        and now - self.conns[i].closing_since > CLOSE_GRACE_MS):
+                    self._close_conn(self.conns[i])    # moves the last conn into slot i
+                else:
+                    i += 1
+
+    cdef void _drop_subscriptions(self, Conn *c) noexcept nogil:
+        cdef size_t i
+        for i in range(c.nsubs):
+            router_remove(&self.router, c.subs[i])
+            free(c.subs[i])
+        c.nsubs = 0
+
+    cdef void _close_conn(self, Conn *c) noexcept nogil:
+        """Close now. The struct is freed after the current batch of events,
+        which may still mention it."""
+        cdef Conn *last
+        if c.state == CS_CLOSED:
+            return
+        if c.state == CS_CLOSING:
+            self.nclosing -= 1
+        c.state = CS_CLOSED
+        self._drop_subscriptions(c)
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+        close(c.fd)
+        fdq_close_all(&c.in_fds)
+        fdq_close_all(&c.out_fds)
+        last = self.conns[self.nconns - 1]
+        self.conns[c.slot] = last
+        last.slot = c.slot
+        self.nconns -= 1
+        c.next_dead = self.dead
+        self.dead = c
+        if self.accept_paused:
+            self._resume_accept()
+        self._py_closed(c.id)
+
+    cdef void _py_closed(self, uint32_t conn_id) noexcept with gil:
+        if self.handler is not None:
+            try:
+                self.handler.on_close(conn_id)
+            except BaseException as exc:
+                self._report(exc)
+
+    cdef void _bury_dead(self) noexcept nogil:
+        cdef Conn *c
+        while self.dead != NULL:
+            c = self.dead
+            self.dead = c.next_dead
+            buf_free(&c.rbuf)
+            buf_free(&c.wbuf)
+            fdq_free(&c.in_fds)
+            fdq_free(&c.out_fds)
+            free(c.subs)
+            free(c)
+
+    # ---- shutdown and introspection (Python side) ----
+
+    def drain(self, double timeout):
+        """Write out what connections still hold, for up to timeout seconds.
+        Returns True when everything was delivered."""
+        cdef double deadline = now_ms() + timeout * 1000
+        cdef bint pending = True
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i
+        with nogil:
+            pthread_mutex_lock(&self.state_lock)
+            while True:
+                pending = False
+                for i in range(<int>self.nconns):
+                    if buf_len(&self.conns[i].wbuf):
+                        self._write(self.conns[i])
+                for i in range(<int>self.nconns):
+                    if buf_len(&self.conns[i].wbuf) and self.conns[i].state != CS_CLOSED:
+                        pending = True
+                if not pending or now_ms() >= deadline:
+                    break
+                pthread_mutex_unlock(&self.state_lock)
+                epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+                pthread_mutex_lock(&self.state_lock)
+            self._bury_dead()
+            pthread_mutex_unlock(&self.state_lock)
+        return not pending
+
+    def close_all(self):
+        """Close every connection and the loop's own fds (not the listeners)."""
+        with nogil:
+            pthread_mutex_lock(&self.state_lock)
+            while self.nconns:
+                self._close_conn(self.conns[self.nconns - 1])
+            self._bury_dead()
+            pthread_mutex_unlock(&self.state_lock)
+        free(self.conns)
+        self.conns = NULL
+        self.conns_cap = 0
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+
+    def snapshot(self):
+        """Counters of the broker and each connection, as plain data."""
+        cdef object result
+        with nogil:
+            pthread_mutex_lock(&self.state_lock)
+        try:
+            result = self._snapshot()
+        finally:
+            pthread_mutex_unlock(&self.state_lock)
+        return result
+
+    cdef object _snapshot(self):
+        cdef size_t i
+        cdef Conn *c
+        connections = []
+        for i in range(self.nconns):
+            c = self.conns[i]
+            if c.state != CS_READY:
+                continue
+            connections.append({
+                "id": c.id, "subscriptions": c.nsubs, "pending_bytes": buf_len(&c.wbuf),
+                "msgs_in": c.msgs_in, "msgs_out": c.msgs_out, "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out, "dropped": c.dropped,
+            })
+        return {
+            "connections": connections, "subscriptions": self.router.subscriptions,
+            "msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "dropped": self.dropped,
+            "read_calls": self.read_calls, "write_calls": self.write_calls,
+        }

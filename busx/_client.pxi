@@ -1,0 +1,627 @@
+# The client's I/O: publishers append frames to a shared buffer under a
+# mutex; one I/O thread (running _run without the GIL) swaps that buffer out
+# and writes it in large sends, reads large chunks, and hands whole frames to
+# the Python side's inbox. Python parses the inbox into Message objects in
+# batches (take), so per-message Python work stays tiny.
+
+cdef enum RunResult:
+    RUN_CLOSED = 0        # request_close() ended the loop
+    RUN_EOF = 1           # the broker closed the connection
+    RUN_ERROR = 2         # socket error: last_errno says which
+    RUN_PROTOCOL = 3      # the broker sent something this client cannot parse
+
+cdef enum ClientState:
+    CL_DETACHED = 0       # no socket: before attach, or reconnecting
+    CL_ATTACHED = 1
+    CL_FAILED = 2         # disconnected for good; publish raises Disconnected
+    CL_CLOSED = 3
+
+cdef enum AppendStatus:
+    APPEND_OK = 0
+    APPEND_CLOSED = -1
+    APPEND_TIMEOUT = -2
+    APPEND_FAILED = -3
+    APPEND_NOMEM = -4
+
+
+cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
+    cdef double whole
+    clock_gettime(CLOCK_MONOTONIC, ts)
+    whole = <long>seconds
+    ts.tv_sec += <long>whole
+    ts.tv_nsec += <long>((seconds - whole) * 1e9)
+    if ts.tv_nsec >= 1000000000:
+        ts.tv_sec += 1
+        ts.tv_nsec -= 1000000000
+
+
+cdef class ClientIO:
+    """One connection's buffers and I/O loop. busx.client.Bus owns it and
+    runs run() on a daemon thread."""
+    cdef int fd
+    cdef int epfd
+    cdef int wake_fd
+    cdef int notify_fd
+    cdef bint is_unix
+    cdef size_t max_buffer
+    cdef size_t max_frame
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t room_cond
+    cdef pthread_cond_t event_cond
+    # Shared under lock: publishers append to out; fds offsets index out.data.
+    cdef Buffer out
+    cdef FdQueue out_fds
+    # Shared under lock: whole frames for Python, and the fds they announce.
+    cdef Buffer inbox
+    cdef FdQueue in_fds
+    cdef unsigned long long events_seq
+    cdef bint pause_reading
+    cdef bint reading_paused
+    cdef int wake_pending
+    cdef int state
+    cdef int close_requested
+    # I/O thread only.
+    cdef Buffer sending
+    cdef FdQueue sending_fds
+    cdef bint want_out
+    cdef Buffer rbuf
+    cdef FdQueue recv_fds
+    # Python side only (under Bus's pump lock).
+    cdef Buffer taken
+    cdef bytes last_topic_b
+    cdef object last_topic
+    cdef bytes last_stamp
+    cdef uint32_t last_sid
+    cdef MessageQueue last_queue
+    cdef public object bus
+    cdef public int last_errno
+    cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
+
+    def __cinit__(self):
+        cdef pthread_condattr_t attr
+        self.fd = -1
+        self.epfd = -1
+        self.wake_fd = -1
+        self.notify_fd = -1
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.room_cond, &attr)
+        pthread_cond_init(&self.event_cond, &attr)
+        pthread_condattr_destroy(&attr)
+
+    def __init__(self, size_t max_buffer, size_t max_frame):
+        self.max_buffer = max_buffer
+        self.max_frame = max_frame
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.epfd < 0 or self.wake_fd < 0:
+            raise_os_error("cannot create the client's event loop")
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = TAG_WAKE
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_fd, &ev) < 0:
+            raise_os_error("epoll_ctl")
+
+    def __dealloc__(self):
+        self.release()
+        pthread_mutex_destroy(&self.lock)
+        pthread_cond_destroy(&self.room_cond)
+        pthread_cond_destroy(&self.event_cond)
+
+    def release(self):
+        """Free fds and buffers. Only once the I/O thread has ended."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
+        if self.notify_fd >= 0:
+            close(self.notify_fd)
+            self.notify_fd = -1
+        buf_free(&self.out)
+        buf_free(&self.inbox)
+        buf_free(&self.sending)
+        buf_free(&self.rbuf)
+        buf_free(&self.taken)
+        fdq_free(&self.out_fds)
+        fdq_free(&self.in_fds)
+        fdq_free(&self.sending_fds)
+        fdq_free(&self.recv_fds)
+
+    # ---- connection lifecycle (Python side) ----
+
+    def attach(self, int fd, bint is_unix, bytes prologue, size_t max_frame):
+        """Start using fd (connected, handshake done; this object owns it from
+        now on). prologue (re-subscriptions) goes out before anything still
+        buffered from a previous connection; a frame the previous connection
+        cut in half is dropped whole."""
+        cdef epoll_event ev
+        cdef Buffer fresh
+        cdef size_t boundary
+        memset(&fresh, 0, sizeof(Buffer))
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+        try:
+            boundary = self._drop_partial_frame()
+            if (buf_append(&fresh, prologue, len(prologue)) < 0 or
+                    buf_append(&fresh, self.sending.data + boundary,
+                               self.sending.end - boundary) < 0):
+                raise MemoryError()
+            shift_fds(&self.sending_fds, boundary, len(prologue))
+            buf_free(&self.sending)
+            self.sending = fresh
+            buf_free(&self.rbuf)
+            fdq_close_all(&self.recv_fds)
+            self.fd = fd
+            self.is_unix = is_unix
+            self.max_frame = max_frame
+            self.want_out = True
+            self.reading_paused = False
+            self.state = CL_ATTACHED
+            ev.events = EPOLLIN | EPOLLOUT
+            ev.data.u64 = TAG_LISTEN
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                raise_os_error("epoll_ctl")
+        finally:
+            pthread_mutex_unlock(&self.lock)
+
+    cdef size_t _drop_partial_frame(self) noexcept:
+        """Index in sending.data of the first frame not yet begun on the wire.
+        Frames in `sending` start at index 0 (it was swapped in whole), so
+        walking their lengths finds it."""
+        cdef size_t at = 0
+        while at < self.sending.start:
+            at += busx_load_u32(self.sending.data + at) + 4
+        while fdq_len(&self.sending_fds) and self.sending_fds.items[self.sending_fds.head].offset < at:
+            close(fdq_pop(&self.sending_fds))
+        return at
+
+    def detach(self):
+        """Forget the dead socket: close it, drop its partial input, close the
+        fds that partial input announced. Whole frames stay in the inbox."""
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+        if self.fd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+            close(self.fd)
+            self.fd = -1
+        buf_free(&self.rbuf)
+        fdq_close_all(&self.recv_fds)
+        if self.state == CL_ATTACHED:
+            self.state = CL_DETACHED
+        self.events_seq += 1
+        pthread_cond_broadcast(&self.event_cond)
+        pthread_cond_broadcast(&self.room_cond)
+        pthread_mutex_unlock(&self.lock)
+
+    def fail(self):
+        """No reconnect: later publishes raise Disconnected."""
+        self._set_state(CL_FAILED)
+
+    def request_close(self):
+        """Make run() return RUN_CLOSED and later calls raise Closed."""
+        cdef uint64_t one = 1
+        self._set_state(CL_CLOSED)
+        self.close_requested = 1
+        write(self.wake_fd, &one, 8)
+
+    cdef void _set_state(self, int state):
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if self.state != CL_CLOSED:
+                self.state = state
+            self.events_seq += 1
+            pthread_cond_broadcast(&self.event_cond)
+            pthread_cond_broadcast(&self.room_cond)
+            pthread_mutex_unlock(&self.lock)
+
+    @property
+    def attached(self):
+        return self.state == CL_ATTACHED
+
+    @property
+    def unsent_bytes(self):
+        return buf_len(&self.out) + buf_len(&self.sending)
+
+    def notify_fd_open(self):
+        """An eventfd that becomes readable when new frames reach the inbox
+        (for asyncio's add_reader); created on first use."""
+        if self.notify_fd < 0:
+            self.notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+            if self.notify_fd < 0:
+                raise_os_error("eventfd")
+        return self.notify_fd
+
+    # ---- the I/O thread ----
+
+    def run(self):
+        """The I/O loop; returns a RunResult when the connection ends."""
+        cdef int result
+        with nogil:
+            result = self._run()
+        return result
+
+    cdef int _run(self) noexcept nogil:
+        cdef epoll_event events[4]
+        cdef int n, i, result
+        cdef uint64_t drained
+        while True:
+            n = epoll_wait(self.epfd, events, 4, -1)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                self.last_errno = errno
+                return RUN_ERROR
+            for i in range(n):
+                if events[i].data.u64 == TAG_WAKE:
+                    read(self.wake_fd, &drained, 8)
+                elif events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    result = self._read()
+                    if result >= 0:
+                        return result
+            if self.close_requested:
+                return RUN_CLOSED
+            result = self._write()
+            if result >= 0:
+                return result
+
+    cdef int _write(self) noexcept nogil:
+        """Send what is buffered; -1 to carry on, else a RunResult."""
+        cdef ssize_t n
+        cdef bint want_out
+        cdef epoll_event ev
+        pthread_mutex_lock(&self.lock)
+        self.wake_pending = 0
+        if buf_len(&self.sending) == 0 and buf_len(&self.out):
+            buf_swap(&self.sending, &self.out)
+            fdq_swap(&self.sending_fds, &self.out_fds)
+            pthread_cond_broadcast(&self.room_cond)
+        if self.reading_paused and not self.pause_reading:
+            self.reading_paused = False
+            self._set_events()
+        pthread_mutex_unlock(&self.lock)
+        while buf_len(&self.sending):
+            n = send_with_fds(self.fd, self.sending.data + self.sending.start,
+                              min(buf_len(&self.sending), <size_t>WRITE_CHUNK),
+                              self.sending.start, &self.sending_fds)
+            self.write_calls += 1
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    break
+                self.last_errno = errno
+                return RUN_ERROR
+            buf_consume(&self.sending, n)
+        want_out = buf_len(&self.sending) != 0
+        if want_out != self.want_out:
+            self.want_out = want_out
+            self._set_events()
+        if not want_out:
+            buf_shrink(&self.sending, WRITE_CHUNK)
+        return -1
+
+    cdef void _set_events(self) noexcept nogil:
+        cdef epoll_event ev
+        ev.events = (0 if self.reading_paused else EPOLLIN) | (EPOLLOUT if self.want_out else 0)
+        ev.data.u64 = TAG_LISTEN
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.fd, &ev)
+
+    cdef int _read(self) noexcept nogil:
+        """One recv; whole frames go to the inbox. -1 to carry on."""
+        cdef bint truncated = False
+        cdef ssize_t n
+        cdef size_t whole
+        cdef uint64_t one = 1
+        cdef bint was_empty
+        if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
+            self.last_errno = ENOMEM
+            return RUN_ERROR
+        n = recv_with_fds(self.fd, self.rbuf.data + self.rbuf.end,
+                          self.rbuf.cap - self.rbuf.end,
+                          &self.recv_fds if self.is_unix else NULL, &truncated)
+        self.read_calls += 1
+        if n < 0:
+            if errno == EAGAIN:
+                return -1
+            self.last_errno = errno
+            return RUN_ERROR
+        if truncated:
+            return RUN_PROTOCOL
+        if n == 0:
+            return RUN_EOF
+        self.rbuf.end += n
+        whole = self._whole_frames()
+        if whole == <size_t>-1:
+            return RUN_PROTOCOL
+        if whole == 0 and fdq_len(&self.recv_fds) == 0:
+            return -1
+        pthread_mutex_lock(&self.lock)
+        while fdq_len(&self.recv_fds):
+            fdq_push(&self.in_fds, 0, fdq_pop(&self.recv_fds))
+        if whole:
+            was_empty = buf_len(&self.inbox) == 0
+            if was_empty:
+                # Hand the chunk over without copying; keep only the tail.
+                buf_swap(&self.inbox, &self.rbuf)
+                self.rbuf.start = 0
+                self.rbuf.end = 0
+                buf_append(&self.rbuf, self.inbox.data + self.inbox.start + whole,
+                           buf_len(&self.inbox) - whole)
+                self.inbox.end = self.inbox.start + whole
+            else:
+                buf_append(&self.inbox, self.rbuf.data + self.rbuf.start, whole)
+                buf_consume(&self.rbuf, whole)
+            self.events_seq += 1
+            pthread_cond_broadcast(&self.event_cond)
+            if was_empty and self.notify_fd >= 0:
+                write(self.notify_fd, &one, 8)
+            if buf_len(&self.inbox) >= self.max_buffer:
+                # Python is not keeping up: stop reading the socket, so the
+                # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
+                self.pause_reading = True
+                self.reading_paused = True
+                self._set_events()
+        pthread_mutex_unlock(&self.lock)
+        return -1
+
+    cdef size_t _whole_frames(self) noexcept nogil:
+        """Bytes of whole frames at the front of rbuf; (size_t)-1 if malformed."""
+        cdef size_t at = 0, avail = buf_len(&self.rbuf)
+        cdef FrameView f
+        cdef int status
+        while True:
+            status = parse_frame(self.rbuf.data + self.rbuf.start + at, avail - at,
+                                 self.max_frame, &f)
+            if status == PARSE_NEED_MORE:
+                return at
+            if status != PARSE_OK:
+                return <size_t>-1
+            at += f.size
+            self.frames_in += 1
+
+    # ---- publishing (any thread) ----
+
+    def publish(self, bytes topic, bytes payload, bytes reply=None, fds=None,
+                double timeout=-1.0):
+        """Queue a PUB frame; blocks while the buffer is full (back-pressure)."""
+        cdef int dup_fds[MAX_FDS_PER_FRAME]
+        cdef int nfds = 0
+        cdef int status
+        cdef const char *reply_p = NULL
+        cdef size_t reply_len = 0
+        if reply is not None:
+            reply_p = reply
+            reply_len = len(reply)
+        if fds:
+            nfds = duplicate_fds(fds, dup_fds, self.is_unix)
+        status = self._append(K_PUB, 0, topic, len(topic), reply_p, reply_len,
+                              payload, len(payload), dup_fds, nfds, timeout)
+        if status != APPEND_OK:
+            for i in range(nfds):
+                close(dup_fds[i])
+            self._raise_append(status, len(topic) + reply_len + len(payload))
+
+    def publish_batch(self, list frames, double timeout=-1.0):
+        """Queue many (topic, payload) PUB frames in order."""
+        cdef bytes topic, payload
+        cdef int status
+        for topic, payload in frames:
+            status = self._append(K_PUB, 0, topic, len(topic), NULL, 0, payload,
+                                  len(payload), NULL, 0, timeout)
+            if status != APPEND_OK:
+                self._raise_append(status, len(topic) + len(payload))
+
+    def send_control(self, int kind, unsigned int id, bytes topic=b"", bytes reply=b"",
+                     bytes payload=b""):
+        """Queue a control frame (SUB, UNSUB, PING, STATS); never blocks."""
+        cdef int status = self._append(kind, id, topic, len(topic), reply, len(reply),
+                                       payload, len(payload), NULL, 0, -2.0)
+        if status != APPEND_OK:
+            self._raise_append(status, len(payload))
+
+    cdef int _raise_append(self, int status, size_t size) except -1:
+        if status == APPEND_CLOSED:
+            raise Closed("the bus is closed")
+        if status == APPEND_FAILED:
+            raise Disconnected("the connection to the broker was lost and reconnect=False")
+        if status == APPEND_TIMEOUT:
+            raise Timeout("publish buffer stayed full until the timeout: the broker is "
+                          "not taking messages as fast as they are published")
+        if status == PARSE_TOO_LARGE:
+            raise PayloadTooLarge(f"a frame of {size + HEADER_SIZE} bytes exceeds the broker's "
+                                  f"max_frame of {self.max_frame} bytes")
+        raise MemoryError()
+
+    cdef int _append(self, uint8_t kind, uint32_t id, const char *topic, size_t topic_len,
+                     const char *reply, size_t reply_len, const char *payload,
+                     size_t payload_len, int *fds, int nfds, double timeout) noexcept:
+        """timeout: < 0 waits forever; -2 means never wait (control frames)."""
+        cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len)
+        cdef timespec deadline
+        cdef int status = APPEND_OK
+        cdef bint wake = False
+        cdef uint64_t one = 1
+        cdef int i
+        if size > self.max_frame:
+            return PARSE_TOO_LARGE
+        with nogil:
+            if timeout >= 0:
+                deadline_after(&deadline, timeout)
+            pthread_mutex_lock(&self.lock)
+            while True:
+                if self.state == CL_CLOSED:
+                    status = APPEND_CLOSED
+                    break
+                if self.state == CL_FAILED:
+                    status = APPEND_FAILED
+                    break
+                if (timeout == -2.0 or buf_len(&self.out) == 0
+                        or buf_len(&self.out) + size <= self.max_buffer):
+                    break
+                if timeout < 0:
+                    pthread_cond_wait(&self.room_cond, &self.lock)
+                elif pthread_cond_timedwait(&self.room_cond, &self.lock, &deadline) == ETIMEDOUT:
+                    status = APPEND_TIMEOUT
+                    break
+            if status == APPEND_OK:
+                for i in range(nfds):
+                    if fdq_push(&self.out_fds, self.out.end, fds[i]) < 0:
+                        status = APPEND_NOMEM
+                if status == APPEND_OK and write_frame(
+                        &self.out, kind, 0, id, topic, topic_len, reply, reply_len,
+                        NULL, 0, payload, payload_len, nfds, 0) < 0:
+                    status = APPEND_NOMEM
+                if status == APPEND_OK:
+                    self.frames_out += 1
+                    if not self.wake_pending:
+                        self.wake_pending = 1
+                        wake = True
+            pthread_mutex_unlock(&self.lock)
+            if wake:
+                write(self.wake_fd, &one, 8)
+        return status
+
+    # ---- receiving (Python side, under the Bus's pump lock) ----
+
+    @property
+    def events_seq(self):
+        """Bumped whenever frames arrive or the connection changes state."""
+        return self.events_seq
+
+    def wait(self, unsigned long long seen, double timeout):
+        """Block (without the GIL) until events_seq moves past `seen`, or the
+        timeout (< 0: none) passes. Returns whether it moved."""
+        cdef timespec deadline
+        cdef bint moved
+        with nogil:
+            if timeout >= 0:
+                deadline_after(&deadline, timeout)
+            pthread_mutex_lock(&self.lock)
+            while self.events_seq == seen:
+                if timeout < 0:
+                    pthread_cond_wait(&self.event_cond, &self.lock)
+                elif pthread_cond_timedwait(&self.event_cond, &self.lock, &deadline) == ETIMEDOUT:
+                    break
+            moved = self.events_seq != seen
+            pthread_mutex_unlock(&self.lock)
+        return moved
+
+    def take(self, dict queues, list control):
+        """Parse every whole frame received so far: MSG frames go to their
+        subscription's MessageQueue (queues: sid -> MessageQueue; frames for
+        unknown sids are discarded), all others are appended to control as
+        busx.protocol.Frame. Returns the number of frames taken."""
+        cdef FrameView f
+        cdef size_t count = 0
+        cdef uint64_t one = 1
+        cdef bint resume
+        if buf_len(&self.taken) == 0:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                buf_swap(&self.taken, &self.inbox)
+                resume = self.pause_reading
+                self.pause_reading = False
+                pthread_mutex_unlock(&self.lock)
+            if resume:
+                write(self.wake_fd, &one, 8)
+        while buf_len(&self.taken):
+            parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
+                        <size_t>-1, &f)
+            if f.kind == K_MSG:
+                self._dispatch(&f, queues)
+            else:
+                control.append(view_to_frame(&f))
+            buf_consume(&self.taken, f.size)
+            count += 1
+        buf_shrink(&self.taken, READ_CHUNK * 2)
+        self.last_queue = None
+        return count
+
+    cdef void _dispatch(self, FrameView *f, dict queues) except *:
+        cdef Message msg
+        cdef MessageQueue queue
+        cdef object fds = ()
+        if f.nfds:
+            fds = self._take_fds(f.nfds)
+        if self.last_queue is None or self.last_sid != f.id:
+            queue = queues.get(f.id)
+            if queue is None:
+                close_fd_tuple(fds)
+                return
+            self.last_queue = queue
+            self.last_sid = f.id
+        msg = Message.__new__(Message)
+        if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len
+                or memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) != 0):
+            self.last_topic_b = f.topic[:f.topic_len]
+            self.last_topic = self.last_topic_b.decode("utf-8")
+        msg.topic = self.last_topic
+        if (self.last_stamp is None or len(self.last_stamp) != f.stamp_len
+                or memcmp(<char *>self.last_stamp, f.stamp, f.stamp_len) != 0):
+            self.last_stamp = f.stamp[:f.stamp_len]
+        msg.stamp = self.last_stamp
+        msg.raw = f.payload[:f.payload_len]
+        msg.reply_to = f.reply[:f.reply_len].decode("utf-8") if f.reply_len else None
+        msg.fds = fds
+        msg.fds_lost = f.fds_lost
+        msg.bus = self.bus
+        self.last_queue.push(msg)
+
+    cdef tuple _take_fds(self, int count):
+        cdef list fds = []
+        cdef int fd
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+        for _ in range(count):
+            fd = fdq_pop(&self.in_fds)
+            if fd >= 0:
+                fds.append(fd)
+        pthread_mutex_unlock(&self.lock)
+        return tuple(fds)
+
+
+cdef void shift_fds(FdQueue *q, size_t boundary, size_t prologue) noexcept nogil:
+    """Re-index queued fds after sending.data[:boundary] was replaced by a
+    prologue of `prologue` bytes."""
+    cdef size_t i
+    for i in range(q.head, q.tail):
+        q.items[i].offset = q.items[i].offset - boundary + prologue
+
+
+cdef inline void fdq_swap(FdQueue *a, FdQueue *b) noexcept nogil:
+    cdef FdQueue t = a[0]
+    a[0] = b[0]
+    b[0] = t
+
+
+cdef int duplicate_fds(object fds, int *out, bint is_unix) except -1:
+    """dup() the caller's fds so it may close its own at once (SPEC.md)."""
+    cdef int n = 0, fd, copy
+    if not is_unix:
+        raise FdError("file descriptors can only be passed over the UNIX transport; "
+                      "this connection uses TCP")
+    fds = list(fds)
+    if len(fds) > MAX_FDS_PER_FRAME:
+        raise FdError(f"at most {MAX_FDS_PER_FRAME} fds per message, not {len(fds)}")
+    for item in fds:
+        fd = item if isinstance(item, int) else item.fileno()
+        copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        if copy < 0:
+            err = errno
+            for i in range(n):
+                close(out[i])
+            raise_os_error(f"cannot duplicate fd {fd} for sending", err)
+        out[n] = copy
+        n += 1
+    return n
+
+
+cdef void close_fd_tuple(tuple fds):
+    for fd in fds:
+        close(fd)

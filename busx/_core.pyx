@@ -1,0 +1,27 @@
+# cython: language_level=3, embedsignature=True
+"""busx's compiled core: framing, buffers, routing, and the broker's and
+client's event loops. Everything on the message path runs without the GIL;
+busx.broker and busx.client are the Python faces over it."""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, malloc, realloc, free
+from libc.string cimport memcpy, memmove, memcmp, memset, strlen
+
+from busx.includes.system cimport *
+
+from busx.errors import (BusError, Closed, Disconnected, FdError, PayloadTooLarge,
+                         ProtocolError, Timeout)
+from busx.protocol import Frame
+from busx.credentials import Credentials
+
+include "includes/consts.pxi"
+
+cdef const char *PREAMBLE_BYTES = b"BUSX\x01\x00\x00\x00"
+
+include "_buffers.pxi"
+include "_sockio.pxi"
+include "_frames.pxi"
+include "_router.pxi"
+include "_message.pxi"
+include "_broker.pxi"
+include "_client.pxi"

@@ -1,0 +1,113 @@
+# Messages handed to subscribers, and the per-subscription queue they wait in.
+
+import msgpack
+
+cdef object _UNDECODED = object()
+cdef dict _senders = {}          # stamp bytes -> Credentials; stamps repeat
+
+
+cdef object decode_stamp(bytes stamp):
+    cdef object sender = _senders.get(stamp)
+    if sender is None:
+        if not stamp:
+            return None
+        pid, uid, gid, identity, host, port = msgpack.unpackb(stamp)
+        sender = Credentials(pid, uid, gid, identity,
+                             (host, port) if host is not None else None)
+        if len(_senders) > 4096:
+            _senders.clear()
+        _senders[stamp] = sender
+    return sender
+
+
+cdef class Message:
+    """A received message. `data` is decoded from `raw` on first access;
+    `sender` is stamped by the broker; `fds` are owned by the receiver."""
+    cdef readonly str topic
+    cdef readonly bytes raw
+    cdef readonly object reply_to
+    cdef readonly tuple fds
+    cdef readonly int fds_lost
+    cdef bytes stamp
+    cdef object _data
+    cdef object bus
+
+    def __cinit__(self):
+        self._data = _UNDECODED
+        self.fds = ()
+
+    @property
+    def data(self):
+        if self._data is _UNDECODED:
+            self._data = msgpack.unpackb(self.raw, strict_map_key=False)
+        return self._data
+
+    @property
+    def sender(self):
+        return decode_stamp(self.stamp)
+
+    def respond(self, data):
+        """Publish data to this request's reply_to inbox."""
+        if self.reply_to is None:
+            raise BusError("this message has no reply_to: it was not sent with request()")
+        return self.bus.publish(self.reply_to, data)
+
+    def __repr__(self):
+        return f"Message(topic={self.topic!r}, raw={self.raw[:40]!r}, sender={self.sender})"
+
+
+cdef class MessageQueue:
+    """FIFO of Messages for one subscription. push and pop are C calls."""
+    cdef list items
+    cdef Py_ssize_t head
+    cdef public unsigned long long dropped
+
+    def __cinit__(self):
+        self.items = []
+
+    cdef void push(self, Message msg) except *:
+        self.items.append(msg)
+
+    def __len__(self):
+        return len(self.items) - self.head
+
+    cpdef object pop(self):
+        """The oldest message, or None."""
+        cdef object msg
+        if self.head >= len(self.items):
+            return None
+        msg = self.items[self.head]
+        self.items[self.head] = None
+        self.head += 1
+        if self.head == len(self.items):
+            self.items = []
+            self.head = 0
+        elif self.head > 4096 and self.head * 2 > len(self.items):
+            del self.items[:self.head]
+            self.head = 0
+        return msg
+
+    cpdef list pop_many(self, Py_ssize_t max_count):
+        """Up to max_count oldest messages."""
+        cdef Py_ssize_t end = min(len(self.items), self.head + max_count)
+        cdef list batch
+        if self.head == 0 and end == len(self.items):
+            batch = self.items
+            self.items = []
+            return batch
+        batch = self.items[self.head:end]
+        if end == len(self.items):
+            self.items = []
+            self.head = 0
+        else:
+            del self.items[:end]
+            self.head = 0
+        return batch
+
+    def discard(self):
+        """Drop every queued message, closing the fds they carried."""
+        cdef Message msg
+        for msg in self.items[self.head:]:
+            close_fd_tuple(msg.fds)
+        self.items = []
+        self.head = 0

@@ -1,0 +1,23 @@
+# Tunables, with their units and where they came from.
+
+cdef enum:
+    # Frame header: u32 size, u8 kind, flags, topic_len, reply_len, stamp_len,
+    # nfds, fds_lost, reserved, u32 id (docs/protocol.md).
+    HEADER_SIZE = 16
+    PREAMBLE_SIZE = 8
+    MAX_NAME = 255                # bytes in a topic, reply or stamp field
+    MAX_FDS_PER_FRAME = 250       # SPEC.md; the kernel's SCM_MAX_FD is 253
+    MAX_FDS_PER_SEND = 253        # SCM_MAX_FD
+    # Bytes asked of one recv(). 256 KiB holds ~2,000 small frames, so one
+    # syscall feeds a whole batch (benchmarks/test_throughput.py).
+    READ_CHUNK = 256 * 1024
+    # Bytes handed to one send()/sendmsg(): the socket buffer takes about this
+    # much at once; larger sends only return partial writes.
+    WRITE_CHUNK = 1024 * 1024
+    MAX_EVENTS = 128              # epoll events taken per wait
+    ROUTE_CACHE_SLOTS = 4096      # topics remembered by the router; cleared when full
+
+cdef enum:
+    # uint64 words of control buffer for MAX_FDS_PER_SEND fds:
+    # CMSG_SPACE(253 * 4) = 1032 bytes on 64-bit Linux, rounded up.
+    CMSG_WORDS = 136
