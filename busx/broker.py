@@ -1,0 +1,443 @@
+"""The broker: sockets, security decisions and lifecycle in Python; the
+event loop, routing and framing in busx._core (BrokerLoop)."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from . import __version__, protocol
+from ._core import BrokerLoop
+from .errors import BusError
+from .handshake import error_frame, pack, token_proof, unpack
+from .paths import default_socket_path, host_identity
+from .policy import Policy, load_policy
+from .topics import is_valid_topic, pattern_bytes, InvalidTopic
+
+log = logging.getLogger("busx.broker")
+
+LOOP_STOP, LOOP_SIGNAL = 0, 1
+DRAIN_SECONDS = 5.0     # how long stop() waits to deliver what the broker holds
+
+
+@dataclass
+class Peer:
+    """What the broker knows about one connection, verified by the kernel or
+    the handshake, never taken from the client's word."""
+
+    id: int
+    transport: str
+    pid: Optional[int] = None
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    address: Optional[tuple[str, int]] = None
+    nonce: bytes = b""
+    name: Optional[str] = None
+    identity: Optional[str] = None
+    queues: dict = field(default_factory=dict)
+
+    def stamp(self) -> bytes:
+        host, port = self.address if self.address else (None, None)
+        return pack([self.pid, self.uid, self.gid, self.identity, host, port])
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _group_id(group: Union[str, int]) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise BusError(f"socket_group {group!r} does not exist on this host") from None
+
+
+class Broker:
+    """A busx broker on a UNIX socket and, optionally, TCP.
+
+    Parameters (all optional; see SPEC.md):
+      unix_path: socket path; default $BUSX_SOCKET, else
+        $XDG_RUNTIME_DIR/busx/bus.sock, else /tmp/busx-<uid>/bus.sock.
+      tcp: (host, port) to accept remote peers; port 0 picks a free one.
+      socket_mode: permissions of the socket file (default 0o600).
+      socket_group: group name or gid for the socket (and a directory it creates).
+      policy: TOML path or dict of rules (docs/security.md).
+      tokens: {identity: secret} that TCP clients must prove.
+      allow_anonymous_tcp: allow a non-loopback TCP address without tokens.
+      max_pending: bytes queued per subscriber before the slow-consumer policy.
+      slow_consumer: "drop" (newest, counted and reported) or "disconnect".
+      max_frame: largest frame accepted, announced to clients.
+
+    start() runs it on a background thread; serve_forever() in this one.
+    """
+
+    def __init__(self, unix_path: Optional[str] = None, tcp: Optional[tuple[str, int]] = None,
+                 socket_mode: int = 0o600, socket_group: Union[str, int, None] = None,
+                 policy: Union[str, Mapping[str, Any], None] = None,
+                 tokens: Optional[Mapping[str, str]] = None, allow_anonymous_tcp: bool = False,
+                 max_pending: int = 64 << 20, slow_consumer: str = "drop",
+                 max_frame: int = protocol.DEFAULT_MAX_FRAME) -> None:
+        if slow_consumer not in ("drop", "disconnect"):
+            raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
+        if not protocol.HEADER_SIZE < max_frame < 1 << 32:
+            raise BusError(f"max_frame must be between {protocol.HEADER_SIZE} and 4 GiB")
+        if max_pending < 1:
+            raise BusError("max_pending must be positive")
+        if not 0 <= socket_mode <= 0o777:
+            raise BusError(f"socket_mode {socket_mode:o} is not a permission mode")
+        self.tokens = dict(tokens or {})
+        if tcp is not None and not self.tokens and not allow_anonymous_tcp and not _is_loopback(tcp[0]):
+            raise BusError(
+                f"refusing to accept anonymous TCP clients on {tcp[0]}: anyone who can reach "
+                f"it could use the bus. Configure tokens, bind to 127.0.0.1, or pass "
+                f"allow_anonymous_tcp=True (busx serve --allow-anonymous-tcp)")
+        self.unix_path = os.path.abspath(unix_path or default_socket_path())
+        self.tcp = tcp
+        self.socket_mode = socket_mode
+        self.socket_gid = None if socket_group is None else _group_id(socket_group)
+        self.policy: Optional[Policy] = load_policy(policy) if policy is not None else None
+        self.max_pending = max_pending
+        self.slow_consumer = slow_consumer
+        self.max_frame = max_frame
+        self.tcp_address: Optional[tuple[str, int]] = None
+        self._instance = os.urandom(8).hex()
+        self._peers: dict[int, Peer] = {}
+        self._queue_ids: dict[bytes, int] = {}
+        self._loop: Optional[BrokerLoop] = None
+        self._listeners: list[socket.socket] = []
+        self._socket_inode: Optional[tuple[int, int]] = None
+        self._created_dir: Optional[str] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop_requested = False
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ----
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.unix_path}"
+
+    def start(self) -> "Broker":
+        """Listen, then serve on a background thread; returns once listening."""
+        self._listen()
+        self._thread = threading.Thread(target=self._serve, name="busx-broker", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Listen and serve in this thread until SIGINT/SIGTERM or stop()."""
+        self._listen()
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop.watch_signal_fd(read_fd)
+            self._serve(signal_fd=read_fd)
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %d: stopping", signum)
+        self._stop_requested = True
+
+    def _serve(self, signal_fd: Optional[int] = None) -> None:
+        try:
+            while not self._stop_requested:
+                if self._loop.run() == LOOP_SIGNAL:
+                    # Python ran the signal handler on returning from run();
+                    # empty the wakeup pipe so epoll stops reporting it.
+                    try:
+                        while os.read(signal_fd, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Deliver what the broker holds, close the clients, remove the socket
+        file. Safe to call twice, or on a broker that never started."""
+        self._stop_requested = True
+        if self._loop is not None:
+            self._loop.request_stop()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif thread is None:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if self._loop is not None:
+            self._loop.drain(DRAIN_SECONDS)
+            self._loop.close_all()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        self._remove_socket_file()
+
+    def __enter__(self) -> "Broker":
+        if self._loop is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # ---- sockets ----
+
+    def _listen(self) -> None:
+        if self._loop is not None:
+            raise BusError("this broker was already started")
+        self._loop = BrokerLoop(self, self.max_pending, self.max_frame,
+                                self.slow_consumer == "disconnect")
+        try:
+            self._listen_unix()
+            if self.tcp is not None:
+                self._listen_tcp()
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _listen_unix(self) -> None:
+        path = self.unix_path
+        self._prepare_directory(os.path.dirname(path))
+        self._clear_stale_socket(path)
+        temporary = f"{path}.{os.getpid()}.{self._instance}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # Bind under a private name, fix the mode, then rename into place:
+            # the socket is never reachable with umask-derived permissions.
+            old_umask = os.umask(0o077)
+            try:
+                sock.bind(temporary)
+            finally:
+                os.umask(old_umask)
+            os.chmod(temporary, self.socket_mode)
+            if self.socket_gid is not None:
+                os.chown(temporary, -1, self.socket_gid)
+            sock.listen(1024)
+            os.rename(temporary, path)
+        except OSError as exc:
+            sock.close()
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise BusError(f"cannot listen on unix://{path}: {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        info = os.stat(path)
+        self._socket_inode = (info.st_dev, info.st_ino)
+        self._listeners.append(sock)
+        self._loop.add_listener(sock.fileno(), True)
+
+    def _prepare_directory(self, directory: str) -> None:
+        """A directory we create is owned by us, writable only by us, and
+        searchable by exactly those socket_mode lets in. The shared default
+        (/tmp/busx-<uid>) must already be ours and not group/other-writable."""
+        search = (0o010 if self.socket_mode & 0o070 else 0) | (0o001 if self.socket_mode & 0o007 else 0)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            info = os.lstat(directory)
+            if not stat.S_ISDIR(info.st_mode):
+                raise BusError(f"{directory} is not a directory") from None
+            if directory.startswith("/tmp/") and (
+                    info.st_uid != os.getuid() or info.st_mode & 0o022):
+                raise BusError(
+                    f"unsafe socket directory {directory}: it must be owned by uid "
+                    f"{os.getuid()} and not writable by group or others (it is uid "
+                    f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); remove it or "
+                    f"pass unix_path") from None
+            return
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except OSError as exc:
+            raise BusError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        self._created_dir = directory
+        os.chmod(directory, 0o700 | search)
+        if self.socket_gid is not None:
+            os.chown(directory, -1, self.socket_gid)
+
+    @staticmethod
+    def _clear_stale_socket(path: str) -> None:
+        """Replace the socket of a crashed broker, never that of a live one."""
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise BusError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            log.info("replacing stale socket %s", path)
+            os.unlink(path)
+            return
+        except OSError as exc:
+            raise BusError(f"cannot tell whether a broker is running at {path}: {exc}") from None
+        finally:
+            probe.close()
+        raise BusError(f"a broker is already running at unix://{path}: stop it first, "
+                       f"or choose another unix_path")
+
+    def _remove_socket_file(self) -> None:
+        if self._socket_inode is None:
+            return
+        try:
+            info = os.lstat(self.unix_path)
+            if (info.st_dev, info.st_ino) == self._socket_inode:
+                os.unlink(self.unix_path)
+        except FileNotFoundError:
+            pass
+        self._socket_inode = None
+        if self._created_dir:
+            try:
+                os.rmdir(self._created_dir)
+            except OSError:
+                pass
+
+    def _listen_tcp(self) -> None:
+        host, port = self.tcp
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise BusError(f"cannot listen on tcp://{host}:{port}: {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        self.tcp_address = sock.getsockname()[:2]
+        self._listeners.append(sock)
+        self._loop.add_listener(sock.fileno(), False)
+
+    # ---- callbacks from the event loop (GIL held, loop thread) ----
+
+    def on_accept(self, conn_id: int, fd: int, is_unix: bool) -> bytes:
+        sock = socket.socket(fileno=fd)
+        try:
+            if is_unix:
+                pid, uid, gid = struct.unpack("3i", sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                peer = Peer(conn_id, "unix", pid=pid, uid=uid, gid=gid)
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                host, port = sock.getpeername()[:2]
+                peer = Peer(conn_id, "tcp", address=(host, port))
+        finally:
+            sock.detach()
+        peer.nonce = os.urandom(32)
+        self._peers[conn_id] = peer
+        hello = {
+            "version": protocol.VERSION, "server": f"busx/{__version__}",
+            "max_frame": self.max_frame, "host": host_identity(), "instance": self._instance,
+            "unix_path": self.unix_path, "nonce": peer.nonce, "transport": peer.transport,
+            "auth": peer.transport == "tcp" and bool(self.tokens),
+        }
+        return protocol.PREAMBLE + protocol.encode_frame(protocol.HELLO, payload=pack(hello))
+
+    def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes]:
+        peer = self._peers[conn_id]
+        try:
+            request = unpack(payload)
+            if not isinstance(request, dict):
+                raise ValueError("CONNECT payload is not a map")
+        except Exception:
+            return False, error_frame("protocol", "CONNECT payload is not valid msgpack"), b""
+        name = request.get("name")
+        peer.name = name if isinstance(name, str) else None
+        if peer.transport == "tcp" and self.tokens:
+            refusal = self._authenticate(peer, request)
+            if refusal:
+                log.warning("connection %d from %s: %s", conn_id, peer.address, refusal)
+                return False, error_frame("auth", refusal), b""
+        ready = protocol.encode_frame(protocol.READY, payload=pack({"id": conn_id}))
+        return True, ready, peer.stamp()
+
+    def _authenticate(self, peer: Peer, request: dict) -> Optional[str]:
+        identity, proof = request.get("identity"), request.get("proof")
+        if not isinstance(identity, str) or not isinstance(proof, bytes):
+            return "this broker requires a token: connect with token=(identity, secret)"
+        secret = self.tokens.get(identity)
+        expected = token_proof(secret if secret is not None else "", peer.nonce, identity)
+        if not hmac.compare_digest(expected, proof) or secret is None:
+            return "token rejected: unknown identity or wrong secret"
+        peer.identity = identity
+        return None
+
+    def on_subscribe(self, conn_id: int, sid: int, pattern: bytes, queue: bytes):
+        peer = self._peers[conn_id]
+        try:
+            text = pattern.decode("utf-8")
+            pattern_bytes(text)
+        except (UnicodeDecodeError, InvalidTopic) as exc:
+            return ("invalid", f"invalid pattern: {exc}")
+        if self.policy is not None and not self.policy.may_subscribe(peer, text):
+            return ("denied", f"policy denies subscribing to {text!r}")
+        if not queue:
+            return 0
+        return self._queue_ids.setdefault(queue, len(self._queue_ids) + 1)
+
+    def topic_is_valid(self, topic: bytes) -> bool:
+        try:
+            return is_valid_topic(topic.decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+
+    def on_close(self, conn_id: int) -> None:
+        self._peers.pop(conn_id, None)
+
+    def on_stats_request(self, conn_id: int, snapshot: dict) -> bytes:
+        return pack(self._merge_stats(snapshot))
+
+    def on_internal_error(self, exc: BaseException) -> None:
+        log.error("broker callback failed", exc_info=exc)
+
+    # ---- introspection ----
+
+    def stats(self) -> dict:
+        """Counters as plain data: see SPEC.md, Stats."""
+        if self._loop is None or self._stopped:
+            return {"connections": [], "subscriptions": 0, "msgs_in": 0, "msgs_out": 0,
+                    "bytes_in": 0, "bytes_out": 0, "dropped": 0}
+        return self._merge_stats(self._loop.snapshot())
+
+    def _merge_stats(self, snapshot: dict) -> dict:
+        for conn in snapshot["connections"]:
+            peer = self._peers.get(conn["id"])
+            if peer is not None:
+                conn.update(name=peer.name, transport=peer.transport, pid=peer.pid,
+                            uid=peer.uid, gid=peer.gid, identity=peer.identity,
+                            address=list(peer.address) if peer.address else None)
+        return snapshot

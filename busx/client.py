@@ -1,0 +1,529 @@
+"""The synchronous client: connect(), Bus, Subscription. The I/O runs in
+busx._core.ClientIO on one daemon thread without the GIL; this module keeps
+the Python-side bookkeeping (subscriptions, acks, reconnects)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import msgpack
+
+from . import protocol
+from ._core import ClientIO, Message, MessageQueue
+from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, PayloadTooLarge,
+                     PermissionDenied, ProtocolError, Timeout)
+from .handshake import client_handshake, unpack
+from .paths import Target, host_identity, resolve_targets
+from .topics import INBOX_PREFIX, pattern_bytes, topic_bytes
+
+log = logging.getLogger("busx.client")
+
+RUN_CLOSED, RUN_EOF, RUN_ERROR, RUN_PROTOCOL = range(4)
+RECONNECT_BACKOFF = (0.02, 2.0)     # first and longest pause between reconnect attempts
+CLOSE_FLUSH_SECONDS = 5.0
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+def _remaining(deadline: Optional[float]) -> float:
+    """Seconds left, -1 for no deadline (ClientIO's convention)."""
+    return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Subscription:
+    """Messages matching one pattern. Iterate it, or call recv()/recv_many()."""
+
+    def __init__(self, bus: "Bus", sid: int, pattern: str, queue: Optional[str]) -> None:
+        self.bus = bus
+        self.sid = sid
+        self.pattern = pattern
+        self.queue_group = queue
+        self._queue = MessageQueue()
+        self._error: Optional[BaseException] = None
+        self.closed = False
+
+    @property
+    def dropped(self) -> int:
+        """Messages the broker dropped for this subscription (slow consumer)."""
+        return self._queue.dropped
+
+    def recv(self, timeout: Optional[float] = None) -> Message:
+        """The next message; raises Timeout when timeout seconds pass first."""
+        msg = self._queue.pop()
+        if msg is not None:
+            return msg
+        return self.bus._wait(self._next_message, _deadline(timeout),
+                              "no message arrived within the timeout")
+
+    def recv_many(self, max_count: int = 1024, timeout: Optional[float] = None) -> list[Message]:
+        """Up to max_count queued messages; waits for at least one; [] on timeout."""
+        if len(self._queue):
+            return self._queue.pop_many(max_count)
+        try:
+            first = self.bus._wait(self._next_message, _deadline(timeout), "")
+        except Timeout:
+            return []
+        return [first] + self._queue.pop_many(max_count - 1)
+
+    def _next_message(self) -> Optional[Message]:
+        msg = self._queue.pop()
+        if msg is not None:
+            return msg
+        if self.closed:
+            raise Closed(f"subscription to {self.pattern!r} is closed")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return None
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.recv()
+            except Closed:
+                return
+
+    def unsubscribe(self) -> None:
+        """Stop receiving; queued messages are discarded; recv then raises Closed."""
+        if self.closed:
+            return
+        self.bus._unsubscribe(self)
+
+    def _close(self) -> None:
+        self.closed = True
+        self._queue.discard()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.bus.closed:
+            self.unsubscribe()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.pattern!r} sid={self.sid}{' closed' if self.closed else ''}>"
+
+
+class Bus:
+    """A connection to a broker. Use busx.connect() to make one."""
+
+    def __init__(self, url: Union[None, str, Sequence[str]] = None,
+                 token: Optional[tuple[str, str]] = None, name: Optional[str] = None,
+                 timeout: float = 5.0, reconnect: bool = True,
+                 max_buffer: int = 16 << 20) -> None:
+        self._targets = resolve_targets(url)
+        self._token = tuple(token) if token is not None else None
+        self.name = name
+        self.timeout = timeout
+        self._reconnect = reconnect
+        self._max_buffer = max_buffer
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+        self._pump_lock = threading.RLock()
+        self._subs: dict[int, Subscription] = {}
+        self._queues: dict[int, MessageQueue] = {}
+        self._acks: dict[int, Optional[dict]] = {}
+        self._replies: dict[int, protocol.Frame] = {}
+        self._denied: list[str] = []
+        self._inbox: Optional[Subscription] = None
+        self._requests: dict[str, Optional[Message]] = {}
+        self._lost_reason: Optional[str] = None
+        self.closed = False
+        self._closing = False
+        self.generation = 0
+        sock, self.transport, self.server = self._dial_any(_deadline(timeout))
+        self._io = ClientIO(max_buffer, self.server["max_frame"])
+        self._io.bus = self
+        self._attach(sock, b"")
+        self._thread = threading.Thread(target=self._io_main, name="busx-io", daemon=True)
+        self._thread.start()
+
+    # ---- connecting ----
+
+    def _dial_any(self, deadline: Optional[float]) -> tuple[socket.socket, str, dict]:
+        errors = []
+        for target in self._targets:
+            try:
+                return self._dial(target, deadline)
+            except (ConnectError, PermissionDenied) as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConnectError("no broker reachable: " + "; ".join(str(e) for e in errors))
+
+    def _dial(self, target: Target, deadline: Optional[float]) -> tuple[socket.socket, str, dict]:
+        if target.transport == "unix":
+            sock = self._open_unix(target.path, deadline)
+            return sock, "unix", self._handshake(sock, target, "unix", deadline)
+        sock = self._open_tcp(target, deadline)
+        hello = self._handshake(sock, target, "tcp", deadline)
+        if target.transport == "auto" and hello.get("host") == host_identity() and hello.get("unix_path"):
+            moved = self._try_unix(hello, deadline)
+            if moved is not None:
+                sock.close()
+                return moved
+        return sock, "tcp", hello
+
+    def _try_unix(self, tcp_hello: dict, deadline: Optional[float]):
+        """Move to the broker's UNIX socket when this host can reach it and it
+        is the same broker (same instance) as over TCP."""
+        path = tcp_hello["unix_path"]
+        try:
+            sock = self._open_unix(path, deadline)
+        except (ConnectError, PermissionDenied, OSError) as exc:
+            log.debug("staying on TCP: %s", exc)
+            return None
+        try:
+            hello = self._handshake(sock, Target("unix", path=path), "unix", deadline)
+        except BusError as exc:
+            sock.close()
+            log.debug("staying on TCP: %s", exc)
+            return None
+        if hello.get("instance") != tcp_hello.get("instance"):
+            sock.close()
+            return None
+        return sock, "unix", hello
+
+    def _open_unix(self, path: str, deadline: Optional[float]) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(_remaining(deadline) if deadline is not None else None)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise ConnectError(f"no broker at unix://{path}: start one with `busx serve`") from None
+        except PermissionError:
+            sock.close()
+            raise PermissionDenied(
+                f"unix://{path} does not admit uid {os.getuid()}: the socket's permissions "
+                f"(socket_mode/socket_group) keep this user out") from None
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot connect to unix://{path}: {exc.strerror or exc}") from None
+        return sock
+
+    def _open_tcp(self, target: Target, deadline: Optional[float]) -> socket.socket:
+        try:
+            sock = socket.create_connection((target.host, target.port),
+                                            timeout=_remaining(deadline) if deadline else None)
+        except OSError as exc:
+            raise ConnectError(f"no broker at {target.url}: {exc.strerror or exc} "
+                               f"(is `busx serve --tcp` running there?)") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _handshake(self, sock: socket.socket, target: Target, transport: str,
+                   deadline: Optional[float]) -> dict:
+        try:
+            return client_handshake(sock, target.url, deadline or time.monotonic() + 3600,
+                                    self.name, self._token, transport)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _attach(self, sock: socket.socket, prologue: bytes) -> None:
+        sock.setblocking(False)
+        self._io.attach(sock.detach(), self.transport == "unix", prologue,
+                        self.server["max_frame"])
+        self.generation += 1
+
+    # ---- the I/O thread ----
+
+    def _io_main(self) -> None:
+        while True:
+            result = self._io.run()
+            if result == RUN_CLOSED:
+                return
+            self._io.detach()
+            reason = self._describe_loss(result)
+            if self._closing:
+                return
+            if not self._reconnect:
+                self._lost_reason = reason
+                self._io.fail()
+                return
+            log.info("busx: %s; reconnecting", reason)
+            if not self._reconnect_loop():
+                return
+
+    def _describe_loss(self, result: int) -> str:
+        if result == RUN_EOF:
+            return "the broker closed the connection"
+        if result == RUN_PROTOCOL:
+            return "the broker sent data this client cannot parse (or fds were lost)"
+        return f"connection error: {os.strerror(self._io.last_errno)}"
+
+    def _reconnect_loop(self) -> bool:
+        pause = RECONNECT_BACKOFF[0]
+        while not self._closing:
+            try:
+                sock, transport, server = self._dial_any(_deadline(self.timeout))
+            except BusError as exc:
+                log.debug("reconnect failed: %s", exc)
+                time.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, RECONNECT_BACKOFF[1])
+                continue
+            self.transport, self.server = transport, server
+            self._attach(sock, self._resubscribe_frames())
+            return True
+        return False
+
+    def _resubscribe_frames(self) -> bytes:
+        return b"".join(
+            protocol.encode_frame(protocol.SUB, pattern_bytes(sub.pattern), id=sid,
+                                  reply=(sub.queue_group or "").encode())
+            for sid, sub in list(self._subs.items()))
+
+    # ---- waiting for what the broker sends ----
+
+    def _pump(self) -> None:
+        """Move received frames into subscriptions and reply tables."""
+        control: list = []
+        self._io.take(self._queues, control)
+        for frame in control:
+            self._on_control(frame)
+
+    def _on_control(self, frame: protocol.Frame) -> None:
+        kind = frame.kind
+        if kind in (protocol.OK, protocol.PONG, protocol.STATS):
+            self._replies[frame.id] = frame
+        elif kind == protocol.DROPPED:
+            sub = self._subs.get(frame.id)
+            if sub is not None:
+                sub._queue.dropped += unpack(frame.payload)
+        elif kind == protocol.ERROR:
+            error = unpack(frame.payload)
+            if frame.flags & protocol.FATAL:
+                reason = error.get("message", "the broker closed the connection")
+                self._lost_reason = reason
+                for sub in self._subs.values():
+                    sub._error = Disconnected(reason)
+            elif frame.id and frame.id in self._acks:
+                self._replies[frame.id] = frame
+            elif error.get("code") == "denied":
+                self._denied.append(error.get("message", "publish denied"))
+            else:
+                log.warning("busx broker error: %s", error.get("message"))
+
+    def _wait(self, ready, deadline: Optional[float], timeout_message: str):
+        """Pump and test ready() until it returns non-None; Timeout at the deadline."""
+        while True:
+            with self._pump_lock:
+                seen = self._io.events_seq
+                self._pump()
+                result = ready()
+                if result is not None:
+                    return result
+                self._check_usable()
+            remaining = _remaining(deadline)
+            if remaining == 0.0:
+                raise Timeout(timeout_message or "timed out")
+            self._io.wait(seen, remaining)
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise Closed("the bus is closed")
+        if not self._reconnect and self._lost_reason is not None and not self._io.attached:
+            reason = self._lost_reason
+            self._close_now()
+            raise Disconnected(f"connection to the broker lost: {reason}")
+
+    def _round_trip(self, kind: int, id: int, topic: bytes = b"", reply: bytes = b"",
+                    deadline: Optional[float] = None) -> protocol.Frame:
+        """Send a control frame and wait for the broker's answer to id. A
+        reconnect in between sends it again on the new connection."""
+        self._acks[id] = None
+        try:
+            while True:
+                generation = self.generation
+                self._io.send_control(kind, id, topic, reply)
+                frame = self._wait(
+                    lambda: self._replies.pop(id, None) or (False if self.generation != generation else None),
+                    deadline, "the broker did not answer within the timeout")
+                if frame is not False:
+                    return frame
+        finally:
+            self._acks.pop(id, None)
+
+    # ---- public API ----
+
+    def publish(self, topic: str, data: Any, *, fds: Iterable[int] = (),
+                timeout: Optional[float] = None) -> None:
+        """Publish data (any msgpack-able object) to topic. Returns at once
+        while buffer room remains; blocks (up to timeout) when it is full.
+        fds (UNIX only): open files passed to each subscriber."""
+        packer = self._packer()
+        payload = packer.pack(data)
+        self._io.publish(topic_bytes(topic), payload, None, fds or None,
+                         -1.0 if timeout is None else timeout)
+
+    def _packer(self) -> msgpack.Packer:
+        # One Packer per thread: pack() may run Python code (dict subclasses),
+        # so a shared one could interleave two threads' bytes.
+        try:
+            return self._local.packer
+        except AttributeError:
+            self._local.packer = msgpack.Packer()
+            return self._local.packer
+
+    def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish (topic, data) pairs in order, as one batch."""
+        pack = self._packer().pack
+        frames = [(topic_bytes(topic), pack(data)) for topic, data in items]
+        self._io.publish_batch(frames)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Return once the broker has routed everything published before;
+        raises PermissionDenied for publishes denied since the last flush."""
+        self._round_trip(protocol.PING, next(self._ids), deadline=_deadline(timeout))
+        if self._denied:
+            denied, self._denied = self._denied, []
+            raise PermissionDenied("; ".join(denied))
+
+    def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> Subscription:
+        """Subscribe; active when it returns. queue: a load-balanced group name."""
+        encoded = pattern_bytes(pattern)
+        queue_b = b""
+        if queue is not None:
+            if not isinstance(queue, str) or not 0 < len(queue.encode()) <= 255:
+                raise BusError("queue group name must be 1-255 bytes of text")
+            queue_b = queue.encode()
+        sid = next(self._ids)
+        sub = Subscription(self, sid, pattern, queue)
+        with self._pump_lock:
+            self._subs[sid] = sub
+            self._queues[sid] = sub._queue
+        frame = None
+        try:
+            frame = self._round_trip(protocol.SUB, sid, encoded, queue_b, _deadline(self.timeout))
+        finally:
+            if frame is None or frame.kind != protocol.OK:
+                self._forget(sub)
+        if frame.kind == protocol.ERROR:
+            error = unpack(frame.payload)
+            if error.get("code") == "denied":
+                raise PermissionDenied(error["message"])
+            if error.get("code") == "invalid":
+                raise InvalidTopic(error["message"])
+            raise BusError(error.get("message"))
+        return sub
+
+    def _forget(self, sub: Subscription) -> None:
+        with self._pump_lock:
+            self._subs.pop(sub.sid, None)
+            self._queues.pop(sub.sid, None)
+            sub._close()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        self._forget(sub)
+        if not self.closed:
+            self._round_trip(protocol.UNSUB, sub.sid, deadline=_deadline(self.timeout))
+
+    def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """Publish data with a private reply inbox and wait for one reply."""
+        inbox = self._ensure_inbox()
+        token = f"{inbox.pattern[:-1]}{next(self._ids)}"
+        self._requests[token] = None
+        try:
+            payload = self._packer().pack(data)
+            self._io.publish(topic_bytes(topic), payload, token.encode(), None, -1.0)
+            return self._wait(lambda: self._take_reply(inbox, token), _deadline(timeout),
+                              f"no reply to the request on {topic!r} within {timeout}s")
+        finally:
+            self._requests.pop(token, None)
+
+    def _ensure_inbox(self) -> Subscription:
+        with self._pump_lock:
+            if self._inbox is None:
+                self._inbox = self.subscribe(f"{INBOX_PREFIX}{os.urandom(8).hex()}.>")
+            return self._inbox
+
+    def _take_reply(self, inbox: Subscription, token: str) -> Optional[Message]:
+        while True:
+            msg = inbox._queue.pop()
+            if msg is None:
+                break
+            if msg.topic in self._requests:
+                self._requests[msg.topic] = msg
+        return self._requests.get(token)
+
+    def stats(self, timeout: Optional[float] = None) -> dict:
+        """The broker's stats (what `busx stat` shows)."""
+        frame = self._round_trip(protocol.STATS, next(self._ids),
+                                 deadline=_deadline(self.timeout if timeout is None else timeout))
+        return unpack(frame.payload)
+
+    @property
+    def counters(self) -> dict:
+        """Frames and syscalls of this connection: frames_out/write_calls shows batching."""
+        io = self._io
+        return {"frames_out": io.frames_out, "write_calls": io.write_calls,
+                "frames_in": io.frames_in, "read_calls": io.read_calls}
+
+    def close(self) -> None:
+        """Flush, then close. Idempotent; later calls raise Closed."""
+        if self.closed or self._closing:
+            return
+        self._closing = True
+        if self._io.attached:
+            try:
+                self.flush(timeout=CLOSE_FLUSH_SECONDS)
+            except BusError:
+                pass
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if self.closed:
+            return
+        self._closing = True
+        self.closed = True
+        self._io.request_close()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._pump_lock:
+            for sub in list(self._subs.values()):
+                sub._close()
+            self._subs.clear()
+            self._queues.clear()
+        self._io.release()
+
+    def __enter__(self) -> "Bus":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True) and hasattr(self, "_io"):
+            self._closing = True
+            self._io.request_close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.transport
+        return f"<busx.Bus {self._targets[0].url} {state}>"
+
+
+def connect(url: Union[None, str, Sequence[str]] = None, *, token: Optional[tuple[str, str]] = None,
+            name: Optional[str] = None, timeout: float = 5.0, reconnect: bool = True,
+            max_buffer: int = 16 << 20) -> Bus:
+    """Connect to a broker.
+
+    url: None ($BUSX_URL, else $BUSX_SOCKET, else the default UNIX path),
+      "unix:///path", "tcp://host:port", "host:port" (TCP, moving to the UNIX
+      socket when the broker is on this host), or a list tried in order.
+    token: (identity, secret) for TCP brokers that require one.
+    name: shown in broker stats.  timeout: connect + handshake, in seconds.
+    reconnect: after the first connect succeeded, survive broker restarts.
+    max_buffer: bytes buffered each way.
+    """
+    return Bus(url, token=token, name=name, timeout=timeout, reconnect=reconnect,
+               max_buffer=max_buffer)

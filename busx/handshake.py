@@ -1,0 +1,112 @@
+"""The connection handshake, shared by broker and client: preamble, HELLO
+(broker facts and a nonce), CONNECT (name and token proof), READY or ERROR.
+See docs/protocol.md."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import time
+from typing import Any, Optional
+
+import msgpack
+
+from . import protocol
+from .errors import AuthenticationFailed, ConnectError, ProtocolError
+
+AUTH_CONTEXT = b"busx-auth-v1"
+
+
+def token_proof(secret: str, nonce: bytes, identity: str) -> bytes:
+    """HMAC-SHA256 of the broker's fresh nonce: proves the secret without
+    sending it, and is useless against any other nonce."""
+    return hmac.new(secret.encode(), AUTH_CONTEXT + nonce + identity.encode(),
+                    hashlib.sha256).digest()
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+def error_frame(code: str, message: str, *, fatal: bool = True, ref: int = 0) -> bytes:
+    return protocol.encode_frame(protocol.ERROR, payload=pack({"code": code, "message": message}),
+                                 id=ref, flags=protocol.FATAL if fatal else 0)
+
+
+class FrameReader:
+    """Blocking reads of whole frames from a socket, for the handshake only."""
+
+    def __init__(self, sock: socket.socket, deadline: float, where: str) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.where = where
+        self.decoder = protocol.FrameDecoder()
+        self.frames: list[protocol.Frame] = []
+        self.pending = b""
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.pending) < n:
+            self.pending += self._recv()
+        data, self.pending = self.pending[:n], self.pending[n:]
+        return data
+
+    def read_frame(self) -> protocol.Frame:
+        if self.pending:
+            self.frames += self.decoder.feed(self.pending)
+            self.pending = b""
+        while not self.frames:
+            self.frames += self.decoder.feed(self._recv())
+        return self.frames.pop(0)
+
+    def _recv(self) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConnectError(f"handshake with {self.where} timed out: is it a busx broker?")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise ConnectError(f"handshake with {self.where} timed out: is it a busx broker?") from None
+        except OSError as exc:
+            raise ConnectError(f"connection to {self.where} failed during the handshake: {exc}") from None
+        if not chunk:
+            raise ConnectError(f"{self.where} closed the connection during the handshake")
+        return chunk
+
+
+def client_handshake(sock: socket.socket, where: str, deadline: float, name: Optional[str],
+                     token: Optional[tuple[str, str]], transport: str) -> dict:
+    """Run the client side; returns the broker's HELLO facts. Leftover bytes
+    cannot exist: the broker sends nothing after READY until asked."""
+    reader = FrameReader(sock, deadline, where)
+    preamble = reader.read_exact(len(protocol.PREAMBLE))
+    if preamble[:4] != protocol.MAGIC:
+        raise ConnectError(f"{where} is not a busx broker (it did not send the busx preamble)")
+    if preamble != protocol.PREAMBLE:
+        raise ConnectError(f"{where} speaks busx protocol version {preamble[4]}, this client "
+                           f"speaks {protocol.VERSION}: upgrade one of them")
+    hello_frame = reader.read_frame()
+    if hello_frame.kind != protocol.HELLO:
+        raise ProtocolError(f"{where} sent frame kind {hello_frame.kind} instead of HELLO")
+    hello = unpack(hello_frame.payload)
+    request: dict[str, Any] = {"name": name}
+    if token is not None and transport == "tcp":
+        identity, secret = token
+        request["identity"] = identity
+        request["proof"] = token_proof(secret, hello["nonce"], identity)
+    sock.sendall(protocol.PREAMBLE + protocol.encode_frame(protocol.CONNECT, payload=pack(request)))
+    reply = reader.read_frame()
+    if reply.kind == protocol.ERROR:
+        error = unpack(reply.payload)
+        if error.get("code") == "auth":
+            raise AuthenticationFailed(f"{where}: {error.get('message')}")
+        raise ConnectError(f"{where} refused the connection: {error.get('message')}")
+    if reply.kind != protocol.READY:
+        raise ProtocolError(f"{where} sent frame kind {reply.kind} instead of READY")
+    hello.update(unpack(reply.payload))
+    return hello

@@ -1,0 +1,85 @@
+"""Where the bus lives: default socket path, URL parsing, host identity."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from typing import NamedTuple, Optional, Sequence, Union
+
+from .errors import BusError
+
+
+def default_socket_path() -> str:
+    """$BUSX_SOCKET, else $XDG_RUNTIME_DIR/busx/bus.sock, else /tmp/busx-<uid>/bus.sock."""
+    if os.environ.get("BUSX_SOCKET"):
+        return os.environ["BUSX_SOCKET"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "busx", "bus.sock")
+    return os.path.join("/tmp", f"busx-{os.getuid()}", "bus.sock")
+
+
+class Target(NamedTuple):
+    """One place to connect: transport "unix", "tcp" or "auto" (host:port)."""
+
+    transport: str
+    path: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+
+    @property
+    def url(self) -> str:
+        if self.transport == "unix":
+            return f"unix://{self.path}"
+        prefix = "tcp://" if self.transport == "tcp" else ""
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{prefix}{host}:{self.port}"
+
+
+def parse_url(url: str) -> Target:
+    """unix:///path | tcp://host:port | host:port (automatic: TCP, moving to the
+    broker's UNIX socket when it shares this host)."""
+    if not isinstance(url, str) or not url:
+        raise BusError(f"bad bus URL {url!r}: use unix:///path, tcp://host:port or host:port")
+    if url.startswith("unix://"):
+        path = url[len("unix://"):]
+        if not path.startswith("/"):
+            raise BusError(f"bad bus URL {url!r}: unix:// needs an absolute path (unix:///run/bus.sock)")
+        return Target("unix", path=path)
+    transport = "auto"
+    rest = url
+    if url.startswith("tcp://"):
+        transport, rest = "tcp", url[len("tcp://"):]
+    elif "://" in url:
+        raise BusError(f"bad bus URL {url!r}: the scheme must be unix:// or tcp://")
+    elif url.startswith("/"):
+        return Target("unix", path=url)
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BusError(f"bad bus URL {url!r}: expected host:port, such as 127.0.0.1:7555")
+    return Target(transport, host=host, port=int(port))
+
+
+def resolve_targets(url: Union[None, str, Sequence[str]]) -> list[Target]:
+    if url is None:
+        url = os.environ.get("BUSX_URL") or f"unix://{default_socket_path()}"
+    if isinstance(url, str):
+        return [parse_url(url)]
+    targets = [parse_url(item) for item in url]
+    if not targets:
+        raise BusError("no bus URL given: the list is empty")
+    return targets
+
+
+@lru_cache(maxsize=1)
+def host_identity() -> str:
+    """Same value for every process on this host (and this boot): the kernel's
+    boot id with the hostname."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
