@@ -1,0 +1,182 @@
+"""Publish/subscribe through a real broker over both transports."""
+
+import math
+
+import msgpack
+import pytest
+
+import busx
+from conftest import run_python
+
+VALUES = [
+    None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, math.inf, "", "héllo ✓",
+    b"\x00\xff" * 100, [], [1, [2, [3]]], {}, {"a": {"b": [1, 2, {"c": None}]}}, {1: "int key"},
+    "x" * 100_000, list(range(1000)),
+]
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def any_bus(request, broker, tcp_url):
+    url = broker.url if request.param == "unix" else tcp_url
+    with busx.connect(url) as client:
+        assert client.transport == request.param
+        yield client
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
+def test_round_trip_of_msgpack_values(any_bus, value):
+    sub = any_bus.subscribe("values.>")
+    any_bus.publish("values.one", value)
+    msg = sub.recv(timeout=5)
+    assert msg.topic == "values.one"
+    assert msg.raw == msgpack.packb(value)
+    assert msg.data == value
+
+
+def test_publish_many_keeps_order(any_bus):
+    sub = any_bus.subscribe("batch.*")
+    any_bus.publish_many((f"batch.{i % 3}", i) for i in range(5000))
+    got = []
+    while len(got) < 5000:
+        got += [m.data for m in sub.recv_many(timeout=5)]
+    assert got == list(range(5000))
+
+
+def test_unencodable_data_raises_type_error_and_sends_nothing(bus):
+    sub = bus.subscribe("enc")
+    with pytest.raises(TypeError):
+        bus.publish("enc", object())
+    with pytest.raises(OverflowError):
+        bus.publish("enc", 2**64)
+    bus.publish("enc", "after")
+    assert sub.recv(timeout=5).data == "after"
+
+
+def test_sender_credentials_are_stamped(any_bus):
+    import os
+    sub = any_bus.subscribe("who")
+    any_bus.publish("who", 1)
+    sender = sub.recv(timeout=5).sender
+    if any_bus.transport == "unix":
+        assert (sender.pid, sender.uid, sender.gid) == (os.getpid(), os.getuid(), os.getgid())
+        assert sender.identity is None and sender.address is None
+    else:
+        assert sender.pid is None and sender.address[0] == "127.0.0.1"
+
+
+def test_message_between_processes(broker):
+    with busx.connect(broker.url) as bus:
+        sub = bus.subscribe("proc.>")
+        result = run_python(
+            """
+            import sys, busx
+            with busx.connect(sys.argv[1]) as bus:
+                bus.publish("proc.hello", {"from": "child"})
+            """, broker.url)
+        assert result.returncode == 0, result.stderr
+        msg = sub.recv(timeout=10)
+        assert msg.data == {"from": "child"}
+        assert msg.sender.pid != __import__("os").getpid()
+
+
+def test_recv_timeout_and_recv_many_timeout(bus):
+    sub = bus.subscribe("quiet")
+    with pytest.raises(busx.Timeout):
+        sub.recv(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        sub.recv(timeout=0)
+    assert sub.recv_many(timeout=0.05) == []
+
+
+def test_unsubscribe_then_recv_raises_closed(bus):
+    sub = bus.subscribe("gone")
+    bus.publish("gone", 1)
+    bus.flush()
+    sub.unsubscribe()
+    with pytest.raises(busx.Closed):
+        sub.recv(timeout=1)
+    sub.unsubscribe()  # idempotent
+
+
+def test_iteration_ends_when_bus_closes(broker):
+    import threading
+    bus = busx.connect(broker.url)
+    sub = bus.subscribe("it")
+    for i in range(3):
+        bus.publish("it", i)
+    received = []
+
+    def consume():
+        for msg in sub:
+            received.append(msg.data)
+            if len(received) == 3:
+                bus.close()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert received == [0, 1, 2]
+
+
+def test_closed_bus_raises_closed(broker):
+    bus = busx.connect(broker.url)
+    bus.close()
+    bus.close()
+    with pytest.raises(busx.Closed):
+        bus.publish("x", 1)
+    with pytest.raises(busx.Closed):
+        bus.subscribe("x")
+
+
+def test_own_publishes_are_received_and_flush_routes_everything(bus):
+    sub = bus.subscribe("self.>")
+    for i in range(100):
+        bus.publish("self.t", i)
+    bus.flush(timeout=5)
+    assert len(sub.recv_many(max_count=1000, timeout=5)) > 0
+
+
+def test_request_reply(broker):
+    with busx.connect(broker.url) as server, busx.connect(broker.url) as client:
+        sub = server.subscribe("svc.echo")
+        import threading
+
+        def serve():
+            msg = sub.recv(timeout=10)
+            msg.respond({"echo": msg.data})
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        reply = client.request("svc.echo", "hi", timeout=10)
+        thread.join()
+        assert reply.data == {"echo": "hi"}
+        with pytest.raises(busx.Timeout):
+            client.request("svc.nobody", 1, timeout=0.2)
+
+
+def test_queue_group_delivers_each_message_once(broker):
+    with busx.connect(broker.url) as bus:
+        a = bus.subscribe("jobs", queue="w")
+        b = bus.subscribe("jobs", queue="w")
+        everyone = bus.subscribe("jobs")
+        for i in range(100):
+            bus.publish("jobs", i)
+        bus.flush()
+        seen_all = []
+        while len(seen_all) < 100:
+            seen_all += [m.data for m in everyone.recv_many(timeout=5)]
+        got = [m.data for m in a.recv_many(timeout=0.5)] + [m.data for m in b.recv_many(timeout=0.5)]
+        assert sorted(got) == list(range(100))
+        assert seen_all == list(range(100))
+
+
+def test_stats_show_connections(broker, bus):
+    bus.subscribe("s.>")
+    bus.publish("s.x", 1)
+    bus.flush()
+    stats = broker.stats()
+    assert stats["subscriptions"] == 1
+    mine = [c for c in stats["connections"] if c["name"] == "test"]
+    assert mine and mine[0]["transport"] == "unix" and mine[0]["subscriptions"] == 1
+    assert bus.stats()["msgs_in"] >= 1
