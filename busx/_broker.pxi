@@ -663,10 +663,12 @@ cdef class BrokerLoop:
         self._begin_closing(c)
 
     cdef void _begin_closing(self, Conn *c) noexcept nogil:
+        # The router keeps c's subscriptions until _close_conn: this may run
+        # while _route walks a cached match list, which removing them would
+        # free. A closing connection is skipped by _deliver instead.
         c.state = CS_CLOSING
         c.closing_since = now_ms()
         self.nclosing += 1
-        self._drop_subscriptions(c)
         self._mark_dirty(c)
 
     cdef inline void _mark_dirty(self, Conn *c) noexcept nogil:
