@@ -40,9 +40,28 @@ def _check_text(text: object, what: str) -> bytes:
     return encoded
 
 
-@lru_cache(maxsize=4096)
 def topic_bytes(topic: str) -> bytes:
     """Validate a topic to publish to and return it encoded."""
+    if type(topic) is not str:
+        if not isinstance(topic, str):
+            _check_text(topic, "topic")
+        topic = str.__str__(topic)     # a str subclass (StrEnum), as a plain str
+    return _topic_bytes(topic)
+
+
+def pattern_bytes(pattern: str) -> bytes:
+    """Validate a subscription pattern and return it encoded."""
+    if type(pattern) is not str:
+        if not isinstance(pattern, str):
+            _check_text(pattern, "pattern")
+        pattern = str.__str__(pattern)     # a str subclass (StrEnum), as a plain str
+    return _pattern_bytes(pattern)
+
+
+# Cached: a service publishes to few topics, many times each. Only exact str
+# reaches the cache (a str subclass could hash and compare unlike a str).
+@lru_cache(maxsize=4096)
+def _topic_bytes(topic: str) -> bytes:
     encoded = _check_text(topic, "topic")
     if "*" in topic or ">" in topic:
         raise InvalidTopic(f"topic {topic!r} contains a wildcard: '*' and '>' are for "
@@ -54,8 +73,7 @@ def topic_bytes(topic: str) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def pattern_bytes(pattern: str) -> bytes:
-    """Validate a subscription pattern and return it encoded."""
+def _pattern_bytes(pattern: str) -> bytes:
     encoded = _check_text(pattern, "pattern")
     tokens = pattern.split(".")
     for index, token in enumerate(tokens):

@@ -1,0 +1,556 @@
+"""The `busx` command line: serve, pub, sub, stat, demo (SPEC.md, Command line).
+
+Every command is a thin layer over the public API (busx.Broker, busx.connect),
+so what the command line does, a program can do too."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import msgpack
+
+import busx
+from .errors import BusError
+from .topics import pattern_bytes, topic_bytes
+
+try:
+    import tomllib
+except ModuleNotFoundError:     # Python < 3.11
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
+
+# A blocking recv waits in C without looking at signals, so commands that wait
+# for messages wait in slices this long: Ctrl-C takes effect within one slice.
+RECV_SLICE = 0.2
+WATCH_INTERVAL = 1.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+DEMO_DATA, DEMO_STATS = "demo.data", "demo.stats"
+DEMO_MESSAGE = {"pad": bytes(93)}       # msgpack-encodes to exactly 100 bytes
+DEMO_BATCH = 1000                       # messages per publish_many call
+DEMO_REPORT_INTERVAL = 0.5              # how often the demo subscriber reports its count
+DEMO_START_TIMEOUT = 30.0               # for the subscriber process to start and subscribe
+
+
+class CommandError(Exception):
+    """A mistake in what the user asked for (bad file, bad JSON): message, exit 1."""
+
+
+# ---- argument types ----
+
+def byte_count(text: str) -> int:
+    """65536, 64K, 64M, 1G (also 64MiB, 64MB): powers of 1024."""
+    match = re.fullmatch(r"(\d+)\s*([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (such as 65536, 64K, 64M, 1G)")
+    return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2].lower()]
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT; port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (such as 127.0.0.1:7555)")
+    return host, int(port)
+
+
+def octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal permission mode (such as 0660)")
+    return mode
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+        return value
+    return parse
+
+
+# ---- files ----
+
+def read_toml(path: str, what: str) -> dict:
+    if tomllib is None:
+        raise CommandError(f"reading the {what} needs Python 3.11+ or the tomli package")
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise CommandError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CommandError(f"the {what} {path} is not valid TOML: {exc}") from None
+
+
+def read_tokens(path: str, what: str = "tokens file") -> dict[str, str]:
+    """{identity: secret} from `identity = "secret"` lines."""
+    tokens = read_toml(path, what)
+    bad = [name for name, secret in tokens.items() if not isinstance(secret, str) or not secret]
+    if bad or not tokens:
+        raise CommandError(f'the {what} {path} must hold identity = "secret" lines '
+                           f'with non-empty string secrets' + (f" (check {', '.join(bad)})" if bad else ""))
+    return tokens
+
+
+def read_token(path: str) -> tuple[str, str]:
+    """(identity, secret) from a file with exactly one `identity = "secret"` line."""
+    tokens = read_tokens(path, "token file")
+    if len(tokens) != 1:
+        raise CommandError(f'the token file {path} must hold exactly one identity = "secret" '
+                           f"line, not {len(tokens)}")
+    return next(iter(tokens.items()))
+
+
+def open_bus(args: argparse.Namespace, name: str, **options: Any) -> busx.Bus:
+    token_file = getattr(args, "token_file", None)
+    token = read_token(token_file) if token_file else None
+    return busx.connect(args.url, token=token, name=name, **options)
+
+
+# ---- serve ----
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="busx serve: %(message)s")
+    broker = busx.Broker(
+        unix_path=args.unix, tcp=args.tcp, socket_mode=args.socket_mode,
+        socket_group=args.socket_group, policy=args.policy,
+        tokens=read_tokens(args.tokens) if args.tokens else None,
+        allow_anonymous_tcp=args.allow_anonymous_tcp, max_pending=args.max_pending,
+        slow_consumer=args.slow_consumer, max_frame=args.max_frame)
+    # start() (not serve_forever()) so that the line below can name the TCP
+    # port actually bound. The stop signals are blocked before the broker's
+    # thread exists, so it inherits the mask and they wait for sigwait().
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        broker.start()
+        try:
+            print(f"busx serve: listening on {listen_addresses(broker)} (Ctrl-C to stop)",
+                  file=sys.stderr, flush=True)
+            signal.sigwait(STOP_SIGNALS)
+        finally:
+            broker.stop()
+        # A second Ctrl-C pressed while stopping must not turn into a traceback.
+        while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
+            pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    return 0
+
+
+def listen_addresses(broker: busx.Broker) -> str:
+    addresses = [broker.url]
+    if broker.tcp_address is not None:
+        host, port = broker.tcp_address
+        addresses.append(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")
+    return " and ".join(addresses)
+
+
+# ---- pub ----
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    topic_bytes(args.topic)     # a bad topic fails before anything is read or sent
+    values = [parse_json(args.json, "the JSON argument")] if args.json is not None else stdin_values()
+    pacer = Pacer(args.rate)
+    with open_bus(args, "busx pub") as bus:
+        for value in values:
+            for _ in range(args.count):
+                pacer.wait()
+                try:
+                    bus.publish(args.topic, value)
+                except (TypeError, OverflowError) as exc:
+                    raise CommandError(f"cannot encode {value!r}: {exc}") from None
+        bus.flush()
+    return 0
+
+
+def parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{where} is not valid JSON: {exc}") from None
+
+
+def stdin_values() -> Iterator[Any]:
+    """One JSON value per line of stdin; blank lines are skipped."""
+    for number, line in enumerate(sys.stdin, 1):
+        if line.strip():
+            yield parse_json(line, f"line {number} of stdin")
+
+
+class Pacer:
+    """Spaces calls at least 1/rate seconds apart (rate None: no limit). After
+    a pause (slow stdin) it does not burst to catch up."""
+
+    def __init__(self, rate: Optional[float]) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next_time = time.monotonic()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if self.next_time > now:
+            time.sleep(self.next_time - now)
+        self.next_time = max(self.next_time, now) + self.interval
+
+
+# ---- sub ----
+
+def cmd_sub(args: argparse.Namespace) -> int:
+    pattern_bytes(args.pattern)
+    with open_bus(args, "busx sub") as bus:
+        sub = bus.subscribe(args.pattern)
+        received = reported_drops = 0
+        try:
+            while args.count is None or received < args.count:
+                wanted = 1024 if args.count is None else min(1024, args.count - received)
+                for msg in sub.recv_many(max_count=wanted, timeout=RECV_SLICE):
+                    print(format_message(msg, args.json, args.sender), flush=True)
+                    for fd in msg.fds:      # we own them and have no use for them
+                        os.close(fd)
+                    received += 1
+                if sub.dropped != reported_drops:
+                    print(f"busx sub: the broker dropped {sub.dropped - reported_drops} messages "
+                          f"for this slow subscriber", file=sys.stderr, flush=True)
+                    reported_drops = sub.dropped
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def format_message(msg: busx.Message, as_json: bool, with_sender: bool) -> str:
+    if as_json:
+        return dumps({"topic": msg.topic, "data": message_data(msg), "sender": msg.sender._asdict()})
+    line = f"{msg.topic} {dumps(message_data(msg))}"
+    return f"{line}  [{describe_sender(msg.sender)}]" if with_sender else line
+
+
+def message_data(msg: busx.Message) -> Any:
+    try:
+        return jsonable(msg.data)
+    except ValueError:      # not msgpack: a foreign client wrote raw bytes
+        return {"$undecodable": base64.b64encode(msg.raw).decode()}
+
+
+def jsonable(value: Any) -> Any:
+    """msgpack data in JSON terms: bytes become {"$bytes": base64}, ext types
+    {"$ext": code, "$bytes": base64}, keys that are not text their JSON text."""
+    if isinstance(value, msgpack.ExtType):
+        return {"$ext": value.code, "$bytes": base64.b64encode(value.data).decode()}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else dumps(jsonable(key)): jsonable(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def describe_sender(sender: busx.Credentials) -> str:
+    fields = sender._asdict()
+    if fields["address"] is not None:
+        fields["address"] = "{}:{}".format(*fields["address"])
+    return " ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
+
+
+# ---- stat ----
+
+TABLE_COLUMNS = ("id", "name", "transport", "pid", "uid", "subscriptions", "pending_bytes",
+                 "msgs_in", "msgs_out", "dropped", "peer")
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with open_bus(args, "busx stat", reconnect=False) as bus:
+        if not args.watch:
+            stats = bus.stats()
+            print(dumps(stats) if args.json else format_stats(stats))
+            return 0
+        previous: Optional[tuple[float, dict]] = None
+        clear_screen = sys.stdout.isatty() and not args.json
+        try:
+            while True:
+                now, stats = time.monotonic(), bus.stats()
+                if args.json:
+                    print(dumps(stats), flush=True)
+                else:
+                    text = format_stats(stats, rates(previous, (now, stats)))
+                    print(("\x1b[H\x1b[2J" if clear_screen else "") + text + "\n", flush=True)
+                previous = (now, stats)
+                time.sleep(WATCH_INTERVAL)      # the refresh period
+        except KeyboardInterrupt:
+            return 0
+
+
+def rates(previous: Optional[tuple[float, dict]], current: tuple[float, dict]) -> dict:
+    """msgs/s in and out since the previous snapshot: per connection id, and
+    under the key None for the broker as a whole. Empty for the first one."""
+    if previous is None:
+        return {}
+    elapsed = max(current[0] - previous[0], 1e-9)
+    before = {conn["id"]: conn for conn in previous[1]["connections"]}
+    result = {None: ((current[1]["msgs_in"] - previous[1]["msgs_in"]) / elapsed,
+                     (current[1]["msgs_out"] - previous[1]["msgs_out"]) / elapsed)}
+    for conn in current[1]["connections"]:
+        if conn["id"] in before:
+            old = before[conn["id"]]
+            result[conn["id"]] = ((conn["msgs_in"] - old["msgs_in"]) / elapsed,
+                                  (conn["msgs_out"] - old["msgs_out"]) / elapsed)
+    return result
+
+
+def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
+    columns = TABLE_COLUMNS + (("in/s", "out/s") if rate_table is not None else ())
+    rows = [columns]
+    for conn in stats["connections"]:
+        row = [conn.get(name) for name in TABLE_COLUMNS[:-1]] + [peer_of(conn)]
+        if rate_table is not None:
+            row += [f"{rate:.0f}" for rate in rate_table.get(conn["id"], ())] or ["-", "-"]
+        rows.append(tuple("-" if cell is None else str(cell) for cell in row))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    totals = (f"{len(stats['connections'])} connections, {stats['subscriptions']} subscriptions, "
+              f"msgs in {stats['msgs_in']}, out {stats['msgs_out']}, bytes in {stats['bytes_in']}, "
+              f"out {stats['bytes_out']}, dropped {stats['dropped']}")
+    if rate_table and None in rate_table:
+        totals += ", {:.0f} msgs/s in, {:.0f} msgs/s out".format(*rate_table[None])
+    return "\n".join(lines + [totals])
+
+
+def peer_of(conn: dict) -> Optional[str]:
+    """For TCP connections: identity@host:port (UNIX ones are told by pid/uid)."""
+    if not conn.get("address"):
+        return None
+    host, port = conn["address"]
+    return f"{conn['identity']}@{host}:{port}" if conn.get("identity") else f"{host}:{port}"
+
+
+# ---- demo ----
+
+class DemoChild(NamedTuple):
+    role: str
+    process: subprocess.Popen
+    log_path: str       # its stderr, shown if it dies
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = tempfile.mkdtemp(prefix="busx-demo-")
+    try:
+        with busx.Broker(unix_path=os.path.join(workdir, "bus.sock")) as broker:
+            children: list[DemoChild] = []
+            try:
+                with busx.connect(broker.url, name="busx demo") as bus:
+                    reports = bus.subscribe(DEMO_STATS)
+                    children.append(spawn_demo_child("subscriber", "_demo-sub", broker.url, workdir))
+                    first = read_reports(reports, children, time.monotonic() + DEMO_START_TIMEOUT,
+                                         stop_at_first=True)
+                    if first is None:
+                        raise CommandError(f"the demo subscriber did not start within "
+                                           f"{DEMO_START_TIMEOUT:.0f}s")
+                    children.append(spawn_demo_child("publisher", "_demo-pub", broker.url, workdir))
+                    print(f"busx demo: 1 publisher -> broker at {broker.url} -> 1 subscriber, "
+                          f"{len(msgpack.packb(DEMO_MESSAGE))}-byte messages (Ctrl-C to stop)",
+                          flush=True)
+                    show_demo(reports, children, first, args.seconds)
+            except KeyboardInterrupt:
+                print()
+            finally:
+                stop_children([child.process for child in children])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def spawn_demo_child(role: str, command: str, url: str, workdir: str) -> DemoChild:
+    # A session of its own: Ctrl-C reaches only the parent, which stops the
+    # children before the broker.
+    log_path = os.path.join(workdir, f"{role}.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "busx.cli", command, url],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=log, start_new_session=True)
+    return DemoChild(role, process, log_path)
+
+
+def read_reports(reports: busx.Subscription, children: list[DemoChild], until: float,
+                 stop_at_first: bool = False) -> Optional[dict]:
+    """The newest count report from the subscriber by `until` (None if none
+    came); raises CommandError if a child process died."""
+    latest = None
+    while time.monotonic() < until and not (stop_at_first and latest):
+        for msg in reports.recv_many(timeout=min(RECV_SLICE, max(0.0, until - time.monotonic()))):
+            latest = msg.data
+        for child in children:
+            if child.process.poll() is not None:
+                with open(child.log_path, errors="replace") as log:
+                    reason = log.read().strip() or f"exit status {child.process.returncode}"
+                raise CommandError(f"the demo {child.role} stopped: {reason}")
+    return latest
+
+
+def show_demo(reports: busx.Subscription, children: list[DemoChild], first: dict,
+              seconds: Optional[float]) -> None:
+    """A line a second with the subscriber's receive rate, from its own
+    reports (counts with CLOCK_MONOTONIC times, comparable across processes)."""
+    start = time.monotonic()
+    end = math.inf if seconds is None else start + seconds
+    shown = latest = first
+    while time.monotonic() < end:
+        latest = read_reports(reports, children, min(time.monotonic() + 1.0, end)) or latest
+        rate = (latest["received"] - shown["received"]) / max(latest["time"] - shown["time"], 1e-9)
+        print(f"{time.monotonic() - start:6.1f}s  {rate:>12,.0f} msgs/s received  "
+              f"total {latest['received']:,}  dropped {latest['dropped']:,}", flush=True)
+        shown = latest
+    elapsed = latest["time"] - first["time"]
+    print(f"average {(latest['received'] - first['received']) / max(elapsed, 1e-9):,.0f} msgs/s "
+          f"over {elapsed:.1f}s", flush=True)
+
+
+def stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def cmd_demo_publisher(args: argparse.Namespace) -> int:
+    with busx.connect(args.url, name="demo publisher", reconnect=False) as bus:
+        batch = [(DEMO_DATA, DEMO_MESSAGE)] * DEMO_BATCH
+        while True:     # until the parent terminates this process
+            bus.publish_many(batch)
+
+
+def cmd_demo_subscriber(args: argparse.Namespace) -> int:
+    with busx.connect(args.url, name="demo subscriber", reconnect=False) as bus:
+        sub = bus.subscribe(DEMO_DATA)
+        received, next_report_time = 0, 0.0
+        while True:     # until the parent terminates this process
+            now = time.monotonic()
+            if now >= next_report_time:
+                bus.publish(DEMO_STATS, {"received": received, "dropped": sub.dropped, "time": now})
+                next_report_time = now + DEMO_REPORT_INTERVAL
+            received += len(sub.recv_many(max_count=8192, timeout=next_report_time - now))
+
+
+# ---- the parser ----
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="busx", description="A publish/subscribe message bus over UNIX sockets and TCP.")
+    parser.add_argument("--version", action="version", version=f"busx {busx.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a broker until Ctrl-C or SIGTERM")
+    serve.set_defaults(run=cmd_serve)
+    serve.add_argument("--unix", metavar="PATH", help="socket path (default: $BUSX_SOCKET, "
+                       "else $XDG_RUNTIME_DIR/busx/bus.sock, else /tmp/busx-<uid>/bus.sock)")
+    serve.add_argument("--tcp", metavar="HOST:PORT", type=host_port,
+                       help="also accept TCP clients here (port 0 picks a free one)")
+    serve.add_argument("--socket-mode", metavar="MODE", type=octal_mode, default=0o600,
+                       help="permissions of the socket file, octal (default 0600)")
+    serve.add_argument("--socket-group", metavar="GROUP",
+                       type=lambda text: int(text) if text.isdigit() else text,
+                       help="group name or gid to give the socket to")
+    serve.add_argument("--policy", metavar="FILE", help="TOML policy file (who may publish/subscribe what)")
+    serve.add_argument("--tokens", metavar="FILE",
+                       help='TOML file of identity = "secret" lines; TCP clients must prove one')
+    serve.add_argument("--allow-anonymous-tcp", action="store_true",
+                       help="accept TCP clients without tokens on a non-loopback address")
+    serve.add_argument("--max-pending", metavar="BYTES", type=byte_count, default=64 << 20,
+                       help="bytes queued per subscriber before the slow-consumer policy (default 64M)")
+    serve.add_argument("--slow-consumer", choices=("drop", "disconnect"), default="drop",
+                       help="what happens past --max-pending (default drop)")
+    serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
+                       help="largest frame accepted (default 64M)")
+
+    pub = commands.add_parser("pub", help="publish JSON values")
+    pub.set_defaults(run=cmd_pub)
+    pub.add_argument("topic", metavar="TOPIC")
+    pub.add_argument("json", metavar="JSON", nargs="?",
+                     help="the value to publish; without it, one JSON value per line of stdin")
+    pub.add_argument("--count", metavar="N", type=positive(int), default=1,
+                     help="publish each value N times (default 1)")
+    pub.add_argument("--rate", metavar="R", type=positive(float),
+                     help="publish at most R messages a second")
+
+    sub = commands.add_parser("sub", help="print messages matching a pattern")
+    sub.set_defaults(run=cmd_sub)
+    sub.add_argument("pattern", metavar="PATTERN", help="such as orders.*.created or orders.>")
+    sub.add_argument("--count", metavar="N", type=positive(int), help="exit after N messages")
+    sub.add_argument("--json", action="store_true",
+                     help='one JSON object a line: {"topic", "data", "sender"}')
+    sub.add_argument("--sender", action="store_true", help="show who sent each message")
+
+    stat = commands.add_parser("stat", help="show the broker's connections and counters")
+    stat.set_defaults(run=cmd_stat)
+    stat.add_argument("--watch", action="store_true", help="refresh every second, with rates")
+    stat.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+    for command in (pub, sub, stat):
+        command.add_argument("--url", metavar="URL", help="unix:///path, tcp://host:port or "
+                             "host:port (default: $BUSX_URL, else the local broker)")
+    for command in (pub, sub):
+        command.add_argument("--token-file", metavar="FILE",
+                             help='TOML file with one identity = "secret" line, for TCP')
+
+    demo = commands.add_parser("demo", help="embedded broker, one publisher, one subscriber: live msgs/s")
+    demo.set_defaults(run=cmd_demo)
+    demo.add_argument("--seconds", metavar="N", type=positive(float), help="stop after N seconds")
+
+    # Hidden: the demo's child processes.
+    for name, run in (("_demo-pub", cmd_demo_publisher), ("_demo-sub", cmd_demo_subscriber)):
+        child = commands.add_parser(name)
+        child.set_defaults(run=run)
+        child.add_argument("url")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the busx command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (BusError, CommandError) as exc:
+        print(f"busx {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`busx sub ... | head`): stop quietly, with
+        # stdout on /dev/null so the interpreter's last flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
