@@ -24,6 +24,17 @@ cdef enum:
     CLOSE_GRACE_MS = 2000      # how long a closing connection may take to drain
     ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
 
+cdef enum:
+    VERDICT_SLOTS = 256        # topics whose publish verdict a connection remembers
+
+cdef struct Verdict:
+    char *topic                # NULL: empty slot
+    uint8_t topic_len
+    bint allowed
+    bint reported              # denial already told since the last PING
+    uint64_t hash
+
+
 cdef struct Conn:
     int fd
     uint32_t id
@@ -44,6 +55,8 @@ cdef struct Conn:
     unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
     Subscription **subs
     size_t nsubs, subs_cap
+    Verdict *verdicts          # policy only: publish verdicts by topic
+    size_t nverdicts
     Conn *next_dirty
     Conn *next_dead
     size_t slot
@@ -74,8 +87,10 @@ cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
 
 
 cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *code,
-                           const char *message) noexcept nogil:
-    """ERROR frame with payload msgpack {"code": code, "message": message}."""
+                           const char *message, const char *topic,
+                           size_t topic_len) noexcept nogil:
+    """ERROR frame with payload msgpack {"code": code, "message": message}; the
+    frame's topic field names the topic concerned, if any."""
     cdef Buffer payload
     cdef int rc
     memset(&payload, 0, sizeof(Buffer))
@@ -84,10 +99,55 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
     append_msgpack_str(&payload, code, strlen(code))
     append_msgpack_str(&payload, b"message", 7)
     append_msgpack_str(&payload, message, strlen(message))
-    rc = write_frame(b, K_ERROR, flags, id, NULL, 0, NULL, 0, NULL, 0,
+    rc = write_frame(b, K_ERROR, flags, id, topic, topic_len, NULL, 0, NULL, 0,
                      payload.data + payload.start, buf_len(&payload), 0, 0)
     buf_free(&payload)
     return rc
+
+
+cdef Verdict *verdict_slot(Conn *c, const char *topic, size_t length) noexcept nogil:
+    """The slot holding topic's verdict, or the empty slot to fill (clearing
+    the table when it is half full). NULL when memory runs out."""
+    cdef uint64_t h = busx_hash(topic, length)
+    cdef size_t i = h & (VERDICT_SLOTS - 1)
+    cdef Verdict *v
+    if c.verdicts == NULL:
+        c.verdicts = <Verdict *>calloc(VERDICT_SLOTS, sizeof(Verdict))
+        if c.verdicts == NULL:
+            return NULL
+    while c.verdicts[i].topic != NULL:
+        v = &c.verdicts[i]
+        if v.hash == h and v.topic_len == length and memcmp(v.topic, topic, length) == 0:
+            return v
+        i = (i + 1) & (VERDICT_SLOTS - 1)
+    if c.nverdicts >= VERDICT_SLOTS // 2:
+        verdicts_clear(c)
+        i = h & (VERDICT_SLOTS - 1)
+    return &c.verdicts[i]
+
+
+cdef void verdicts_clear(Conn *c) noexcept nogil:
+    cdef size_t i
+    if c.verdicts == NULL:
+        return
+    for i in range(VERDICT_SLOTS):
+        free(c.verdicts[i].topic)
+        c.verdicts[i].topic = NULL
+    c.nverdicts = 0
+
+
+cdef void verdicts_rearm(Conn *c) noexcept nogil:
+    cdef size_t i
+    if c.verdicts == NULL:
+        return
+    for i in range(VERDICT_SLOTS):
+        c.verdicts[i].reported = False
+
+
+cdef void verdicts_free(Conn *c) noexcept nogil:
+    verdicts_clear(c)
+    free(c.verdicts)
+    c.verdicts = NULL
 
 
 cdef class BrokerLoop:
@@ -110,6 +170,7 @@ cdef class BrokerLoop:
     cdef size_t max_pending
     cdef size_t max_frame
     cdef bint disconnect_slow
+    cdef bint check_publish     # a policy is loaded: ask it about each new topic
     cdef volatile int stop_requested
     cdef uint32_t next_id
     cdef unsigned long long rr_counter
@@ -126,13 +187,14 @@ cdef class BrokerLoop:
             raise MemoryError()
 
     def __init__(self, handler, size_t max_pending, size_t max_frame,
-                 bint disconnect_slow):
+                 bint disconnect_slow, bint check_publish):
         """handler: the Python side (busx.broker) with on_accept, on_connect,
         on_subscribe, on_close and on_stats callbacks."""
         self.handler = handler
         self.max_pending = max_pending
         self.max_frame = max_frame
         self.disconnect_slow = disconnect_slow
+        self.check_publish = check_publish
         self.next_id = 1
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
@@ -397,6 +459,7 @@ cdef class BrokerLoop:
         if f.kind == K_PUB:
             self._route(c, f)
         elif f.kind == K_PING:
+            verdicts_rearm(c)
             write_frame(&c.wbuf, K_PONG, 0, f.id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
             self._mark_dirty(c)
         elif f.kind == K_SUB:
@@ -441,6 +504,8 @@ cdef class BrokerLoop:
             fds[k] = fdq_pop(&src.in_fds)
         if not self._topic_ok(src, f):
             self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
+        elif self.check_publish and not self._may_publish(src, f):
+            pass
         else:
             slot = router_lookup(&self.router, f.topic, f.topic_len)
             if slot == NULL:
@@ -487,6 +552,37 @@ cdef class BrokerLoop:
     cdef bint _py_topic_ok(self, FrameView *f) noexcept with gil:
         try:
             return self.handler.topic_is_valid(f.topic[:f.topic_len])
+        except BaseException as exc:
+            self._report(exc)
+            return False
+
+    cdef bint _may_publish(self, Conn *src, FrameView *f) noexcept nogil:
+        """The policy's verdict on (connection, topic): a hash probe after the
+        first message; Python decides only on a miss. A denial is told to the
+        publisher once per topic between PINGs, so flush() can name it."""
+        cdef Verdict *v = verdict_slot(src, f.topic, f.topic_len)
+        if v == NULL:
+            self._fail(src, b"internal", b"broker out of memory")
+            return False
+        if v.topic == NULL:
+            v.allowed = self._py_may_publish(src, f)
+            v.topic = <char *>malloc(f.topic_len)
+            if v.topic == NULL:
+                return v.allowed
+            memcpy(v.topic, f.topic, f.topic_len)
+            v.topic_len = f.topic_len
+            v.hash = busx_hash(f.topic, f.topic_len)
+            v.reported = False
+            src.nverdicts += 1
+        if not v.allowed and not v.reported:
+            v.reported = True
+            self._send_error(src, 0, b"denied", b"policy denies publishing to this topic",
+                             f.topic, f.topic_len)
+        return v.allowed
+
+    cdef bint _py_may_publish(self, Conn *src, FrameView *f) noexcept with gil:
+        try:
+            return self.handler.may_publish(src.id, f.topic[:f.topic_len])
         except BaseException as exc:
             self._report(exc)
             return False
@@ -632,6 +728,10 @@ cdef class BrokerLoop:
     cdef void _py_stats(self, Conn *c, FrameView *f) noexcept with gil:
         try:
             payload = self.handler.on_stats_request(c.id, self._snapshot())
+            if payload is None:
+                self._send_error(c, f.id, b"denied", b"policy denies reading the broker's stats "
+                                 b"(allow subscribing to _SYS.stats)")
+                return
             if write_frame(&c.wbuf, K_STATS, 0, f.id, NULL, 0, NULL, 0, NULL, 0,
                            <bytes>payload, len(payload), 0, 0) == 0:
                 c.wbuf_total += HEADER_SIZE + len(payload)
@@ -647,9 +747,10 @@ cdef class BrokerLoop:
         self._mark_dirty(c)
 
     cdef void _send_error(self, Conn *c, uint32_t id, const char *code,
-                          const char *message) noexcept nogil:
+                          const char *message, const char *topic=NULL,
+                          size_t topic_len=0) noexcept nogil:
         cdef size_t before = buf_len(&c.wbuf)
-        write_error_frame(&c.wbuf, id, 0, code, message)
+        write_error_frame(&c.wbuf, id, 0, code, message, topic, topic_len)
         c.wbuf_total += buf_len(&c.wbuf) - before
         self._mark_dirty(c)
 
@@ -658,7 +759,7 @@ cdef class BrokerLoop:
         cdef size_t before = buf_len(&c.wbuf)
         if c.state >= CS_CLOSING:
             return
-        write_error_frame(&c.wbuf, 0, F_FATAL, code, message)
+        write_error_frame(&c.wbuf, 0, F_FATAL, code, message, NULL, 0)
         c.wbuf_total += buf_len(&c.wbuf) - before
         self._begin_closing(c)
 
@@ -794,6 +895,7 @@ cdef class BrokerLoop:
             fdq_free(&c.in_fds)
             fdq_free(&c.out_fds)
             free(c.subs)
+            verdicts_free(c)
             free(c)
 
     # ---- shutdown and introspection (Python side) ----

@@ -14,7 +14,7 @@ import socket
 import stat
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from . import __version__, protocol
@@ -22,7 +22,7 @@ from ._core import BrokerLoop
 from .errors import BusError
 from .handshake import error_frame, pack, token_proof, unpack
 from .paths import default_socket_path, host_identity
-from .policy import Policy, load_policy
+from .policy import Policy, Rights, load_policy
 from .topics import is_valid_topic, pattern_bytes, InvalidTopic
 
 log = logging.getLogger("busx.broker")
@@ -45,7 +45,7 @@ class Peer:
     nonce: bytes = b""
     name: Optional[str] = None
     identity: Optional[str] = None
-    queues: dict = field(default_factory=dict)
+    rights: Optional[Rights] = None     # None: no policy, everything allowed
 
     def stamp(self) -> bytes:
         host, port = self.address if self.address else (None, None)
@@ -216,7 +216,7 @@ class Broker:
         if self._loop is not None:
             raise BusError("this broker was already started")
         self._loop = BrokerLoop(self, self.max_pending, self.max_frame,
-                                self.slow_consumer == "disconnect")
+                                self.slow_consumer == "disconnect", self.policy is not None)
         try:
             self._listen_unix()
             if self.tcp is not None:
@@ -382,6 +382,8 @@ class Broker:
             if refusal:
                 log.warning("connection %d from %s: %s", conn_id, peer.address, refusal)
                 return False, error_frame("auth", refusal), b""
+        if self.policy is not None:
+            peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
         ready = protocol.encode_frame(protocol.READY, payload=pack({"id": conn_id}))
         return True, ready, peer.stamp()
 
@@ -403,11 +405,19 @@ class Broker:
             pattern_bytes(text)
         except (UnicodeDecodeError, InvalidTopic) as exc:
             return ("invalid", f"invalid pattern: {exc}")
-        if self.policy is not None and not self.policy.may_subscribe(peer, text):
+        if peer.rights is not None and not peer.rights.may_subscribe(text):
             return ("denied", f"policy denies subscribing to {text!r}")
         if not queue:
             return 0
         return self._queue_ids.setdefault(queue, len(self._queue_ids) + 1)
+
+    def may_publish(self, conn_id: int, topic: bytes) -> bool:
+        peer = self._peers[conn_id]
+        if peer.rights is None or peer.rights.may_publish(topic.decode("utf-8")):
+            return True
+        log.info("policy denies connection %d (uid %s, identity %s) publishing to %r",
+                 conn_id, peer.uid, peer.identity, topic)
+        return False
 
     def topic_is_valid(self, topic: bytes) -> bool:
         try:
@@ -418,7 +428,10 @@ class Broker:
     def on_close(self, conn_id: int) -> None:
         self._peers.pop(conn_id, None)
 
-    def on_stats_request(self, conn_id: int, snapshot: dict) -> bytes:
+    def on_stats_request(self, conn_id: int, snapshot: dict) -> Optional[bytes]:
+        rights = self._peers[conn_id].rights
+        if rights is not None and not rights.may_subscribe("_SYS.stats"):
+            return None
         return pack(self._merge_stats(snapshot))
 
     def on_internal_error(self, exc: BaseException) -> None:

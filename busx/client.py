@@ -39,6 +39,17 @@ def _remaining(deadline: Optional[float]) -> float:
     return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _refusal(error: dict) -> BusError:
+    """The exception for a broker's non-fatal ERROR answer."""
+    message = error.get("message", "refused by the broker")
+    code = error.get("code")
+    if code == "denied":
+        return PermissionDenied(message)
+    if code == "invalid":
+        return InvalidTopic(message)
+    return BusError(message)
+
+
 class Subscription:
     """Messages matching one pattern. Iterate it, or call recv()/recv_many()."""
 
@@ -310,7 +321,8 @@ class Bus:
             elif frame.id and frame.id in self._acks:
                 self._replies[frame.id] = frame
             elif error.get("code") == "denied":
-                self._denied.append(error.get("message", "publish denied"))
+                topic = frame.topic.decode("utf-8", "replace")
+                self._denied.append(f"{error.get('message', 'publish denied')}: {topic!r}")
             else:
                 log.warning("busx broker error: %s", error.get("message"))
 
@@ -350,9 +362,12 @@ class Bus:
                     lambda: self._replies.pop(id, None) or (False if self.generation != generation else None),
                     deadline, "the broker did not answer within the timeout")
                 if frame is not False:
-                    return frame
+                    break
         finally:
             self._acks.pop(id, None)
+        if frame.kind == protocol.ERROR:
+            raise _refusal(unpack(frame.payload))
+        return frame
 
     # ---- public API ----
 
@@ -402,19 +417,11 @@ class Bus:
         with self._pump_lock:
             self._subs[sid] = sub
             self._queues[sid] = sub._queue
-        frame = None
         try:
-            frame = self._round_trip(protocol.SUB, sid, encoded, queue_b, _deadline(self.timeout))
-        finally:
-            if frame is None or frame.kind != protocol.OK:
-                self._forget(sub)
-        if frame.kind == protocol.ERROR:
-            error = unpack(frame.payload)
-            if error.get("code") == "denied":
-                raise PermissionDenied(error["message"])
-            if error.get("code") == "invalid":
-                raise InvalidTopic(error["message"])
-            raise BusError(error.get("message"))
+            self._round_trip(protocol.SUB, sid, encoded, queue_b, _deadline(self.timeout))
+        except BaseException:
+            self._forget(sub)
+            raise
         return sub
 
     def _forget(self, sub: Subscription) -> None:

@@ -1,19 +1,178 @@
-"""Per-topic policy by uid, gid, user, group, token identity or anyone."""
+"""Per-topic policy: which peers may publish and subscribe to what.
+
+    [[rule]]
+    user = "billing"            # or uid, group, gid, identity, any = true
+    publish = ["payments.>"]
+    subscribe = ["orders.*.created"]
+
+A rule's selectors must all match a peer; a peer's rights are the union of
+the rules that match it. A peer no rule matches may connect but do nothing.
+Replies are always allowed: publishing to an _INBOX. topic (its name is an
+unguessable capability), and subscribing to one inbox by name.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+import grp
+import os
+import pwd
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
 
-from .errors import BusError
+from .errors import BusError, InvalidTopic
+from .topics import INBOX_PREFIX, matches, pattern_bytes
+
+SELECTORS = ("user", "uid", "group", "gid", "identity", "any")
+
+
+def pattern_contains(outer: str, inner: str) -> bool:
+    """Whether every topic matching `inner` also matches `outer`."""
+    outer_tokens, inner_tokens = outer.split("."), inner.split(".")
+    if outer_tokens[0] in ("*", ">") and inner_tokens[0].startswith("_"):
+        return False        # first-token wildcards never match reserved topics
+    for index, token in enumerate(outer_tokens):
+        if token == ">":
+            return index < len(inner_tokens)
+        if index >= len(inner_tokens) or inner_tokens[index] == ">":
+            return False
+        if token != "*" and token != inner_tokens[index]:
+            return False
+    return len(outer_tokens) == len(inner_tokens)
+
+
+def is_own_inbox(pattern: str) -> bool:
+    """_INBOX.<name>.… with a concrete name: one client's reply inbox, never a
+    wildcard over everyone's."""
+    if not pattern.startswith(INBOX_PREFIX):
+        return False
+    name = pattern.split(".")[1]
+    return name not in ("*", ">")
+
+
+@dataclass(frozen=True)
+class Rights:
+    """What one connection may do, fixed at its handshake."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def may_publish(self, topic: str) -> bool:
+        return topic.startswith(INBOX_PREFIX) or any(matches(p, topic) for p in self.publish)
+
+    def may_subscribe(self, pattern: str) -> bool:
+        return is_own_inbox(pattern) or any(pattern_contains(p, pattern) for p in self.subscribe)
+
+
+@dataclass(frozen=True)
+class Rule:
+    uid: Optional[int]
+    gid: Optional[int]
+    identity: Optional[str]
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def applies_to(self, uid: Optional[int], gids: frozenset[int], identity: Optional[str]) -> bool:
+        return ((self.uid is None or self.uid == uid)
+                and (self.gid is None or self.gid in gids)
+                and (self.identity is None or self.identity == identity))
 
 
 class Policy:
-    def __init__(self, rules: list) -> None:
+    """Loaded rules; rights_for() turns a verified peer into its Rights."""
+
+    def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
 
-    def may_subscribe(self, peer, pattern: str) -> bool:
-        raise NotImplementedError
+    def rights_for(self, uid: Optional[int], gid: Optional[int],
+                   identity: Optional[str]) -> Rights:
+        gids = _groups_of(uid, gid)
+        publish: list[str] = []
+        subscribe: list[str] = []
+        for rule in self.rules:
+            if rule.applies_to(uid, gids, identity):
+                publish += rule.publish
+                subscribe += rule.subscribe
+        return Rights(tuple(publish), tuple(subscribe))
 
 
-def load_policy(source: Union[str, Mapping[str, Any]]) -> Policy:
-    raise BusError("policies are not supported yet")
+def _groups_of(uid: Optional[int], gid: Optional[int]) -> frozenset[int]:
+    """The peer's primary gid (from SO_PEERCRED) and its user's supplementary groups."""
+    if uid is None:
+        return frozenset()
+    groups = {gid} if gid is not None else set()
+    try:
+        entry = pwd.getpwuid(uid)
+        groups.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except KeyError:
+        pass
+    return frozenset(groups)
+
+
+def load_policy(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Policy:
+    """Read a policy from a TOML file path or a dict of the same shape."""
+    if isinstance(source, Mapping):
+        document, where = source, "policy"
+    else:
+        where = os.fspath(source)
+        try:
+            with open(where, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as exc:
+            raise BusError(f"cannot read policy file {where}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise BusError(f"policy file {where} is not valid TOML: {exc}") from None
+    unknown = set(document) - {"rule"}
+    if unknown:
+        raise BusError(f"{where}: unknown top-level keys {sorted(unknown)}; expected [[rule]] tables")
+    rules = document.get("rule", [])
+    if not isinstance(rules, list):
+        raise BusError(f"{where}: 'rule' must be an array of tables ([[rule]])")
+    return Policy([_parse_rule(rule, f"{where} rule {n}") for n, rule in enumerate(rules, 1)])
+
+
+def _parse_rule(rule: Any, where: str) -> Rule:
+    if not isinstance(rule, Mapping):
+        raise BusError(f"{where}: a rule must be a table")
+    unknown = set(rule) - set(SELECTORS) - {"publish", "subscribe"}
+    if unknown:
+        raise BusError(f"{where}: unknown keys {sorted(unknown)}")
+    selectors = [key for key in SELECTORS if key in rule]
+    if not selectors:
+        raise BusError(f"{where}: name who it applies to: one of {', '.join(SELECTORS)}")
+    if rule.get("any") is not None and rule.get("any") is not True:
+        raise BusError(f"{where}: any must be true when given")
+    uid = _resolve(rule, "uid", "user", lambda name: pwd.getpwnam(name).pw_uid, where)
+    gid = _resolve(rule, "gid", "group", lambda name: grp.getgrnam(name).gr_gid, where)
+    identity = rule.get("identity")
+    if identity is not None and not isinstance(identity, str):
+        raise BusError(f"{where}: identity must be a string")
+    return Rule(uid, gid, identity, _patterns(rule, "publish", where),
+                _patterns(rule, "subscribe", where))
+
+
+def _resolve(rule: Mapping, number_key: str, name_key: str, lookup, where: str) -> Optional[int]:
+    if number_key in rule and name_key in rule:
+        raise BusError(f"{where}: give {number_key} or {name_key}, not both")
+    if number_key in rule:
+        if not isinstance(rule[number_key], int) or isinstance(rule[number_key], bool):
+            raise BusError(f"{where}: {number_key} must be an integer")
+        return rule[number_key]
+    if name_key in rule:
+        try:
+            return lookup(rule[name_key])
+        except (KeyError, TypeError):
+            raise BusError(f"{where}: no {name_key} named {rule[name_key]!r} on this host") from None
+    return None
+
+
+def _patterns(rule: Mapping, key: str, where: str) -> tuple[str, ...]:
+    patterns = rule.get(key, [])
+    if isinstance(patterns, str) or not isinstance(patterns, list):
+        raise BusError(f"{where}: {key} must be a list of patterns")
+    for pattern in patterns:
+        try:
+            pattern_bytes(pattern)
+        except InvalidTopic as exc:
+            raise BusError(f"{where}: {exc}") from None
+    return tuple(patterns)

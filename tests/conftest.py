@@ -32,6 +32,18 @@ def open_fds(pid: int | str = "self") -> int:
 
 
 @pytest.fixture
+def public_dir():
+    """A directory other users can traverse (pytest's tmp_path is 0700), for
+    tests where peers run as another uid."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="busx-test-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def socket_path(tmp_path):
     return str(tmp_path / "bus.sock")
 
