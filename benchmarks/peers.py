@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import msgpack
 
@@ -43,6 +42,7 @@ assert len(msgpack.packb(SMALL_DICT)) == 100, len(msgpack.packb(SMALL_DICT))
 
 FIRST_WAIT = 60.0      # seconds a subscriber waits for the first message (publisher start-up)
 QUIET = 3.0            # seconds without a message after which a subscriber gives up
+PUBLISHER_GRACE = 15.0  # seconds a publisher may take to report after its subscribers did
 END = b"END"           # pyzmq end marker; never valid msgpack for the workload
 LENGTH = struct.Struct("<I")     # the plain socket's framing: u32 length, then payload
 RAW_BATCH = 64 << 10             # bytes per write for the batched plain socket
@@ -96,13 +96,13 @@ def run_busx_sub(args) -> None:
                     if not batch:
                         raise busx.Timeout()
                     for msg in batch:
-                        msg.data
+                        msg.data    # decodes: the workload decodes every message
                     received += len(batch)
                     timeout = QUIET
             else:
                 recv = sub.recv
                 while received + sub.dropped < args.count:
-                    recv(timeout).data
+                    recv(timeout).data    # decodes
                     received += 1
                     timeout = QUIET
             last = time.monotonic()
@@ -233,7 +233,8 @@ def listen(address: str) -> tuple[socket.socket, str]:
     server.bind(sockaddr)
     server.listen(8)
     if family == socket.AF_INET:
-        address = "tcp:%s:%d" % server.getsockname()
+        host, port = server.getsockname()
+        address = f"tcp:{host}:{port}"
     return server, address
 
 
@@ -435,18 +436,25 @@ class Peer:
 
 @dataclass
 class Run:
-    """One end-to-end transfer: `count` messages to each of `subscribers`."""
+    """One end-to-end transfer: `count` messages to each subscriber."""
     count: int
     seconds: float
-    received: list = field(default_factory=list)
+    received: list = field(default_factory=list)   # per subscriber
+    reported: list = field(default_factory=list)   # drops busx told each subscriber of
 
     @property
     def msgs_per_s(self) -> float:
-        return self.count / self.seconds
+        """Messages delivered per second, per subscriber."""
+        return sum(self.received) / len(self.received) / self.seconds
 
     @property
     def drops(self) -> int:
         return sum(self.count - got for got in self.received)
+
+    @property
+    def silent_drops(self) -> int:
+        """Drops nobody was told about: busx promises none."""
+        return self.drops - sum(self.reported)
 
 
 class Transfer:
@@ -461,14 +469,20 @@ class Transfer:
         try:
             began = time.monotonic()
             self.publisher.tell("go")
-            results = [sub.read(FIRST_WAIT + 600) for sub in self.subscribers]
+            results = [sub.read(FIRST_WAIT + 300) for sub in self.subscribers]
             if self.on_done:
                 self.on_done(self.publisher)
-            self.publisher.read()
+            try:
+                # The subscribers are done, so the publisher should be too.
+                self.publisher.read(PUBLISHER_GRACE)
+            except PeerError as exc:
+                got = [result["received"] for result in results]
+                raise PeerError(f"{exc} (subscribers received {got} of {self.count})") from None
         finally:
             self.close()
         last = max(result["last"] for result in results)
-        return Run(self.count, last - began, [result["received"] for result in results])
+        return Run(self.count, last - began, [result["received"] for result in results],
+                   [result.get("dropped", 0) for result in results])
 
     def close(self) -> None:
         for peer in [self.publisher, *self.subscribers]:

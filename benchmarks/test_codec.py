@@ -3,9 +3,9 @@ reference (busx.protocol) it is tested against."""
 
 import msgpack
 import pytest
+from peers import SMALL_DICT
 
 from busx import _core, protocol
-from peers import SMALL_DICT
 
 CODECS = {"core": _core, "protocol": protocol}
 PAYLOAD = msgpack.packb(SMALL_DICT)

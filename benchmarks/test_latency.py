@@ -5,24 +5,15 @@ and the plain socket go straight to the echo process (two hops). Every side
 decodes and re-encodes the 100-byte dict. extra_info has p50/p99 in µs."""
 
 import pytest
-
-from conftest import PINGS, make_pinger
 from peers import percentile
-
-SYSTEMS = ["busx", "pyzmq", "plain"]
-
-
-@pytest.fixture
-def pinger(request, system, transport, broker, workdir):
-    pinger = make_pinger(system, transport, broker, workdir)
-    yield pinger
-    pinger.close()
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-@pytest.mark.parametrize("system", SYSTEMS)
-def test_round_trip(benchmark, pinger, system, transport):
-    benchmark.pedantic(pinger.ping, rounds=PINGS, warmup_rounds=PINGS // 10, iterations=1)
+@pytest.mark.parametrize("system", ["busx", "pyzmq", "plain"])
+def test_round_trip(benchmark, start_pinger, scale, system, transport):
+    pinger = start_pinger(system, transport)
+    benchmark.pedantic(pinger.ping, rounds=scale.pings, warmup_rounds=scale.pings // 10,
+                       iterations=1)
     if benchmark.stats is not None:     # None under --benchmark-disable
         samples = benchmark.stats.stats.data
         benchmark.extra_info.update(p50_us=round(percentile(samples, 0.50) * 1e6, 1),

@@ -4,12 +4,11 @@ on pyzmq, and a sendall on a plain socket. A sink process reads the other
 end, so each call pays for a live connection, not a dead one."""
 
 import msgpack
+import peers
 import pytest
+from peers import SMALL_DICT, TOPIC
 
 import busx
-import peers
-from conftest import needs_zmq
-from peers import SMALL_DICT, TOPIC
 
 BATCH = 1000
 
@@ -38,8 +37,8 @@ def test_busx_publish_many(benchmark, bus):
 
 
 @pytest.fixture
-def zmq_publisher(workdir):
-    needs_zmq("pyzmq")
+def zmq_publisher(workdir, skip_without_zmq):
+    skip_without_zmq("pyzmq")
     import zmq
     context = zmq.Context()
     sock = context.socket(zmq.XPUB)

@@ -46,8 +46,8 @@ cdef struct Conn:
     double closing_since
     Buffer rbuf
     Buffer wbuf
-    unsigned long long wbuf_total   # bytes ever appended to wbuf
-    unsigned long long wbuf_sent    # bytes ever sent
+    unsigned long long wbuf_sent    # bytes ever sent: wbuf.data[wbuf.start] is byte wbuf_sent
+    unsigned long long next_frame   # stream offset of the first frame not yet begun on the wire
     FdQueue in_fds          # received, waiting for their PUB frame
     FdQueue out_fds         # duplicates waiting to travel with their MSG frame
     char stamp[255]
@@ -103,6 +103,11 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
                      payload.data + payload.start, buf_len(&payload), 0, 0)
     buf_free(&payload)
     return rc
+
+
+cdef inline unsigned long long stream_end(Conn *c) noexcept nogil:
+    """Stream offset one past the last byte queued for c."""
+    return c.wbuf_sent + buf_len(&c.wbuf)
 
 
 cdef Verdict *verdict_slot(Conn *c, const char *topic, size_t length) noexcept nogil:
@@ -331,6 +336,7 @@ cdef class BrokerLoop:
             self.conns = grown
             self.conns_cap = self.conns_cap * 2 + 64
         c.fd = fd
+        c.next_frame = PREAMBLE_SIZE       # the greeting starts with the preamble
         c.id = self.next_id
         self.next_id += 1
         c.is_unix = is_unix
@@ -360,7 +366,6 @@ cdef class BrokerLoop:
     cdef int _queue_bytes(self, Conn *c, bytes data) except -1:
         if buf_append(&c.wbuf, data, len(data)) < 0:
             raise MemoryError()
-        c.wbuf_total += len(data)
         return 0
 
     cdef void _report(self, BaseException exc) noexcept:
@@ -603,7 +608,7 @@ cdef class BrokerLoop:
         if dst.is_unix:
             for k in range(f.nfds):
                 copy = fcntl(fds[k], F_DUPFD_CLOEXEC, 0)
-                if copy < 0 or fdq_push(&dst.out_fds, dst.wbuf_total, copy) < 0:
+                if copy < 0 or fdq_push(&dst.out_fds, stream_end(dst), copy) < 0:
                     if copy >= 0:
                         close(copy)
                     lost_fds += 1
@@ -616,13 +621,13 @@ cdef class BrokerLoop:
                        sent_fds, lost_fds) < 0:
             self._fail(dst, b"internal", b"broker out of memory")
             return
-        dst.wbuf_total += size
         dst.msgs_out += 1
         self.msgs_out += 1
         self._mark_dirty(dst)
 
     cdef void _slow_consumer(self, Conn *dst, Subscription *s) noexcept nogil:
         if self.disconnect_slow:
+            self._discard_unsent(dst)
             self._fail(dst, b"slow-consumer",
                        b"slow consumer: this subscriber fell more than max_pending bytes "
                        b"behind and the broker's policy is to disconnect it")
@@ -632,6 +637,24 @@ cdef class BrokerLoop:
         dst.dropped += 1
         self.dropped += 1
         dst.owes_drop_report = True
+
+    cdef void _discard_unsent(self, Conn *c) noexcept nogil:
+        """Drop every queued frame not yet begun on the wire (counting the
+        messages among them), so a stalled client's last words - why it is
+        being closed - are not stuck behind max_pending bytes."""
+        cdef unsigned long long at = c.next_frame
+        cdef unsigned long long end = stream_end(c)
+        cdef const char *frame
+        while at < end:
+            frame = c.wbuf.data + c.wbuf.start + (at - c.wbuf_sent)
+            if frame[4] == K_MSG:
+                c.dropped += 1
+                self.dropped += 1
+            at += busx_load_u32(frame) + 4
+        c.wbuf.end = c.wbuf.start + (c.next_frame - c.wbuf_sent)
+        while fdq_len(&c.out_fds) and c.out_fds.items[c.out_fds.tail - 1].offset >= c.next_frame:
+            c.out_fds.tail -= 1
+            close(c.out_fds.items[c.out_fds.tail].fd)
 
     cdef void _report_drops(self, Conn *c) noexcept nogil:
         """Tell the client, per subscription, how many messages were dropped."""
@@ -651,7 +674,6 @@ cdef class BrokerLoop:
             if write_frame(&c.wbuf, K_DROPPED, 0, s.sid, NULL, 0, NULL, 0, NULL, 0,
                            count, 9, 0, 0) < 0:
                 return
-            c.wbuf_total += HEADER_SIZE + 9
             s.dropped_unreported = 0
         c.owes_drop_report = False
 
@@ -732,9 +754,8 @@ cdef class BrokerLoop:
                 self._send_error(c, f.id, b"denied", b"policy denies reading the broker's stats "
                                  b"(allow subscribing to _SYS.stats)")
                 return
-            if write_frame(&c.wbuf, K_STATS, 0, f.id, NULL, 0, NULL, 0, NULL, 0,
-                           <bytes>payload, len(payload), 0, 0) == 0:
-                c.wbuf_total += HEADER_SIZE + len(payload)
+            write_frame(&c.wbuf, K_STATS, 0, f.id, NULL, 0, NULL, 0, NULL, 0,
+                        <bytes>payload, len(payload), 0, 0)
         except BaseException as exc:
             self._report(exc)
             self._send_error(c, f.id, b"internal", b"broker error during stats")
@@ -742,25 +763,20 @@ cdef class BrokerLoop:
     # ---- output ----
 
     cdef void _send_simple(self, Conn *c, uint8_t kind, uint32_t id) noexcept nogil:
-        if write_frame(&c.wbuf, kind, 0, id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0) == 0:
-            c.wbuf_total += HEADER_SIZE
+        write_frame(&c.wbuf, kind, 0, id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
         self._mark_dirty(c)
 
     cdef void _send_error(self, Conn *c, uint32_t id, const char *code,
                           const char *message, const char *topic=NULL,
                           size_t topic_len=0) noexcept nogil:
-        cdef size_t before = buf_len(&c.wbuf)
         write_error_frame(&c.wbuf, id, 0, code, message, topic, topic_len)
-        c.wbuf_total += buf_len(&c.wbuf) - before
         self._mark_dirty(c)
 
     cdef void _fail(self, Conn *c, const char *code, const char *message) noexcept nogil:
         """A fatal error on one connection: tell it why, then close it."""
-        cdef size_t before = buf_len(&c.wbuf)
         if c.state >= CS_CLOSING:
             return
         write_error_frame(&c.wbuf, 0, F_FATAL, code, message, NULL, 0)
-        c.wbuf_total += buf_len(&c.wbuf) - before
         self._begin_closing(c)
 
     cdef void _begin_closing(self, Conn *c) noexcept nogil:
@@ -799,6 +815,7 @@ cdef class BrokerLoop:
                     break
                 self._close_conn(c)
                 return
+            self._pass_frames(c, c.wbuf_sent + n)
             buf_consume(&c.wbuf, n)
             c.wbuf_sent += n
             c.bytes_out += n
@@ -815,6 +832,13 @@ cdef class BrokerLoop:
             ev.events = EPOLLIN | EPOLLRDHUP | (EPOLLOUT if c.want_out else 0)
             ev.data.ptr = c
             epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+
+    cdef inline void _pass_frames(self, Conn *c, unsigned long long sent_end) noexcept nogil:
+        """Move next_frame past the frames the wire has begun, reading their
+        lengths while the bytes are still in wbuf."""
+        while c.next_frame < sent_end:
+            c.next_frame += busx_load_u32(
+                c.wbuf.data + c.wbuf.start + (c.next_frame - c.wbuf_sent)) + 4
 
     cdef ssize_t _send_some(self, Conn *c) noexcept nogil:
         """One send()/sendmsg() of up to WRITE_CHUNK bytes. fds travel with

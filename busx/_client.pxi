@@ -9,6 +9,7 @@ cdef enum RunResult:
     RUN_EOF = 1           # the broker closed the connection
     RUN_ERROR = 2         # socket error: last_errno says which
     RUN_PROTOCOL = 3      # the broker sent something this client cannot parse
+    RUN_FDS_LOST = 4      # received fds were dropped by the kernel (out of fds)
 
 cdef enum ClientState:
     CL_DETACHED = 0       # no socket: before attach, or reconnecting
@@ -271,40 +272,60 @@ cdef class ClientIO:
                 return result
 
     cdef int _write(self) noexcept nogil:
-        """Send what is buffered; -1 to carry on, else a RunResult."""
+        """Send what is buffered until nothing is left or the socket is full.
+        -1 to carry on, else a RunResult."""
         cdef ssize_t n
-        cdef bint want_out
-        cdef epoll_event ev
+        cdef bint socket_full = False
+        cdef bint chasing = False
+        while not socket_full:
+            if chasing and buf_len(&self.out) < YIELD_BELOW:
+                # Publishers are still appending: let them (or the broker)
+                # have this core for a moment so the next send carries a
+                # batch. Free on an idle core; only contended cores wait.
+                sched_yield()
+            if not self._take_output():
+                break
+            chasing = True
+            while buf_len(&self.sending):
+                n = send_with_fds(self.fd, self.sending.data + self.sending.start,
+                                  min(buf_len(&self.sending), <size_t>WRITE_CHUNK),
+                                  self.sending.start, &self.sending_fds)
+                self.write_calls += 1
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno == EAGAIN:
+                        socket_full = True
+                        break
+                    self.last_errno = errno
+                    return RUN_ERROR
+                buf_consume(&self.sending, n)
+        if socket_full != self.want_out:
+            self.want_out = socket_full
+            self._set_events()
+        if not socket_full:
+            buf_shrink(&self.sending, WRITE_CHUNK)
+        return -1
+
+    cdef bint _take_output(self) noexcept nogil:
+        """Whether there is something to send: swaps the publishers' buffer
+        in once the last one is sent, waking publishers waiting for room.
+        When there is nothing, clears wake_pending, since the I/O thread is
+        about to sleep: only then must publishers write the eventfd."""
+        cdef bint more
         pthread_mutex_lock(&self.lock)
-        self.wake_pending = 0
         if buf_len(&self.sending) == 0 and buf_len(&self.out):
             buf_swap(&self.sending, &self.out)
             fdq_swap(&self.sending_fds, &self.out_fds)
             pthread_cond_broadcast(&self.room_cond)
+        more = buf_len(&self.sending) != 0
+        if not more:
+            self.wake_pending = 0
         if self.reading_paused and not self.pause_reading:
             self.reading_paused = False
             self._set_events()
         pthread_mutex_unlock(&self.lock)
-        while buf_len(&self.sending):
-            n = send_with_fds(self.fd, self.sending.data + self.sending.start,
-                              min(buf_len(&self.sending), <size_t>WRITE_CHUNK),
-                              self.sending.start, &self.sending_fds)
-            self.write_calls += 1
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    break
-                self.last_errno = errno
-                return RUN_ERROR
-            buf_consume(&self.sending, n)
-        want_out = buf_len(&self.sending) != 0
-        if want_out != self.want_out:
-            self.want_out = want_out
-            self._set_events()
-        if not want_out:
-            buf_shrink(&self.sending, WRITE_CHUNK)
-        return -1
+        return more
 
     cdef void _set_events(self) noexcept nogil:
         cdef epoll_event ev
@@ -332,7 +353,7 @@ cdef class ClientIO:
             self.last_errno = errno
             return RUN_ERROR
         if truncated:
-            return RUN_PROTOCOL
+            return RUN_FDS_LOST
         if n == 0:
             return RUN_EOF
         self.rbuf.end += n

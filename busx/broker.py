@@ -277,10 +277,19 @@ class Broker:
                     f"pass unix_path") from None
             return
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(directory), exist_ok=True)
-            os.mkdir(directory, 0o700)
+            # makedirs ignores its mode for parents: pin the umask so they are
+            # never writable by others (who could swap our directory out).
+            old_umask = os.umask(0o022)
+            try:
+                os.makedirs(os.path.dirname(directory), exist_ok=True)
+                os.mkdir(directory, 0o700)
+            except OSError as exc:
+                raise BusError(f"cannot create socket directory {directory}: "
+                               f"{exc.strerror or exc}") from None
+            finally:
+                os.umask(old_umask)
         except OSError as exc:
-            raise BusError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+            raise BusError(f"cannot create socket directory {directory}: {exc.strerror or exc}") from None
         self._created_dir = directory
         os.chmod(directory, 0o700 | search)
         if self.socket_gid is not None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import msgpack
 
@@ -57,7 +57,8 @@ def byte_count(text: str) -> int:
     """65536, 64K, 64M, 1G (also 64MiB, 64MB): powers of 1024."""
     match = re.fullmatch(r"(\d+)\s*([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (such as 65536, 64K, 64M, 1G)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte count (such as 65536, 64K, 64M, 1G)")
     return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2].lower()]
 
 
@@ -78,6 +79,10 @@ def octal_mode(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal permission mode (such as 0660)")
     return mode
+
+
+def group_name_or_id(text: str):
+    return int(text) if text.isdigit() else text
 
 
 def positive(kind):
@@ -108,8 +113,9 @@ def read_tokens(path: str, what: str = "tokens file") -> dict[str, str]:
     tokens = read_toml(path, what)
     bad = [name for name, secret in tokens.items() if not isinstance(secret, str) or not secret]
     if bad or not tokens:
+        check = f" (check {', '.join(bad)})" if bad else ""
         raise CommandError(f'the {what} {path} must hold identity = "secret" lines '
-                           f'with non-empty string secrets' + (f" (check {', '.join(bad)})" if bad else ""))
+                           f"with non-empty string secrets{check}")
     return tokens
 
 
@@ -170,7 +176,10 @@ def listen_addresses(broker: busx.Broker) -> str:
 
 def cmd_pub(args: argparse.Namespace) -> int:
     topic_bytes(args.topic)     # a bad topic fails before anything is read or sent
-    values = [parse_json(args.json, "the JSON argument")] if args.json is not None else stdin_values()
+    if args.json is not None:
+        values: Iterable[Any] = [parse_json(args.json, "the JSON argument")]
+    else:
+        values = stdin_values()
     pacer = Pacer(args.rate)
     with open_bus(args, "busx pub") as bus:
         for value in values:
@@ -241,7 +250,8 @@ def cmd_sub(args: argparse.Namespace) -> int:
 
 def format_message(msg: busx.Message, as_json: bool, with_sender: bool) -> str:
     if as_json:
-        return dumps({"topic": msg.topic, "data": message_data(msg), "sender": msg.sender._asdict()})
+        return dumps({"topic": msg.topic, "data": message_data(msg),
+                      "sender": msg.sender._asdict()})
     line = f"{msg.topic} {dumps(message_data(msg))}"
     return f"{line}  [{describe_sender(msg.sender)}]" if with_sender else line
 
@@ -333,7 +343,8 @@ def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
             row += [f"{rate:.0f}" for rate in rate_table.get(conn["id"], ())] or ["-", "-"]
         rows.append(tuple("-" if cell is None else str(cell) for cell in row))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
     totals = (f"{len(stats['connections'])} connections, {stats['subscriptions']} subscriptions, "
               f"msgs in {stats['msgs_in']}, out {stats['msgs_out']}, bytes in {stats['bytes_in']}, "
               f"out {stats['bytes_out']}, dropped {stats['dropped']}")
@@ -366,7 +377,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             try:
                 with busx.connect(broker.url, name="busx demo") as bus:
                     reports = bus.subscribe(DEMO_STATS)
-                    children.append(spawn_demo_child("subscriber", "_demo-sub", broker.url, workdir))
+                    children.append(
+                        spawn_demo_child("subscriber", "_demo-sub", broker.url, workdir))
                     first = read_reports(reports, children, time.monotonic() + DEMO_START_TIMEOUT,
                                          stop_at_first=True)
                     if first is None:
@@ -479,15 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-mode", metavar="MODE", type=octal_mode, default=0o600,
                        help="permissions of the socket file, octal (default 0600)")
     serve.add_argument("--socket-group", metavar="GROUP",
-                       type=lambda text: int(text) if text.isdigit() else text,
+                       type=group_name_or_id,
                        help="group name or gid to give the socket to")
-    serve.add_argument("--policy", metavar="FILE", help="TOML policy file (who may publish/subscribe what)")
+    serve.add_argument("--policy", metavar="FILE",
+                       help="TOML policy file: who may publish and subscribe to what")
     serve.add_argument("--tokens", metavar="FILE",
                        help='TOML file of identity = "secret" lines; TCP clients must prove one')
     serve.add_argument("--allow-anonymous-tcp", action="store_true",
                        help="accept TCP clients without tokens on a non-loopback address")
     serve.add_argument("--max-pending", metavar="BYTES", type=byte_count, default=64 << 20,
-                       help="bytes queued per subscriber before the slow-consumer policy (default 64M)")
+                       help="bytes queued per subscriber before the slow-consumer policy "
+                            "(default 64M)")
     serve.add_argument("--slow-consumer", choices=("drop", "disconnect"), default="drop",
                        help="what happens past --max-pending (default drop)")
     serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
@@ -523,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--token-file", metavar="FILE",
                              help='TOML file with one identity = "secret" line, for TCP')
 
-    demo = commands.add_parser("demo", help="embedded broker, one publisher, one subscriber: live msgs/s")
+    demo = commands.add_parser(
+        "demo", help="embedded broker, one publisher, one subscriber: live msgs/s")
     demo.set_defaults(run=cmd_demo)
     demo.add_argument("--seconds", metavar="N", type=positive(float), help="stop after N seconds")
 

@@ -25,7 +25,7 @@ from .topics import INBOX_PREFIX, pattern_bytes, topic_bytes
 
 log = logging.getLogger("busx.client")
 
-RUN_CLOSED, RUN_EOF, RUN_ERROR, RUN_PROTOCOL = range(4)
+RUN_CLOSED, RUN_EOF, RUN_ERROR, RUN_PROTOCOL, RUN_FDS_LOST = range(5)
 RECONNECT_BACKOFF = (0.02, 2.0)     # first and longest pause between reconnect attempts
 CLOSE_FLUSH_SECONDS = 5.0
 
@@ -150,6 +150,7 @@ class Bus:
         self._lost_reason: Optional[str] = None
         self.closed = False
         self._closing = False
+        self._closing_event = threading.Event()     # interrupts reconnect backoff
         self.generation = 0
         sock, self.transport, self.server = self._dial_any(_deadline(timeout))
         self._io = ClientIO(max_buffer, self.server["max_frame"])
@@ -263,6 +264,11 @@ class Bus:
                 self._io.fail()
                 return
             log.info("busx: %s; reconnecting", reason)
+            if result == RUN_FDS_LOST:
+                # Messages were lost with the connection: say so, once, to
+                # every subscription rather than resume silently.
+                for sub in list(self._subs.values()):
+                    sub._error = Disconnected(reason)
             if not self._reconnect_loop():
                 return
 
@@ -270,7 +276,10 @@ class Bus:
         if result == RUN_EOF:
             return "the broker closed the connection"
         if result == RUN_PROTOCOL:
-            return "the broker sent data this client cannot parse (or fds were lost)"
+            return "the broker sent data this client cannot parse"
+        if result == RUN_FDS_LOST:
+            return ("file descriptors sent with a message were lost: this process reached its "
+                    "open-file limit (RLIMIT_NOFILE); close msg.fds when done or raise the limit")
         return f"connection error: {os.strerror(self._io.last_errno)}"
 
     def _reconnect_loop(self) -> bool:
@@ -280,7 +289,7 @@ class Bus:
                 sock, transport, server = self._dial_any(_deadline(self.timeout))
             except BusError as exc:
                 log.debug("reconnect failed: %s", exc)
-                time.sleep(pause * random.uniform(0.5, 1.0))
+                self._closing_event.wait(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RECONNECT_BACKOFF[1])
                 continue
             self.transport, self.server = transport, server
@@ -481,6 +490,7 @@ class Bus:
         if self.closed or self._closing:
             return
         self._closing = True
+        self._closing_event.set()
         if self._io.attached:
             try:
                 self.flush(timeout=CLOSE_FLUSH_SECONDS)
@@ -492,6 +502,7 @@ class Bus:
         if self.closed:
             return
         self._closing = True
+        self._closing_event.set()
         self.closed = True
         self._io.request_close()
         if self._thread is not threading.current_thread():

@@ -56,11 +56,15 @@ class FrameReader:
         return data
 
     def read_frame(self) -> protocol.Frame:
-        if self.pending:
-            self.frames += self.decoder.feed(self.pending)
-            self.pending = b""
-        while not self.frames:
-            self.frames += self.decoder.feed(self._recv())
+        try:
+            if self.pending:
+                self.frames += self.decoder.feed(self.pending)
+                self.pending = b""
+            while not self.frames:
+                self.frames += self.decoder.feed(self._recv())
+        except ProtocolError as exc:
+            raise ConnectError(f"{self.where} broke the busx protocol during the handshake: "
+                               f"{exc}") from None
         return self.frames.pop(0)
 
     def _recv(self) -> bytes:

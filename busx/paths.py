@@ -67,6 +67,8 @@ def resolve_targets(url: Union[None, str, Sequence[str]]) -> list[Target]:
         url = os.environ.get("BUSX_URL") or f"unix://{default_socket_path()}"
     if isinstance(url, str):
         return [parse_url(url)]
+    if not isinstance(url, (list, tuple)):
+        raise BusError(f"bad bus URL {url!r}: give a URL string or a list of them")
     targets = [parse_url(item) for item in url]
     if not targets:
         raise BusError("no bus URL given: the list is empty")

@@ -365,26 +365,47 @@ def test_no_fd_leak_over_many_connect_cycles(broker, tcp_url):
 
 
 @pytest.mark.timeout(120)
-def test_writes_and_reads_are_batched(broker):
-    count = 100_000
-    with busx.connect(broker.url) as publisher, busx.connect(broker.url) as subscriber:
-        sub = subscriber.subscribe("batch.>")
-        before = broker.stats()
-        for i in range(count):
-            publisher.publish("batch.n", i)
-        publisher.flush(timeout=30)
-        got = 0
-        while got < count:
-            batch = sub.recv_many(max_count=10_000, timeout=10)
-            assert batch, f"only {got} of {count} arrived"
-            assert batch[0].data == got
-            got += len(batch)
-        assert got == count
-        counters = publisher.counters
-        after = broker.stats()
+def test_writes_and_reads_are_batched(tmp_path):
+    # Broker, publisher and subscriber each in their own process, as deployed:
+    # the ratios below are what a loaded service sees.
+    count, url = 100_000, f"unix://{tmp_path}/bus.sock"
+    broker = spawn_python(
+        """
+        import sys, busx
+        busx.Broker(unix_path=sys.argv[1]).serve_forever()
+        """, url[len("unix://"):])
+    try:
+        wait_for(lambda: os.path.exists(url[len("unix://"):]), message="broker did not start")
+        with busx.connect(url) as subscriber:
+            sub = subscriber.subscribe("batch.>")
+            before = subscriber.stats()
+            publisher = spawn_python(
+                """
+                import json, sys, busx
+                with busx.connect(sys.argv[1]) as bus:
+                    for i in range(int(sys.argv[2])):
+                        bus.publish("batch.n", i)
+                    bus.flush(timeout=30)
+                    print(json.dumps(bus.counters))
+                """, url, str(count))
+            got = 0
+            while got < count:
+                batch = sub.recv_many(max_count=10_000, timeout=10)
+                assert batch, f"only {got} of {count} arrived"
+                assert batch[0].data == got
+                got += len(batch)
+            out, err = publisher.communicate(timeout=60)
+            assert publisher.returncode == 0, err
+            counters = json.loads(out)
+            after = subscriber.stats()
+            received = subscriber.counters
+    finally:
+        broker.terminate()
+        broker.communicate(timeout=30)
     assert counters["frames_out"] >= count
     assert counters["write_calls"] < counters["frames_out"] / 10, counters
     msgs_in = after["msgs_in"] - before["msgs_in"]
     assert msgs_in == count
     assert after["write_calls"] - before["write_calls"] < msgs_in / 10, after
     assert after["read_calls"] - before["read_calls"] < msgs_in / 10, after
+    assert received["read_calls"] < count / 10, received

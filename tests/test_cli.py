@@ -292,7 +292,8 @@ def test_demo_runs_and_reports_throughput():
     # see that the demo removes what it creates there.
     scratch = tempfile.mkdtemp(prefix="bx-", dir="/tmp")
     try:
-        result = run_cli("demo", "--seconds", "2", timeout=60, env={**os.environ, "TMPDIR": scratch})
+        result = run_cli("demo", "--seconds", "2", timeout=60,
+                         env={**os.environ, "TMPDIR": scratch})
         assert result.returncode == 0, result.stderr
         rates = [int(rate.replace(",", ""))
                  for rate in re.findall(r"([\d,]+) msgs/s received", result.stdout)]

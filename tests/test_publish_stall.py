@@ -5,6 +5,7 @@ where a broker busy with four subscribers stalls a fast publisher."""
 
 import os
 import signal
+import subprocess
 
 import busx
 from conftest import spawn_python, wait_for
@@ -19,8 +20,15 @@ with busx.Broker(unix_path=sys.argv[1]) as broker:
 """
 
 
+def kernel_wait_channel(thread_id: int) -> str:
+    """Where a thread of this process sleeps in the kernel ("do_epoll_wait":
+    it has done all it can and waits for an event)."""
+    with open(f"/proc/self/task/{thread_id}/wchan") as wchan:
+        return wchan.read()
+
+
 def test_buffered_publishes_reach_the_broker_after_it_stalls(socket_path):
-    process = spawn_python(BROKER, socket_path, stdin=__import__("subprocess").PIPE)
+    process = spawn_python(BROKER, socket_path, stdin=subprocess.PIPE)
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         with busx.connect(f"unix://{socket_path}") as subscriber, \
@@ -32,9 +40,8 @@ def test_buffered_publishes_reach_the_broker_after_it_stalls(socket_path):
             os.kill(process.pid, signal.SIGSTOP)
             try:
                 publisher.publish_many(("stall.x", i) for i in range(COUNT // 2))
-                io_thread = f"/proc/self/task/{publisher._thread.native_id}/wchan"
-                wait_for(lambda: open(io_thread).read() == "do_epoll_wait",
-                         message="the publisher's I/O thread never blocked")
+                wait_for(lambda: kernel_wait_channel(publisher._thread.native_id)
+                         == "do_epoll_wait", message="the publisher's I/O thread never blocked")
                 publisher.publish_many(("stall.x", i) for i in range(COUNT // 2, COUNT))
             finally:
                 os.kill(process.pid, signal.SIGCONT)

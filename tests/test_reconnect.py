@@ -132,6 +132,35 @@ def test_publishes_during_the_outage_are_buffered_and_sent_after_reconnect(broke
         assert second.poll() is None
 
 
+def test_publish_blocks_while_the_buffer_is_full_during_the_outage(brokers):
+    first = brokers.start()
+    max_buffer, count, filler = 64 << 10, 1000, b"x" * 1000
+    with busx.connect(brokers.url, reconnect=True, max_buffer=max_buffer) as bus:
+        sub = bus.subscribe("full.>")
+        brokers.kill(first)
+        published = []
+
+        def publish_all():
+            for i in range(count):
+                bus.publish("full.n", [i, filler])
+                published.append(i)
+
+        thread = threading.Thread(target=publish_all, daemon=True)
+        thread.start()
+        wait_for(lambda: published, message="no publish returned")
+        thread.join(0.5)  # ample time for all of them, were nothing blocking
+        assert thread.is_alive(), "publish never blocked with the broker down"
+        assert len(published) <= max_buffer // len(filler) + 1
+        brokers.start()
+        got = []
+        while len(got) < count:
+            batch = sub.recv_many(timeout=10)
+            assert batch, f"only {len(got)} of {count} messages arrived"
+            got += [m.data[0] for m in batch]
+        thread.join(10)
+        assert got == list(range(count))
+
+
 def test_recv_timeout_still_applies_during_the_outage(brokers):
     first = brokers.start()
     with busx.connect(brokers.url, reconnect=True) as bus:
@@ -199,3 +228,26 @@ def test_signal_stops_serve_forever_cleanly(brokers, signum):
     with pytest.raises(busx.Disconnected):
         sub.recv(timeout=5)
     bus.close()
+
+
+def test_close_during_the_outage_returns_promptly(brokers):
+    # Several buses, so that at least one is closed early in a long backoff
+    # pause (each pause is randomised).
+    first = brokers.start()
+    buses = [busx.connect(brokers.url, reconnect=True) for _ in range(4)]
+    brokers.kill(first)
+    time.sleep(2.0)  # not synchronisation: the outage must last for the backoff to grow
+    durations = []
+
+    def timed_close(bus):
+        started = time.monotonic()
+        bus.close()
+        durations.append(time.monotonic() - started)
+
+    closers = [threading.Thread(target=timed_close, args=(bus,)) for bus in buses]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(10)
+    assert len(durations) == len(buses)
+    assert max(durations) < 0.5, f"close() took {max(durations):.2f}s during an outage"

@@ -79,6 +79,13 @@ def test_plain_path_is_a_unix_url(broker):
 
 # ---- automatic host:port ----
 
+def wait_for_connections(broker, name, count):
+    def named():
+        found = [c for c in broker.stats()["connections"] if c["name"] == name]
+        return found if len(found) == count else None
+    return wait_for(named, message=f"broker never showed {count} connection(s) named {name!r}")
+
+
 def test_host_port_moves_to_the_unix_socket_on_the_same_host(broker):
     with busx.connect(auto_url(broker), name="auto") as bus:
         assert bus.transport == "unix"
@@ -90,13 +97,6 @@ def test_host_port_moves_to_the_unix_socket_on_the_same_host(broker):
         # used for the handshake was closed.
         mine = wait_for_connections(broker, "auto", 1)
         assert mine[0]["transport"] == "unix"
-
-
-def wait_for_connections(broker, name, count):
-    def named():
-        found = [c for c in broker.stats()["connections"] if c["name"] == name]
-        return found if len(found) == count else None
-    return wait_for(named, message=f"broker never showed {count} connection(s) named {name!r}")
 
 
 def test_host_port_stays_on_tcp_when_the_unix_path_is_gone(broker):

@@ -4,7 +4,9 @@ through the broker: every one arrives, exactly once, in order."""
 import json
 
 import pytest
-from conftest import spawn_python
+from conftest import spawn_python, wait_for
+
+import busx
 
 COUNT = 1_000_000
 
@@ -70,3 +72,27 @@ def test_a_million_messages_arrive_complete_and_in_order(broker, tcp_url, transp
     assert report["first_bad"] is None, f"out of order: expected, got {report['first_bad']}"
     assert report["received"] == COUNT and report["total"] == COUNT, report
     assert broker.stats()["dropped"] == 0
+
+
+BIG = 16 << 20
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_what_follows_a_big_publish_is_sent_without_further_traffic(broker, tcp_url, transport):
+    # A publisher that subscribes to nothing gets no traffic from the broker,
+    # so nothing but its own writes can move what it queued after a payload
+    # that takes many send() calls.
+    url = broker.url if transport == "unix" else tcp_url
+    with busx.connect(broker.url) as receiver:
+        sub = receiver.subscribe("big.>")
+        with busx.connect(url) as publisher:
+            for round_number in range(3):
+                before = publisher.counters["write_calls"]
+                publisher.publish("big.payload", b"x" * BIG)
+                # Queue the next message once the payload's sending has begun.
+                wait_for(lambda before=before: publisher.counters["write_calls"] > before,
+                         message="the I/O thread never started sending")
+                publisher.publish("big.after", round_number)
+                publisher.flush(timeout=5)
+                assert len(sub.recv(timeout=5).data) == BIG
+                assert sub.recv(timeout=5).data == round_number

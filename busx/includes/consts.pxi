@@ -15,6 +15,9 @@ cdef enum:
     # much at once; larger sends only return partial writes.
     WRITE_CHUNK = 1024 * 1024
     MAX_EVENTS = 128              # epoll events taken per wait
+    # The client's writer yields the CPU once before sending less than this
+    # while publishers keep appending (benchmarks/compare.py).
+    YIELD_BELOW = 16 * 1024
     ROUTE_CACHE_SLOTS = 4096      # topics remembered by the router; cleared when full
 
 cdef enum:

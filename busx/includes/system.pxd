@@ -119,6 +119,10 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec *ts)
 
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
         pass

@@ -1,0 +1,232 @@
+"""busx beside pyzmq, a plain socket and C, on one workload, in one run.
+
+    python benchmarks/compare.py [--count N] [--pings N] [--quick]
+
+Workload: 100-byte msgpack dicts from one publisher process to one
+subscriber process, which decodes every message. busx goes through a
+busx.Broker running in its own process; pyzmq PUB/SUB (default HWM) and the
+plain sockets go straight from publisher to subscriber; the C program
+(benchmarks/c/pipe_limit.c, built with `cc -O2` at run time) shows what the
+socket itself carries when the program costs nothing. Round trips: one
+request in flight, ping -> echo process -> pong, every side decoding and
+re-encoding. Prints Markdown tables for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+
+C_SOURCE = os.path.join(peers.HERE, "c", "pipe_limit.c")
+C_COUNT_FACTOR = 10      # the C program is ~50x faster: give it more messages to time
+
+
+@dataclass
+class Row:
+    system: str
+    msgs_per_s: Optional[float] = None
+    drops: Optional[int] = None
+    note: str = ""
+
+
+def machine_lines() -> list[str]:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    libzmq = "not installed"
+    if peers.zmq_available():
+        import zmq
+        libzmq = zmq.zmq_version()
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- nproc: {nproc}; CPU: {cpu}; kernel: {platform.release()}",
+        f"- Python {platform.python_version()}; busx {version('busx')}; "
+        f"msgpack {version('msgpack')}; pyzmq {version('pyzmq')} (libzmq {libzmq})",
+    ]
+
+
+def build_pipe_limit(directory: str) -> tuple[Optional[str], str]:
+    """Compile the C program; (path, "") or (None, why not)."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        return None, "no C compiler (cc) on PATH"
+    binary = os.path.join(directory, "pipe_limit")
+    built = subprocess.run([compiler, "-O2", "-o", binary, C_SOURCE],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        return None, f"cc failed: {built.stderr.strip()[:200]}"
+    return binary, ""
+
+
+def run_c(binary: Optional[str], why_not: str, name: str, count: int, batch: int) -> Row:
+    if binary is None:
+        return Row(name, note=f"skipped: {why_not}")
+    done = subprocess.run([binary, str(count * C_COUNT_FACTOR), "100", str(batch)],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return Row(name, note=f"failed: {done.stderr.strip()[:200]}")
+    return Row(name, json.loads(done.stdout)["msgs_per_s"], 0)
+
+
+def measure(name: str, start_processes: Callable[[], peers.Transfer], repeat: int) -> Row:
+    """Median of `repeat` transfers; a failure becomes the row's note."""
+    runs = []
+    try:
+        for _ in range(repeat):
+            runs.append(start_processes().start())
+    except peers.PeerError as exc:
+        return Row(name, note=f"FAILED: {str(exc)[:300]}")
+    runs.sort(key=lambda run: run.msgs_per_s)
+    middle = runs[len(runs) // 2]
+    return Row(name, middle.msgs_per_s, middle.drops)
+
+
+def throughput_rows(broker: peers.BrokerProcess, directory: str, count: int,
+                    repeat: int) -> list[Row]:
+    rows = [
+        measure("busx unix", lambda: peers.busx_transfer(broker.unix_url, count), repeat),
+        measure("busx tcp", lambda: peers.busx_transfer(broker.tcp_url, count), repeat),
+        measure("busx unix, recv_many",
+                lambda: peers.busx_transfer(broker.unix_url, count, many=True), repeat),
+    ]
+    if peers.zmq_available():
+        rows += [
+            measure("pyzmq PUB/SUB ipc://",
+                    lambda: peers.zmq_transfer(f"ipc://{directory}/compare.ipc", count), repeat),
+            measure("pyzmq PUB/SUB tcp://",
+                    lambda: peers.zmq_transfer("tcp://127.0.0.1:*", count), repeat),
+        ]
+    else:
+        rows += [Row("pyzmq PUB/SUB ipc://", note="skipped: pyzmq not installed"),
+                 Row("pyzmq PUB/SUB tcp://", note="skipped: pyzmq not installed")]
+    rows += [
+        measure("plain UNIX socket, one sendall per frame",
+                lambda: peers.raw_transfer(f"unix:{directory}", count), repeat),
+        measure("plain UNIX socket, 64 KiB writes",
+                lambda: peers.raw_transfer(f"unix:{directory}", count, batch=peers.RAW_BATCH),
+                repeat),
+    ]
+    binary, why_not = build_pipe_limit(directory)
+    rows += [
+        run_c(binary, why_not, "C, UNIX socketpair, 64 KiB writes, no decode (the limit)",
+              count, peers.RAW_BATCH),
+        run_c(binary, why_not, "C, UNIX socketpair, one write per frame, no decode", count, 0),
+    ]
+    return rows
+
+
+def latency_rows(broker: peers.BrokerProcess, directory: str, pings: int) -> list[tuple]:
+    systems = [("busx unix (via broker)", lambda: peers.BusxPinger(broker.unix_url)),
+               ("busx tcp (via broker)", lambda: peers.BusxPinger(broker.tcp_url))]
+    if peers.zmq_available():
+        systems += [("pyzmq REQ/REP ipc:// (direct)",
+                     lambda: peers.ZmqPinger(f"ipc://{directory}/echo.ipc")),
+                    ("pyzmq REQ/REP tcp:// (direct)",
+                     lambda: peers.ZmqPinger("tcp://127.0.0.1:*"))]
+    systems += [("plain UNIX socket (direct)",
+                 lambda: peers.RawPinger(f"unix:{directory}/echo.sock")),
+                ("plain TCP socket (direct)", lambda: peers.RawPinger("tcp:127.0.0.1:0"))]
+    rows = []
+    for name, make in systems:
+        try:
+            pinger = make()
+        except peers.PeerError as exc:
+            rows.append((name, None, None, f"FAILED: {str(exc)[:200]}"))
+            continue
+        try:
+            for _ in range(pings // 10):
+                pinger.ping()          # warm-up: connections, inboxes, caches
+            samples = []
+            for _ in range(pings):
+                began = time.perf_counter()
+                pinger.ping()
+                samples.append(time.perf_counter() - began)
+        finally:
+            pinger.close()
+        rows.append((name, peers.percentile(samples, 0.5) * 1e6,
+                     peers.percentile(samples, 0.99) * 1e6, ""))
+    return rows
+
+
+def ratio(value: Optional[float], base: Optional[float]) -> str:
+    return f"{value / base:.2f}" if value and base else "–"
+
+
+def print_throughput(rows: list[Row]) -> None:
+    by_name = {row.system: row.msgs_per_s for row in rows}
+    zmq_ipc = by_name.get("pyzmq PUB/SUB ipc://")
+    plain_batched = by_name.get("plain UNIX socket, 64 KiB writes")
+    print("| system | msgs/s | vs pyzmq ipc | vs plain pipe, batched | drops |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        if row.msgs_per_s is None:
+            print(f"| {row.system} | {row.note} | | | |")
+            continue
+        print(f"| {row.system} | {row.msgs_per_s:,.0f} | {ratio(row.msgs_per_s, zmq_ipc)} | "
+              f"{ratio(row.msgs_per_s, plain_batched)} | {row.drops:,} |")
+
+
+def print_latency(rows: list[tuple], pings: int) -> None:
+    print(f"| round trip ({pings:,} pings, one in flight) | p50 µs | p99 µs |")
+    print("| --- | ---: | ---: |")
+    for name, p50, p99, note in rows:
+        if p50 is None:
+            print(f"| {name} | {note} | |")
+        else:
+            print(f"| {name} | {p50:.0f} | {p99:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=500_000,
+                        help="messages per system (default 500,000; 100,000 with --quick)")
+    parser.add_argument("--pings", type=int, default=5000,
+                        help="round trips per system (default 5,000; 1,000 with --quick)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="transfers per system; the median is shown (default 1)")
+    parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.count = min(args.count, 100_000)
+        args.pings = min(args.pings, 1000)
+    began = time.monotonic()
+    print("\n".join(machine_lines()))
+    directory = tempfile.mkdtemp(prefix="busx-compare-")
+    broker = peers.BrokerProcess(directory)
+    try:
+        print(f"\n### Throughput: {args.count:,} messages of 100 bytes, "
+              f"1 publisher process -> 1 subscriber process\n")
+        print_throughput(throughput_rows(broker, directory, args.count, args.repeat))
+        print("\n### Latency\n")
+        print_latency(latency_rows(broker, directory, args.pings), args.pings)
+    finally:
+        broker.finish()
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"\n(run took {time.monotonic() - began:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

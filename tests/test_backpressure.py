@@ -1,0 +1,70 @@
+"""Back-pressure: a publisher outrunning the broker is slowed, never buffered
+without bound, and never stalls for good."""
+
+import threading
+
+import pytest
+
+import busx
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_buffer", [16 << 10, 64 << 10, 1 << 20])
+def test_full_buffer_publisher_keeps_going(broker, max_buffer):
+    # A small buffer with 10 KB messages keeps the publisher waiting for room
+    # while the socket is full: the I/O thread must hand it room again after
+    # draining (a regression: it once parked forever in that state).
+    count, payload = 20_000, b"p" * 10_000
+    with busx.connect(broker.url, max_buffer=max_buffer) as pub, busx.connect(broker.url) as sub_bus:
+        sub = sub_bus.subscribe("bp")
+        received = []
+
+        def consume():
+            while len(received) < count:
+                received.extend(m.raw for m in sub.recv_many(timeout=30))
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        for _ in range(count):
+            pub.publish("bp", payload)
+        pub.flush(timeout=30)
+        consumer.join(30)
+        assert len(received) == count and sub.dropped == 0
+
+
+def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
+    import socket
+    # A fake broker that completes the handshake and then never reads: the
+    # publisher's buffer fills, and publish(timeout=) raises Timeout.
+    from busx import protocol
+    from busx.handshake import pack
+
+    path = str(tmp_path / "deaf.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+
+    def deaf_broker():
+        conn, _ = listener.accept()
+        hello = {"version": 1, "max_frame": 1 << 20, "host": "x", "instance": "i",
+                 "unix_path": path, "nonce": b"n" * 32, "auth": False, "transport": "unix"}
+        conn.sendall(protocol.PREAMBLE + protocol.encode_frame(protocol.HELLO, payload=pack(hello)))
+        conn.recv(4096)
+        conn.sendall(protocol.encode_frame(protocol.READY, payload=pack({"id": 1})))
+        done.wait(30)
+        conn.close()
+
+    done = threading.Event()
+    server = threading.Thread(target=deaf_broker)
+    server.start()
+    try:
+        with busx.connect(f"unix://{path}", max_buffer=64 << 10, reconnect=False) as bus:
+            with pytest.raises(busx.Timeout):
+                for _ in range(100_000):
+                    bus.publish("t", b"x" * 1000, timeout=0.2)
+            assert bus._io.unsent_bytes < (64 << 10) + 2000 + (8 << 20)
+            done.set()
+    finally:
+        done.set()
+        server.join()
+        listener.close()
