@@ -23,6 +23,7 @@ cdef enum AppendStatus:
     APPEND_TIMEOUT = -2
     APPEND_FAILED = -3
     APPEND_NOMEM = -4
+    APPEND_NO_ROOM = -5
 
 
 cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
@@ -34,6 +35,10 @@ cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
     if ts.tv_nsec >= 1000000000:
         ts.tv_sec += 1
         ts.tv_nsec -= 1000000000
+
+
+cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
+    return a.tv_sec < b.tv_sec or (a.tv_sec == b.tv_sec and a.tv_nsec < b.tv_nsec)
 
 
 cdef class ClientIO:
@@ -421,8 +426,14 @@ cdef class ClientIO:
             reply_len = len(reply)
         if fds:
             nfds = duplicate_fds(fds, dup_fds, self.is_unix)
-        status = self._append(K_PUB, 0, topic, len(topic), reply_p, reply_len,
-                              payload, len(payload), dup_fds, nfds, timeout)
+        try:
+            status = self._append(K_PUB, 0, topic, len(topic), reply_p, reply_len,
+                                  payload, len(payload), dup_fds, nfds, timeout)
+        except BaseException:       # interrupted (Ctrl-C) while waiting for room
+            status = APPEND_CLOSED
+            for i in range(nfds):
+                close(dup_fds[i])
+            raise
         if status != APPEND_OK:
             for i in range(nfds):
                 close(dup_fds[i])
@@ -461,51 +472,59 @@ cdef class ClientIO:
 
     cdef int _append(self, uint8_t kind, uint32_t id, const char *topic, size_t topic_len,
                      const char *reply, size_t reply_len, const char *payload,
-                     size_t payload_len, int *fds, int nfds, double timeout) noexcept:
-        """timeout: < 0 waits forever; -2 means never wait (control frames)."""
+                     size_t payload_len, int *fds, int nfds, double timeout) except? -9:
+        """Queue one frame, waiting for room while the buffer is full.
+        timeout: < 0 waits forever; -2 never waits (control frames)."""
         cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len)
         cdef timespec deadline
+        cdef int status
+        if size > self.max_frame:
+            return PARSE_TOO_LARGE
+        if timeout >= 0:
+            deadline_after(&deadline, timeout)
+        while True:
+            status = self._try_append(kind, id, topic, topic_len, reply, reply_len, payload,
+                                      payload_len, fds, nfds, size, timeout == -2.0)
+            if status != APPEND_NO_ROOM:
+                return status
+            if not self._sliced(0, &size, &deadline if timeout >= 0 else NULL):
+                return APPEND_TIMEOUT
+
+    cdef int _try_append(self, uint8_t kind, uint32_t id, const char *topic,
+                         size_t topic_len, const char *reply, size_t reply_len,
+                         const char *payload, size_t payload_len, int *fds, int nfds,
+                         size_t size, bint ignore_limit) noexcept nogil:
+        """Queue the frame if there is room (or ignore_limit); the mutex is
+        never held while waiting for the GIL, so taking it here with the GIL
+        held cannot deadlock."""
         cdef int status = APPEND_OK
         cdef bint wake = False
         cdef uint64_t one = 1
         cdef int i
-        if size > self.max_frame:
-            return PARSE_TOO_LARGE
-        with nogil:
-            if timeout >= 0:
-                deadline_after(&deadline, timeout)
-            pthread_mutex_lock(&self.lock)
-            while True:
-                if self.state == CL_CLOSED:
-                    status = APPEND_CLOSED
-                    break
-                if self.state == CL_FAILED:
-                    status = APPEND_FAILED
-                    break
-                if (timeout == -2.0 or buf_len(&self.out) == 0
-                        or buf_len(&self.out) + size <= self.max_buffer):
-                    break
-                if timeout < 0:
-                    pthread_cond_wait(&self.room_cond, &self.lock)
-                elif pthread_cond_timedwait(&self.room_cond, &self.lock, &deadline) == ETIMEDOUT:
-                    status = APPEND_TIMEOUT
-                    break
-            if status == APPEND_OK:
-                for i in range(nfds):
-                    if fdq_push(&self.out_fds, self.out.end, fds[i]) < 0:
-                        status = APPEND_NOMEM
-                if status == APPEND_OK and write_frame(
-                        &self.out, kind, 0, id, topic, topic_len, reply, reply_len,
-                        NULL, 0, payload, payload_len, nfds, 0) < 0:
+        pthread_mutex_lock(&self.lock)
+        if self.state == CL_CLOSED:
+            status = APPEND_CLOSED
+        elif self.state == CL_FAILED:
+            status = APPEND_FAILED
+        elif not (ignore_limit or buf_len(&self.out) == 0
+                  or buf_len(&self.out) + size <= self.max_buffer):
+            status = APPEND_NO_ROOM
+        else:
+            for i in range(nfds):
+                if fdq_push(&self.out_fds, self.out.end, fds[i]) < 0:
                     status = APPEND_NOMEM
-                if status == APPEND_OK:
-                    self.frames_out += 1
-                    if not self.wake_pending:
-                        self.wake_pending = 1
-                        wake = True
-            pthread_mutex_unlock(&self.lock)
-            if wake:
-                write(self.wake_fd, &one, 8)
+            if status == APPEND_OK and write_frame(
+                    &self.out, kind, 0, id, topic, topic_len, reply, reply_len,
+                    NULL, 0, payload, payload_len, nfds, 0) < 0:
+                status = APPEND_NOMEM
+            if status == APPEND_OK:
+                self.frames_out += 1
+                if not self.wake_pending:
+                    self.wake_pending = 1
+                    wake = True
+        pthread_mutex_unlock(&self.lock)
+        if wake:
+            write(self.wake_fd, &one, 8)
         return status
 
     # ---- receiving (Python side, under the Bus's pump lock) ----
@@ -519,19 +538,52 @@ cdef class ClientIO:
         """Block (without the GIL) until events_seq moves past `seen`, or the
         timeout (< 0: none) passes. Returns whether it moved."""
         cdef timespec deadline
-        cdef bint moved
+        if timeout >= 0:
+            deadline_after(&deadline, timeout)
+        return self._sliced(seen, NULL, &deadline if timeout >= 0 else NULL)
+
+    cdef bint _sliced(self, unsigned long long seen, size_t *room_for,
+                      timespec *deadline) except -1:
+        """Wait for events (room_for NULL) or for output room for room_for[0]
+        bytes, until deadline (NULL: forever). The main thread waits in
+        slices so Python can run signal handlers, like Ctrl-C, in between.
+        Returns whether the condition came true."""
+        cdef timespec until
+        cdef bint last_slice
+        if threading.current_thread() is not threading.main_thread():
+            return self._wait_until(seen, room_for, deadline)
+        while True:
+            deadline_after(&until, SIGNAL_CHECK_SECONDS)
+            last_slice = deadline != NULL and not timespec_before(&until, deadline)
+            if self._wait_until(seen, room_for, deadline if last_slice else &until):
+                return True
+            if last_slice:
+                return False
+            PyErr_CheckSignals()
+
+    cdef bint _wait_until(self, unsigned long long seen, size_t *room_for,
+                          timespec *until) noexcept:
+        """Wait without the GIL, until the absolute time `until` (NULL:
+        forever), for events_seq to move past seen or, with room_for, for the
+        output buffer to take room_for[0] bytes (or the state to change)."""
+        cdef bint ready
+        cdef pthread_cond_t *cond = &self.room_cond if room_for != NULL else &self.event_cond
         with nogil:
-            if timeout >= 0:
-                deadline_after(&deadline, timeout)
             pthread_mutex_lock(&self.lock)
-            while self.events_seq == seen:
-                if timeout < 0:
-                    pthread_cond_wait(&self.event_cond, &self.lock)
-                elif pthread_cond_timedwait(&self.event_cond, &self.lock, &deadline) == ETIMEDOUT:
+            while True:
+                if room_for != NULL:
+                    ready = (self.state >= CL_FAILED or buf_len(&self.out) == 0
+                             or buf_len(&self.out) + room_for[0] <= self.max_buffer)
+                else:
+                    ready = self.events_seq != seen
+                if ready:
                     break
-            moved = self.events_seq != seen
+                if until == NULL:
+                    pthread_cond_wait(cond, &self.lock)
+                elif pthread_cond_timedwait(cond, &self.lock, until) == ETIMEDOUT:
+                    break
             pthread_mutex_unlock(&self.lock)
-        return moved
+        return ready
 
     def take(self, dict queues, list control):
         """Parse every whole frame received so far: MSG frames go to their

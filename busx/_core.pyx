@@ -7,7 +7,11 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 
+from cpython.exc cimport PyErr_CheckSignals
+
 from busx.includes.system cimport *
+
+import threading
 
 from busx.errors import (BusError, Closed, Disconnected, FdError, PayloadTooLarge,
                          ProtocolError, Timeout)

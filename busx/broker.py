@@ -229,27 +229,17 @@ class Broker:
         path = self.unix_path
         self._prepare_directory(os.path.dirname(path))
         self._clear_stale_socket(path)
-        temporary = f"{path}.{os.getpid()}.{self._instance}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            # Bind under a private name, fix the mode, then rename into place:
-            # the socket is never reachable with umask-derived permissions.
-            old_umask = os.umask(0o077)
-            try:
-                sock.bind(temporary)
-            finally:
-                os.umask(old_umask)
-            os.chmod(temporary, self.socket_mode)
+            # Nobody can connect before listen(), so fixing mode and group
+            # between bind and listen leaves no window with looser rights.
+            sock.bind(path)
+            os.chmod(path, self.socket_mode)
             if self.socket_gid is not None:
-                os.chown(temporary, -1, self.socket_gid)
+                os.chown(path, -1, self.socket_gid)
             sock.listen(1024)
-            os.rename(temporary, path)
         except OSError as exc:
             sock.close()
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
             raise BusError(f"cannot listen on unix://{path}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         info = os.stat(path)

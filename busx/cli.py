@@ -38,6 +38,7 @@ except ModuleNotFoundError:     # Python < 3.11
 # for messages wait in slices this long: Ctrl-C takes effect within one slice.
 RECV_SLICE = 0.2
 WATCH_INTERVAL = 1.0
+PACER_SLACK = 0.01      # seconds of lag `pub --rate` may make up in a burst
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 DEMO_DATA, DEMO_STATS = "demo.data", "demo.stats"
@@ -208,8 +209,9 @@ def stdin_values() -> Iterator[Any]:
 
 
 class Pacer:
-    """Spaces calls at least 1/rate seconds apart (rate None: no limit). After
-    a pause (slow stdin) it does not burst to catch up."""
+    """Keeps calls to `rate` a second (None: no limit) on a fixed schedule, so
+    that sleep()'s overshoot at high rates is made up by the next calls. After
+    a pause (slow stdin) it catches up by at most PACER_SLACK seconds' worth."""
 
     def __init__(self, rate: Optional[float]) -> None:
         self.interval = 1.0 / rate if rate else 0.0
@@ -221,7 +223,7 @@ class Pacer:
         now = time.monotonic()
         if self.next_time > now:
             time.sleep(self.next_time - now)
-        self.next_time = max(self.next_time, now) + self.interval
+        self.next_time = max(self.next_time, now - PACER_SLACK) + self.interval
 
 
 # ---- sub ----
@@ -370,6 +372,9 @@ class DemoChild(NamedTuple):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # SIGTERM (`timeout`, a service manager) stops the demo as Ctrl-C does:
+    # children stopped, broker stopped, temporary directory removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = tempfile.mkdtemp(prefix="busx-demo-")
     try:
         with busx.Broker(unix_path=os.path.join(workdir, "bus.sock")) as broker:

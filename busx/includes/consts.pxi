@@ -24,3 +24,7 @@ cdef enum:
     # uint64 words of control buffer for MAX_FDS_PER_SEND fds:
     # CMSG_SPACE(253 * 4) = 1032 bytes on 64-bit Linux, rounded up.
     CMSG_WORDS = 136
+
+# Seconds a blocked call in the main thread waits before letting Python run
+# signal handlers (Ctrl-C) and waiting again.
+cdef double SIGNAL_CHECK_SECONDS = 0.05
