@@ -24,6 +24,7 @@ cdef enum AppendStatus:
     APPEND_FAILED = -3
     APPEND_NOMEM = -4
     APPEND_NO_ROOM = -5
+    APPEND_FORKED = -6
 
 
 cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
@@ -39,6 +40,10 @@ cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
 
 cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
     return a.tv_sec < b.tv_sec or (a.tv_sec == b.tv_sec and a.tv_nsec < b.tv_nsec)
+
+
+FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
+                  "connect again in the child with busx.connect()")
 
 
 cdef class ClientIO:
@@ -61,8 +66,9 @@ cdef class ClientIO:
     cdef Buffer inbox
     cdef FdQueue in_fds
     cdef unsigned long long events_seq
-    cdef bint pause_reading
-    cdef bint reading_paused
+    cdef bint reading_paused    # I/O thread stopped reading: inbox + held reached max_buffer
+    cdef size_t held            # bytes of messages waiting in MessageQueues (Python side)
+    cdef bint forked            # this is a fork()ed child's copy: touch nothing shared
     cdef int wake_pending
     cdef int state
     cdef int close_requested
@@ -190,6 +196,8 @@ cdef class ClientIO:
     def detach(self):
         """Forget the dead socket: close it, drop its partial input, close the
         fds that partial input announced. Whole frames stay in the inbox."""
+        if self.forked:
+            return
         with nogil:
             pthread_mutex_lock(&self.lock)
         if self.fd >= 0:
@@ -205,6 +213,14 @@ cdef class ClientIO:
         pthread_cond_broadcast(&self.room_cond)
         pthread_mutex_unlock(&self.lock)
 
+    def forget_in_child(self):
+        """After fork(), in the child: close this copy's fds without touching
+        the mutex (another thread of the parent may have held it) or the
+        socket's stream, which belongs to the parent."""
+        self.forked = True
+        self.state = CL_CLOSED
+        self.release()
+
     def fail(self):
         """No reconnect: later publishes raise Disconnected."""
         self._set_state(CL_FAILED)
@@ -217,6 +233,8 @@ cdef class ClientIO:
         write(self.wake_fd, &one, 8)
 
     cdef void _set_state(self, int state):
+        if self.forked:
+            return
         with nogil:
             pthread_mutex_lock(&self.lock)
             if self.state != CL_CLOSED:
@@ -229,6 +247,11 @@ cdef class ClientIO:
     @property
     def attached(self):
         return self.state == CL_ATTACHED
+
+    @property
+    def held_bytes(self):
+        """Bytes of received messages queued for Python (inbox and queues)."""
+        return buf_len(&self.inbox) + self.held
 
     @property
     def unsent_bytes(self):
@@ -326,7 +349,7 @@ cdef class ClientIO:
         more = buf_len(&self.sending) != 0
         if not more:
             self.wake_pending = 0
-        if self.reading_paused and not self.pause_reading:
+        if self.reading_paused and not self._receive_full():
             self.reading_paused = False
             self._set_events()
         pthread_mutex_unlock(&self.lock)
@@ -348,8 +371,10 @@ cdef class ClientIO:
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
             self.last_errno = ENOMEM
             return RUN_ERROR
+        # At most READ_CHUNK per call keeps received-but-unread bytes within
+        # max_buffer + READ_CHUNK (SPEC.md: the receive side is bounded).
         n = recv_with_fds(self.fd, self.rbuf.data + self.rbuf.end,
-                          self.rbuf.cap - self.rbuf.end,
+                          min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK),
                           &self.recv_fds if self.is_unix else NULL, &truncated)
         self.read_calls += 1
         if n < 0:
@@ -387,14 +412,23 @@ cdef class ClientIO:
             pthread_cond_broadcast(&self.event_cond)
             if was_empty and self.notify_fd >= 0:
                 write(self.notify_fd, &one, 8)
-            if buf_len(&self.inbox) >= self.max_buffer:
+            if self._receive_full():
                 # Python is not keeping up: stop reading the socket, so the
                 # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
-                self.pause_reading = True
                 self.reading_paused = True
                 self._set_events()
         pthread_mutex_unlock(&self.lock)
         return -1
+
+    cdef inline bint _receive_full(self) noexcept nogil:
+        """Received, unread bytes (inbox and message queues) reached max_buffer."""
+        return buf_len(&self.inbox) + self.held >= self.max_buffer
+
+    cdef void _resume_reading(self) noexcept:
+        """Wake the I/O thread if it stopped reading and there is room now."""
+        cdef uint64_t one = 1
+        if self.reading_paused and not self.forked and not self._receive_full():
+            write(self.wake_fd, &one, 8)
 
     cdef size_t _whole_frames(self) noexcept nogil:
         """Bytes of whole frames at the front of rbuf; (size_t)-1 if malformed."""
@@ -460,6 +494,8 @@ cdef class ClientIO:
     cdef int _raise_append(self, int status, size_t size) except -1:
         if status == APPEND_CLOSED:
             raise Closed("the bus is closed")
+        if status == APPEND_FORKED:
+            raise Closed(FORKED_MESSAGE)
         if status == APPEND_FAILED:
             raise Disconnected("the connection to the broker was lost and reconnect=False")
         if status == APPEND_TIMEOUT:
@@ -501,6 +537,8 @@ cdef class ClientIO:
         cdef bint wake = False
         cdef uint64_t one = 1
         cdef int i
+        if self.forked:
+            return APPEND_FORKED
         pthread_mutex_lock(&self.lock)
         if self.state == CL_CLOSED:
             status = APPEND_CLOSED
@@ -568,6 +606,8 @@ cdef class ClientIO:
         output buffer to take room_for[0] bytes (or the state to change)."""
         cdef bint ready
         cdef pthread_cond_t *cond = &self.room_cond if room_for != NULL else &self.event_cond
+        if self.forked:
+            return True
         with nogil:
             pthread_mutex_lock(&self.lock)
             while True:
@@ -592,28 +632,33 @@ cdef class ClientIO:
         busx.protocol.Frame. Returns the number of frames taken."""
         cdef FrameView f
         cdef size_t count = 0
-        cdef uint64_t one = 1
-        cdef bint resume
+        cdef size_t taken_bytes
+        if self.forked:
+            return 0
         if buf_len(&self.taken) == 0:
             with nogil:
                 pthread_mutex_lock(&self.lock)
                 buf_swap(&self.taken, &self.inbox)
-                resume = self.pause_reading
-                self.pause_reading = False
                 pthread_mutex_unlock(&self.lock)
-            if resume:
-                write(self.wake_fd, &one, 8)
-        while buf_len(&self.taken):
-            parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
-                        <size_t>-1, &f)
-            if f.kind == K_MSG:
-                self._dispatch(&f, queues)
-            else:
-                control.append(view_to_frame(&f))
-            buf_consume(&self.taken, f.size)
-            count += 1
-        buf_shrink(&self.taken, READ_CHUNK * 2)
-        self.last_queue = None
+        # Count the taken bytes as held while they are parsed, so the I/O
+        # thread never sees room that the queues are about to fill.
+        taken_bytes = buf_len(&self.taken)
+        self.held += taken_bytes
+        try:
+            while buf_len(&self.taken):
+                parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
+                            <size_t>-1, &f)
+                if f.kind == K_MSG:
+                    self._dispatch(&f, queues)
+                else:
+                    control.append(view_to_frame(&f))
+                buf_consume(&self.taken, f.size)
+                count += 1
+        finally:
+            buf_shrink(&self.taken, READ_CHUNK * 2)
+            self.last_queue = None
+            self.held -= taken_bytes
+            self._resume_reading()
         return count
 
     cdef void _dispatch(self, FrameView *f, dict queues) except *:

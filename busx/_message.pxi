@@ -57,16 +57,20 @@ cdef class Message:
 
 
 cdef class MessageQueue:
-    """FIFO of Messages for one subscription. push and pop are C calls."""
+    """FIFO of Messages for one subscription. push and pop are C calls. Its
+    bytes count against the owning connection's receive limit (max_buffer)."""
     cdef list items
     cdef Py_ssize_t head
+    cdef ClientIO owner
     cdef public unsigned long long dropped
 
-    def __cinit__(self):
+    def __cinit__(self, ClientIO owner):
         self.items = []
+        self.owner = owner
 
     cdef void push(self, Message msg) except *:
         self.items.append(msg)
+        self.owner.held += len(msg.raw)
 
     def __len__(self):
         return len(self.items) - self.head
@@ -79,6 +83,7 @@ cdef class MessageQueue:
         msg = self.items[self.head]
         self.items[self.head] = None
         self.head += 1
+        self._release((<Message>msg).raw)
         if self.head == len(self.items):
             self.items = []
             self.head = 0
@@ -91,6 +96,12 @@ cdef class MessageQueue:
         """Up to max_count oldest messages."""
         cdef Py_ssize_t end = min(len(self.items), self.head + max_count)
         cdef list batch
+        cdef Message msg
+        cdef size_t size = 0
+        for i in range(self.head, end):
+            size += len((<Message>self.items[i]).raw)
+        self.owner.held -= size
+        self.owner._resume_reading()
         if self.head == 0 and end == len(self.items):
             batch = self.items
             self.items = []
@@ -104,10 +115,17 @@ cdef class MessageQueue:
             self.head = 0
         return batch
 
+    cdef inline void _release(self, bytes raw) noexcept:
+        self.owner.held -= len(raw)
+        if self.owner.reading_paused:
+            self.owner._resume_reading()
+
     def discard(self):
         """Drop every queued message, closing the fds they carried."""
         cdef Message msg
         for msg in self.items[self.head:]:
             close_fd_tuple(msg.fds)
+            self.owner.held -= len(msg.raw)
         self.items = []
         self.head = 0
+        self.owner._resume_reading()

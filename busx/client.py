@@ -11,12 +11,13 @@ import random
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import msgpack
 
 from . import protocol
-from ._core import ClientIO, Message, MessageQueue
+from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue
 from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, PayloadTooLarge,
                      PermissionDenied, ProtocolError, Timeout)
 from .handshake import client_handshake, unpack
@@ -58,7 +59,7 @@ class Subscription:
         self.sid = sid
         self.pattern = pattern
         self.queue_group = queue
-        self._queue = MessageQueue()
+        self._queue = MessageQueue(bus._io)
         self._error: Optional[BaseException] = None
         self.closed = False
 
@@ -151,6 +152,7 @@ class Bus:
         self.closed = False
         self._closing = False
         self._closing_event = threading.Event()     # interrupts reconnect backoff
+        self._forked = False
         self.generation = 0
         sock, self.transport, self.server = self._dial_any(_deadline(timeout))
         self._io = ClientIO(max_buffer, self.server["max_frame"])
@@ -158,6 +160,7 @@ class Bus:
         self._attach(sock, b"")
         self._thread = threading.Thread(target=self._io_main, name="busx-io", daemon=True)
         self._thread.start()
+        _live_buses.add(self)
 
     # ---- connecting ----
 
@@ -337,6 +340,7 @@ class Bus:
 
     def _wait(self, ready, deadline: Optional[float], timeout_message: str):
         """Pump and test ready() until it returns non-None; Timeout at the deadline."""
+        self._check_open()
         while True:
             with self._pump_lock:
                 seen = self._io.events_seq
@@ -349,6 +353,12 @@ class Bus:
             if remaining == 0.0:
                 raise Timeout(timeout_message or "timed out")
             self._io.wait(seen, remaining)
+
+    def _check_open(self) -> None:
+        """Raise before taking any lock: in a fork()ed child the parent's
+        threads may have held them."""
+        if self.closed:
+            raise Closed(FORKED_MESSAGE if self._forked else "the bus is closed")
 
     def _check_usable(self) -> None:
         if self.closed:
@@ -408,6 +418,7 @@ class Bus:
     def flush(self, timeout: Optional[float] = None) -> None:
         """Return once the broker has routed everything published before;
         raises PermissionDenied for publishes denied since the last flush."""
+        self._check_open()
         self._round_trip(protocol.PING, next(self._ids), deadline=_deadline(timeout))
         if self._denied:
             denied, self._denied = self._denied, []
@@ -415,6 +426,7 @@ class Bus:
 
     def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> Subscription:
         """Subscribe; active when it returns. queue: a load-balanced group name."""
+        self._check_open()
         encoded = pattern_bytes(pattern)
         queue_b = b""
         if queue is not None:
@@ -446,6 +458,7 @@ class Bus:
 
     def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
         """Publish data with a private reply inbox and wait for one reply."""
+        self._check_open()
         inbox = self._ensure_inbox()
         token = f"{inbox.pattern[:-1]}{next(self._ids)}"
         self._requests[token] = None
@@ -474,6 +487,7 @@ class Bus:
 
     def stats(self, timeout: Optional[float] = None) -> dict:
         """The broker's stats (what `busx stat` shows)."""
+        self._check_open()
         frame = self._round_trip(protocol.STATS, next(self._ids),
                                  deadline=_deadline(self.timeout if timeout is None else timeout))
         return unpack(frame.payload)
@@ -487,7 +501,7 @@ class Bus:
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""
-        if self.closed or self._closing:
+        if self.closed or self._closing or self._forked:
             return
         self._closing = True
         self._closing_event.set()
@@ -514,6 +528,17 @@ class Bus:
             self._queues.clear()
         self._io.release()
 
+    def _forget_in_child(self) -> None:
+        """fork() copied this Bus into a child: the connection is the
+        parent's. Close the child's copies of its fds and refuse further use;
+        never write to the shared socket."""
+        self._forked = True
+        self.closed = True
+        self._io.forget_in_child()
+        for sub in list(self._subs.values()):
+            sub.closed = True
+            sub._queue.discard()
+
     def __enter__(self) -> "Bus":
         return self
 
@@ -521,13 +546,24 @@ class Bus:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "closed", True) and hasattr(self, "_io"):
+        if not getattr(self, "closed", True) and hasattr(self, "_io") and not self._forked:
             self._closing = True
             self._io.request_close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.transport
         return f"<busx.Bus {self._targets[0].url} {state}>"
+
+
+_live_buses: "weakref.WeakSet[Bus]" = weakref.WeakSet()
+
+
+def _forget_buses_in_child() -> None:
+    for bus in list(_live_buses):
+        bus._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_buses_in_child)
 
 
 def connect(url: Union[None, str, Sequence[str]] = None, *, token: Optional[tuple[str, str]] = None,
