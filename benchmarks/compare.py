@@ -59,10 +59,11 @@ def machine_lines() -> list[str]:
     if peers.zmq_available():
         import zmq
         libzmq = zmq.zmq_version()
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    nproc = len(os.sched_getaffinity(0))     # what `nproc` prints
     return [
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- nproc: {nproc}; CPU: {cpu}; kernel: {platform.release()}",
+        f"- nproc: {nproc}; CPU: {cpu}; kernel: {platform.release()}; "
+        f"load average at start: {os.getloadavg()[0]:.2f}",
         f"- Python {platform.python_version()}; busx {version('busx')}; "
         f"msgpack {version('msgpack')}; pyzmq {version('pyzmq')} (libzmq {libzmq})",
     ]
@@ -205,13 +206,14 @@ def main() -> None:
                         help="messages per system (default 500,000; 100,000 with --quick)")
     parser.add_argument("--pings", type=int, default=5000,
                         help="round trips per system (default 5,000; 1,000 with --quick)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="transfers per system; the median is shown (default 1)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="transfers per system, median shown (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke test")
     args = parser.parse_args()
     if args.quick:
         args.count = min(args.count, 100_000)
         args.pings = min(args.pings, 1000)
+        args.repeat = 1
     began = time.monotonic()
     print("\n".join(machine_lines()))
     directory = tempfile.mkdtemp(prefix="busx-compare-")
@@ -220,6 +222,9 @@ def main() -> None:
         print(f"\n### Throughput: {args.count:,} messages of 100 bytes, "
               f"1 publisher process -> 1 subscriber process\n")
         print_throughput(throughput_rows(broker, directory, args.count, args.repeat))
+        print(f"\nmsgs/s: messages the subscriber received and decoded per second (median of "
+              f"{args.repeat}); drops: published but never received. The C rows send "
+              f"{C_COUNT_FACTOR}x the messages and do not decode.")
         print("\n### Latency\n")
         print_latency(latency_rows(broker, directory, args.pings), args.pings)
     finally:

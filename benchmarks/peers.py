@@ -53,7 +53,8 @@ def payload_for(size: int):
     """The object to publish: SMALL_DICT at 100 bytes, else bytes packing to `size`."""
     if size == 100:
         return SMALL_DICT
-    return b"\xab" * (size - 5)      # msgpack bin32 header is 5 bytes
+    header = 3 if size - 3 <= 0xFFFF else 5     # msgpack bin16 / bin32
+    return b"\xab" * (size - header)
 
 
 # ---------------------------------------------------------------- worker side
@@ -398,24 +399,25 @@ class Peer:
 
     def __init__(self, role: str, *args, timeout: float = 60.0) -> None:
         self.role = role
+        # Unbuffered pipes: a buffered reader could swallow a second line
+        # that select() then never reports.
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "peers.py"), role, *map(str, args)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.info = self.read(timeout)
 
     def read(self, timeout: float = 60.0) -> dict:
         stdout = self.process.stdout
         readable, _, _ = select.select([stdout], [], [], timeout)
-        line = stdout.readline() if readable else ""
+        line = stdout.readline() if readable else b""
         if not line:
             self.kill()
             raise PeerError(f"{self.role} worker said nothing within {timeout}s: "
-                            f"{self.process.stderr.read()[-2000:]}")
+                            f"{self.process.stderr.read()[-2000:].decode(errors='replace')}")
         return json.loads(line)
 
     def tell(self, word: str) -> None:
-        self.process.stdin.write(word + "\n")
-        self.process.stdin.flush()
+        self.process.stdin.write(word.encode() + b"\n")
 
     def finish(self, timeout: float = 30.0) -> None:
         """Close its stdin (brokers and sinks exit on that) and reap it."""

@@ -10,9 +10,10 @@ from .credentials import Credentials  # noqa: E402
 from ._core import Message  # noqa: E402
 from .broker import Broker  # noqa: E402
 from .client import Bus, Subscription, connect  # noqa: E402
+from . import aio  # noqa: E402
 
 __all__ = [
-    "AuthenticationFailed", "Broker", "Bus", "BusError", "Closed", "ConnectError",
+    "AuthenticationFailed", "aio", "Broker", "Bus", "BusError", "Closed", "ConnectError",
     "Credentials", "Disconnected", "FdError", "InvalidTopic", "Message", "PayloadTooLarge",
     "PermissionDenied", "ProtocolError", "Subscription", "Timeout", "connect",
 ]

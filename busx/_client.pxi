@@ -68,6 +68,7 @@ cdef class ClientIO:
     cdef unsigned long long events_seq
     cdef bint reading_paused    # I/O thread stopped reading: inbox + held reached max_buffer
     cdef size_t held            # bytes of messages waiting in MessageQueues (Python side)
+    cdef int round_trips        # answers awaited: read on past max_buffer to reach them
     cdef bint forked            # this is a fork()ed child's copy: touch nothing shared
     cdef int wake_pending
     cdef int state
@@ -175,6 +176,7 @@ cdef class ClientIO:
             self.want_out = True
             self.reading_paused = False
             self.state = CL_ATTACHED
+            self._signal_events()
             ev.events = EPOLLIN | EPOLLOUT
             ev.data.u64 = TAG_LISTEN
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -208,8 +210,7 @@ cdef class ClientIO:
         fdq_close_all(&self.recv_fds)
         if self.state == CL_ATTACHED:
             self.state = CL_DETACHED
-        self.events_seq += 1
-        pthread_cond_broadcast(&self.event_cond)
+        self._signal_events()
         pthread_cond_broadcast(&self.room_cond)
         pthread_mutex_unlock(&self.lock)
 
@@ -239,8 +240,7 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.lock)
             if self.state != CL_CLOSED:
                 self.state = state
-            self.events_seq += 1
-            pthread_cond_broadcast(&self.event_cond)
+            self._signal_events()
             pthread_cond_broadcast(&self.room_cond)
             pthread_mutex_unlock(&self.lock)
 
@@ -408,10 +408,7 @@ cdef class ClientIO:
             else:
                 buf_append(&self.inbox, self.rbuf.data + self.rbuf.start, whole)
                 buf_consume(&self.rbuf, whole)
-            self.events_seq += 1
-            pthread_cond_broadcast(&self.event_cond)
-            if was_empty and self.notify_fd >= 0:
-                write(self.notify_fd, &one, 8)
+            self._signal_events()
             if self._receive_full():
                 # Python is not keeping up: stop reading the socket, so the
                 # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
@@ -420,9 +417,27 @@ cdef class ClientIO:
         pthread_mutex_unlock(&self.lock)
         return -1
 
+    cdef void _signal_events(self) noexcept nogil:
+        """Something for Python: frames arrived or the state changed. Wakes
+        blocked threads and, through the eventfd, asyncio. Lock held."""
+        cdef uint64_t one = 1
+        self.events_seq += 1
+        pthread_cond_broadcast(&self.event_cond)
+        if self.notify_fd >= 0:
+            write(self.notify_fd, &one, 8)
+
     cdef inline bint _receive_full(self) noexcept nogil:
-        """Received, unread bytes (inbox and message queues) reached max_buffer."""
-        return buf_len(&self.inbox) + self.held >= self.max_buffer
+        """Received, unread bytes (inbox and message queues) reached max_buffer.
+        Never while a round trip waits: its answer may sit behind messages
+        nobody reads yet, and the broker's max_pending still bounds them."""
+        return self.round_trips == 0 and buf_len(&self.inbox) + self.held >= self.max_buffer
+
+    def begin_round_trip(self):
+        self.round_trips += 1
+        self._resume_reading()
+
+    def end_round_trip(self):
+        self.round_trips -= 1
 
     cdef void _resume_reading(self) noexcept:
         """Wake the I/O thread if it stopped reading and there is room now."""

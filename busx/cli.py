@@ -1,4 +1,4 @@
-"""The `busx` command line: serve, pub, sub, stat, demo (SPEC.md, Command line).
+"""The `busx` command line: serve, pub, sub, stat, bench, demo (SPEC.md, Command line).
 
 Every command is a thin layer over the public API (busx.Broker, busx.connect),
 so what the command line does, a program can do too."""
@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 import msgpack
 
 import busx
+from . import bench
 from .errors import BusError
 from .topics import pattern_bytes, topic_bytes
 
@@ -363,6 +364,13 @@ def peer_of(conn: dict) -> Optional[str]:
     return f"{conn['identity']}@{host}:{port}" if conn.get("identity") else f"{host}:{port}"
 
 
+# ---- bench (busx/bench.py) ----
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return bench.run(args.url, args.transport, args.size, args.count, args.subscribers,
+                     args.json, args.plot)
+
+
 # ---- demo ----
 
 class DemoChild(NamedTuple):
@@ -542,6 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--token-file", metavar="FILE",
                              help='TOML file with one identity = "secret" line, for TCP')
 
+    bench_parser = commands.add_parser(
+        "bench", help="measure throughput and latency: 1 publisher, K subscriber processes")
+    bench_parser.set_defaults(run=cmd_bench)
+    bench_parser.add_argument("--url", metavar="URL",
+                        help="the broker to measure (default: an embedded one on a temporary "
+                             "socket, and 127.0.0.1 for tcp); a HOST:PORT URL allows both transports")
+    bench_parser.add_argument("--transport", choices=("unix", "tcp", "both"),
+                        help="which transport(s) to measure, one after the other "
+                             "(default: both, or the one --url names)")
+    bench_parser.add_argument("--size", metavar="B", type=byte_count, default=100,
+                        help=f"payload bytes per message, msgpack-encoded; at least "
+                             f"{bench.MIN_SIZE} (default 100)")
+    bench_parser.add_argument("--count", metavar="N", type=positive(int), default=1_000_000,
+                        help="messages to publish (default 1000000)")
+    bench_parser.add_argument("--subscribers", metavar="K", type=positive(int), default=1,
+                        help="subscriber processes, each receiving every message (default 1)")
+    bench_parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    bench_parser.add_argument("--plot", metavar="FILE.png",
+                        help="also save a latency histogram and throughput over time "
+                             "(needs matplotlib: pip install busx[plot])")
+
     demo = commands.add_parser(
         "demo", help="embedded broker, one publisher, one subscriber: live msgs/s")
     demo.set_defaults(run=cmd_demo)
@@ -560,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (BusError, CommandError) as exc:
+    except (BusError, CommandError, bench.BenchError) as exc:
         print(f"busx {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import msgpack
 
@@ -38,6 +38,14 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 def _remaining(deadline: Optional[float]) -> float:
     """Seconds left, -1 for no deadline (ClientIO's convention)."""
     return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Step(NamedTuple):
+    """What a round trip waits for: ready() returns non-None when done."""
+
+    ready: Callable[[], Any]
+    deadline: Optional[float]
+    timeout_message: str
 
 
 def _refusal(error: dict) -> BusError:
@@ -147,6 +155,7 @@ class Bus:
         self._replies: dict[int, protocol.Frame] = {}
         self._denied: list[str] = []
         self._inbox: Optional[Subscription] = None
+        self._inbox_pending: Optional[Subscription] = None
         self._requests: dict[str, Optional[Message]] = {}
         self._lost_reason: Optional[str] = None
         self.closed = False
@@ -319,6 +328,9 @@ class Bus:
         kind = frame.kind
         if kind in (protocol.OK, protocol.PONG, protocol.STATS):
             self._replies[frame.id] = frame
+            pending = self._inbox_pending
+            if kind == protocol.OK and pending is not None and pending.sid == frame.id:
+                self._inbox = pending
         elif kind == protocol.DROPPED:
             sub = self._subs.get(frame.id)
             if sub is not None:
@@ -368,22 +380,37 @@ class Bus:
             self._close_now()
             raise Disconnected(f"connection to the broker lost: {reason}")
 
-    def _round_trip(self, kind: int, id: int, topic: bytes = b"", reply: bytes = b"",
-                    deadline: Optional[float] = None) -> protocol.Frame:
+    def _drive(self, steps: Generator["Step", Any, Any]) -> Any:
+        """Run a round-trip generator, blocking for each Step it yields
+        (busx.aio drives the same generators with await)."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self._wait(step.ready, step.deadline, step.timeout_message))
+        except StopIteration as done:
+            return done.value
+        finally:
+            steps.close()
+
+    def _round_trip_steps(self, kind: int, id: int, topic: bytes = b"", reply: bytes = b"",
+                          deadline: Optional[float] = None) -> Generator["Step", Any, protocol.Frame]:
         """Send a control frame and wait for the broker's answer to id. A
         reconnect in between sends it again on the new connection."""
         self._acks[id] = None
+        self._io.begin_round_trip()
         try:
             while True:
                 generation = self.generation
                 self._io.send_control(kind, id, topic, reply)
-                frame = self._wait(
+                frame = yield Step(
                     lambda: self._replies.pop(id, None) or (False if self.generation != generation else None),
                     deadline, "the broker did not answer within the timeout")
                 if frame is not False:
                     break
         finally:
+            self._io.end_round_trip()
             self._acks.pop(id, None)
+            self._replies.pop(id, None)
         if frame.kind == protocol.ERROR:
             raise _refusal(unpack(frame.payload))
         return frame
@@ -419,7 +446,10 @@ class Bus:
         """Return once the broker has routed everything published before;
         raises PermissionDenied for publishes denied since the last flush."""
         self._check_open()
-        self._round_trip(protocol.PING, next(self._ids), deadline=_deadline(timeout))
+        self._drive(self._flush_steps(timeout))
+
+    def _flush_steps(self, timeout: Optional[float]) -> Generator["Step", Any, None]:
+        yield from self._round_trip_steps(protocol.PING, next(self._ids), deadline=_deadline(timeout))
         if self._denied:
             denied, self._denied = self._denied, []
             raise PermissionDenied("; ".join(denied))
@@ -427,6 +457,11 @@ class Bus:
     def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> Subscription:
         """Subscribe; active when it returns. queue: a load-balanced group name."""
         self._check_open()
+        return self._drive(self._subscribe_steps(pattern, queue))
+
+    def _subscribe_steps(self, pattern: str, queue: Optional[str],
+                         registered: Optional[Callable[[Subscription], None]] = None,
+                         ) -> Generator["Step", Any, Subscription]:
         encoded = pattern_bytes(pattern)
         queue_b = b""
         if queue is not None:
@@ -438,8 +473,11 @@ class Bus:
         with self._pump_lock:
             self._subs[sid] = sub
             self._queues[sid] = sub._queue
+            if registered is not None:
+                registered(sub)
         try:
-            self._round_trip(protocol.SUB, sid, encoded, queue_b, _deadline(self.timeout))
+            yield from self._round_trip_steps(protocol.SUB, sid, encoded, queue_b,
+                                              _deadline(self.timeout))
         except BaseException:
             self._forget(sub)
             raise
@@ -452,29 +490,61 @@ class Bus:
             sub._close()
 
     def _unsubscribe(self, sub: Subscription) -> None:
+        self._drive(self._unsubscribe_steps(sub))
+
+    def _unsubscribe_steps(self, sub: Subscription) -> Generator["Step", Any, None]:
         self._forget(sub)
         if not self.closed:
-            self._round_trip(protocol.UNSUB, sub.sid, deadline=_deadline(self.timeout))
+            yield from self._round_trip_steps(protocol.UNSUB, sub.sid,
+                                              deadline=_deadline(self.timeout))
 
     def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
         """Publish data with a private reply inbox and wait for one reply."""
         self._check_open()
-        inbox = self._ensure_inbox()
+        return self._drive(self._request_steps(topic, data, timeout))
+
+    def _request_steps(self, topic: str, data: Any, timeout: float) -> Generator["Step", Any, Message]:
+        deadline = _deadline(timeout)
+        inbox = yield from self._inbox_steps(deadline)
         token = f"{inbox.pattern[:-1]}{next(self._ids)}"
         self._requests[token] = None
         try:
             payload = self._packer().pack(data)
             self._io.publish(topic_bytes(topic), payload, token.encode(), None, -1.0)
-            return self._wait(lambda: self._take_reply(inbox, token), _deadline(timeout),
-                              f"no reply to the request on {topic!r} within {timeout}s")
+            return (yield Step(lambda: self._take_reply(inbox, token), deadline,
+                               f"no reply to the request on {topic!r} within {timeout}s"))
         finally:
             self._requests.pop(token, None)
 
-    def _ensure_inbox(self) -> Subscription:
-        with self._pump_lock:
-            if self._inbox is None:
-                self._inbox = self.subscribe(f"{INBOX_PREFIX}{os.urandom(8).hex()}.>")
-            return self._inbox
+    def _inbox_steps(self, deadline: Optional[float]) -> Generator["Step", Any, Subscription]:
+        """The one reply inbox every request shares, subscribed on first use.
+        Concurrent first requests wait for the one being made: _on_control
+        installs it the moment its OK arrives."""
+        while self._inbox is None:
+            if self._inbox_pending is None:
+                pattern = f"{INBOX_PREFIX}{os.urandom(8).hex()}.>"
+                try:
+                    yield from self._subscribe_steps(pattern, None, registered=self._await_inbox)
+                finally:
+                    self._inbox_pending = None
+            else:
+                yield Step(lambda: self._inbox or (False if self._inbox_pending is None else None),
+                           deadline, "no reply inbox within the timeout")
+        return self._inbox
+
+    def _await_inbox(self, sub: Subscription) -> None:
+        self._inbox_pending = sub
+
+    def stats(self, timeout: Optional[float] = None) -> dict:
+        """The broker's stats (what `busx stat` shows)."""
+        self._check_open()
+        return self._drive(self._stats_steps(timeout))
+
+    def _stats_steps(self, timeout: Optional[float]) -> Generator["Step", Any, dict]:
+        frame = yield from self._round_trip_steps(
+            protocol.STATS, next(self._ids),
+            deadline=_deadline(self.timeout if timeout is None else timeout))
+        return unpack(frame.payload)
 
     def _take_reply(self, inbox: Subscription, token: str) -> Optional[Message]:
         while True:
@@ -484,13 +554,6 @@ class Bus:
             if msg.topic in self._requests:
                 self._requests[msg.topic] = msg
         return self._requests.get(token)
-
-    def stats(self, timeout: Optional[float] = None) -> dict:
-        """The broker's stats (what `busx stat` shows)."""
-        self._check_open()
-        frame = self._round_trip(protocol.STATS, next(self._ids),
-                                 deadline=_deadline(self.timeout if timeout is None else timeout))
-        return unpack(frame.payload)
 
     @property
     def counters(self) -> dict:

@@ -1,0 +1,170 @@
+"""Type stubs for busx._core, the compiled core (built from _core.pyx and its
+.pxi pieces). Only what Python code can reach is declared here; cdef
+attributes and methods are invisible to Python and so are absent."""
+
+from collections.abc import Iterable
+from typing import Any, Optional, Protocol, Union, final
+
+from _typeshed import FileDescriptorLike, ReadableBuffer
+
+from busx.credentials import Credentials
+from busx.protocol import Frame
+
+# Message for busx.Closed when a bus connected before fork() is used in the child.
+FORKED_MESSAGE: str
+
+def encode_frame(
+    kind: int,
+    topic: bytes = b"",
+    payload: bytes = b"",
+    *,
+    id: int = 0,
+    flags: int = 0,
+    reply: bytes = b"",
+    stamp: bytes = b"",
+    nfds: int = 0,
+    fds_lost: int = 0,
+) -> bytes:
+    """Encode one frame (the same API as busx.protocol.encode_frame)."""
+
+@final
+class FrameDecoder:
+    """Incremental frame decoder; raises ProtocolError on a malformed or
+    oversize frame, after which it is unusable."""
+
+    def __new__(cls, max_frame: int = ...) -> FrameDecoder: ...
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+    def feed(self, data: ReadableBuffer) -> list[Frame]:
+        """Append a chunk; return the whole frames it completes."""
+
+@final
+class Message:
+    """A received message. Made only by the client's I/O; not for users to construct."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def raw(self) -> bytes:
+        """The payload exactly as published (msgpack bytes)."""
+    @property
+    def data(self) -> Any:
+        """raw decoded with msgpack, on first access."""
+    @property
+    def reply_to(self) -> Optional[str]:
+        """The requester's inbox topic, or None when not sent with request()."""
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """File descriptors received with the message; the receiver closes them."""
+    @property
+    def fds_lost(self) -> int:
+        """fds the publisher attached that could not reach this (TCP) subscriber."""
+    # Not Optional: the broker stamps every message it delivers (SPEC.md);
+    # only a Message built by hand, which no API hands out, has None here.
+    @property
+    def sender(self) -> Credentials:
+        """Who published it, as stamped by the broker."""
+    # Returns whatever the receiving bus's publish() returns: None for a
+    # busx.Bus, an awaitable for an asyncio bus (`await msg.respond(...)`).
+    def respond(self, data: Any) -> Any:
+        """Publish data to this request's reply_to inbox."""
+
+@final
+class ClientIO:
+    """One client connection's buffers and I/O loop (owned by busx.client.Bus)."""
+
+    bus: Any
+    last_errno: int
+    frames_out: int
+    write_calls: int
+    frames_in: int
+    read_calls: int
+    def __init__(self, max_buffer: int, max_frame: int) -> None: ...
+    def release(self) -> None: ...
+    def attach(self, fd: int, is_unix: bool, prologue: bytes, max_frame: int) -> None: ...
+    def detach(self) -> None: ...
+    def forget_in_child(self) -> None: ...
+    def fail(self) -> None: ...
+    def request_close(self) -> None: ...
+    @property
+    def attached(self) -> bool: ...
+    @property
+    def held_bytes(self) -> int: ...
+    @property
+    def unsent_bytes(self) -> int: ...
+    @property
+    def events_seq(self) -> int: ...
+    def notify_fd_open(self) -> int: ...
+    def run(self) -> int:
+        """The I/O loop; returns a RunResult (busx.client.RUN_*)."""
+    def publish(
+        self,
+        topic: bytes,
+        payload: bytes,
+        reply: Optional[bytes] = None,
+        fds: Optional[Iterable[FileDescriptorLike]] = None,
+        timeout: float = -1.0,
+    ) -> None: ...
+    def publish_batch(self, frames: list[tuple[bytes, bytes]], timeout: float = -1.0) -> None: ...
+    def send_control(
+        self, kind: int, id: int, topic: bytes = b"", reply: bytes = b"", payload: bytes = b""
+    ) -> None: ...
+    def begin_round_trip(self) -> None:
+        """An answer is awaited: keep reading past max_buffer until end_round_trip()."""
+    def end_round_trip(self) -> None: ...
+    def wait(self, seen: int, timeout: float) -> bool: ...
+    def take(self, queues: dict[int, MessageQueue], control: list[Frame]) -> int: ...
+
+@final
+class MessageQueue:
+    """FIFO of Messages for one subscription."""
+
+    dropped: int
+    def __new__(cls, owner: ClientIO) -> MessageQueue: ...
+    def __len__(self) -> int: ...
+    def pop(self) -> Optional[Message]: ...
+    def pop_many(self, max_count: int) -> list[Message]: ...
+    def discard(self) -> None: ...
+
+class _BrokerHandler(Protocol):
+    """What BrokerLoop calls back into (busx.broker.Broker); stub-only."""
+
+    def on_accept(self, conn_id: int, fd: int, is_unix: bool) -> bytes: ...
+    def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes]: ...
+    def on_subscribe(
+        self, conn_id: int, sid: int, pattern: bytes, queue: bytes
+    ) -> Union[int, tuple[str, str]]: ...
+    def may_publish(self, conn_id: int, topic: bytes) -> bool: ...
+    def topic_is_valid(self, topic: bytes) -> bool: ...
+    def on_close(self, conn_id: int) -> None: ...
+    def on_stats_request(self, conn_id: int, snapshot: dict[str, Any]) -> Optional[bytes]: ...
+    def on_internal_error(self, exc: BaseException) -> None: ...
+
+@final
+class BrokerLoop:
+    """The broker's connections, router and epoll loop (owned by busx.Broker)."""
+
+    msgs_in: int
+    msgs_out: int
+    bytes_in: int
+    bytes_out: int
+    dropped: int
+    read_calls: int
+    write_calls: int
+    def __init__(
+        self,
+        handler: _BrokerHandler,
+        max_pending: int,
+        max_frame: int,
+        disconnect_slow: bool,
+        check_publish: bool,
+    ) -> None: ...
+    def add_listener(self, fd: int, is_unix: bool) -> None: ...
+    def watch_signal_fd(self, fd: int) -> None: ...
+    def request_stop(self) -> None: ...
+    def run(self) -> int:
+        """Serve until request_stop() or a signal; returns LOOP_STOP or LOOP_SIGNAL."""
+    def drain(self, timeout: float) -> bool: ...
+    def close_all(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...

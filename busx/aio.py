@@ -1,0 +1,204 @@
+"""asyncio face of busx: the same connection machinery as busx.client, with
+waits done by the event loop. The client's I/O thread signals an eventfd that
+the loop watches with add_reader: no thread per subscription, no polling.
+
+    bus = await busx.aio.connect()
+    sub = await bus.subscribe("orders.>")
+    async for msg in sub: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from typing import Any, AsyncIterator, Generator, Iterable, Optional, Sequence, Union
+
+from ._core import Message
+from .client import Bus, Step, Subscription, _deadline
+from .errors import Closed, Timeout
+
+__all__ = ["AsyncBus", "AsyncSubscription", "connect"]
+
+
+class AsyncSubscription:
+    """Messages matching one pattern: `async for msg in sub`, or recv()."""
+
+    def __init__(self, bus: "AsyncBus", sub: Subscription) -> None:
+        self._bus = bus
+        self._sub = sub
+        self.pattern = sub.pattern
+
+    @property
+    def dropped(self) -> int:
+        return self._sub.dropped
+
+    @property
+    def closed(self) -> bool:
+        return self._sub.closed
+
+    async def recv(self, timeout: Optional[float] = None) -> Message:
+        """The next message; raises Timeout when timeout seconds pass first."""
+        msg = self._sub._queue.pop()
+        if msg is not None:
+            return msg
+        return await self._bus._wait(Step(self._sub._next_message, _deadline(timeout),
+                                          "no message arrived within the timeout"))
+
+    async def recv_many(self, max_count: int = 1024,
+                        timeout: Optional[float] = None) -> list[Message]:
+        """Up to max_count queued messages; waits for one; [] on timeout."""
+        if len(self._sub._queue):
+            return self._sub._queue.pop_many(max_count)
+        try:
+            first = await self.recv(timeout)
+        except Timeout:
+            return []
+        return [first] + self._sub._queue.pop_many(max_count - 1)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except Closed:
+            raise StopAsyncIteration from None
+
+    async def unsubscribe(self) -> None:
+        if not self._sub.closed:
+            await self._bus._drive(self._bus._bus._unsubscribe_steps(self._sub))
+
+
+class AsyncBus:
+    """A connection to a broker for asyncio code; see busx.client.Bus."""
+
+    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop) -> None:
+        self._bus = bus
+        self._loop = loop
+        self._waiters: set[asyncio.Future] = set()
+        self._publish_lock = asyncio.Lock()
+        bus._io.bus = self              # msg.respond() then returns an awaitable
+        self._notify_fd = bus._io.notify_fd_open()
+        loop.add_reader(self._notify_fd, self._on_events)
+
+    @property
+    def transport(self) -> str:
+        return self._bus.transport
+
+    @property
+    def closed(self) -> bool:
+        return self._bus.closed
+
+    def _on_events(self) -> None:
+        try:
+            os.read(self._notify_fd, 8)
+        except BlockingIOError:
+            pass
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self, step: Step) -> Any:
+        bus = self._bus
+        bus._check_open()
+        while True:
+            with bus._pump_lock:
+                bus._pump()
+                result = step.ready()
+                if result is not None:
+                    return result
+                bus._check_usable()
+            remaining = None if step.deadline is None else step.deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Timeout(step.timeout_message or "timed out")
+            waiter = self._loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                raise Timeout(step.timeout_message or "timed out") from None
+            finally:
+                self._waiters.discard(waiter)
+
+    async def _drive(self, steps: Generator[Step, Any, Any]) -> Any:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._wait(step))
+        except StopIteration as done:
+            return done.value
+        finally:
+            steps.close()       # a cancelled wait still runs the steps' cleanup
+
+    async def publish(self, topic: str, data: Any, *, fds: Iterable[int] = ()) -> None:
+        """Publish; waits (without blocking the loop) only while the buffer is full."""
+        if not self._publish_lock.locked():
+            try:
+                return self._bus.publish(topic, data, fds=fds, timeout=0)
+            except Timeout:
+                pass
+        # Full: wait for room on a worker thread, holding the lock so later
+        # publishes cannot overtake this one.
+        async with self._publish_lock:
+            await self._loop.run_in_executor(
+                None, functools.partial(self._bus.publish, topic, data, fds=fds))
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish (topic, data) pairs in order, as one batch."""
+        items = list(items)
+        async with self._publish_lock:
+            await self._loop.run_in_executor(None, self._bus.publish_many, items)
+
+    async def flush(self, timeout: Optional[float] = None) -> None:
+        """Return once the broker has routed everything published before."""
+        await self._drive(self._bus._flush_steps(timeout))
+
+    async def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> AsyncSubscription:
+        """Subscribe; active when it returns."""
+        self._bus._check_open()
+        sub = await self._drive(self._bus._subscribe_steps(pattern, queue))
+        return AsyncSubscription(self, sub)
+
+    async def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
+        """Publish with a private reply inbox and wait for one reply."""
+        self._bus._check_open()
+        return await self._drive(self._bus._request_steps(topic, data, timeout))
+
+    async def stats(self, timeout: Optional[float] = None) -> dict:
+        self._bus._check_open()
+        return await self._drive(self._bus._stats_steps(timeout))
+
+    async def close(self) -> None:
+        """Flush, then close. Idempotent."""
+        if self._bus.closed:
+            return
+        try:
+            await self.flush(timeout=5.0)
+        except Exception:
+            pass
+        self._loop.remove_reader(self._notify_fd)
+        self._bus._close_now()
+        self._wake_waiters()    # they see Closed
+
+    async def __aenter__(self) -> "AsyncBus":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+
+async def connect(url: Union[None, str, Sequence[str]] = None, *,
+                  token: Optional[tuple[str, str]] = None, name: Optional[str] = None,
+                  timeout: float = 5.0, reconnect: bool = True,
+                  max_buffer: int = 16 << 20) -> AsyncBus:
+    """Connect to a broker; the same parameters as busx.connect."""
+    loop = asyncio.get_running_loop()
+    bus = await loop.run_in_executor(None, functools.partial(
+        Bus, url, token=token, name=name, timeout=timeout, reconnect=reconnect,
+        max_buffer=max_buffer))
+    return AsyncBus(bus, loop)
