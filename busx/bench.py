@@ -27,7 +27,7 @@ import tempfile
 import time
 from array import array
 from itertools import chain, pairwise
-from typing import NamedTuple, Optional, Sequence
+from typing import IO, NamedTuple, Optional, Sequence
 
 import msgpack
 
@@ -53,7 +53,8 @@ MEGABYTE = 1_000_000                    # MB/s counts payload bytes, in units of
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
 LATENCY_NOTE = ("Latency is one-way, from the publisher stamping a message to recv_many "
                 "returning it (CLOCK_MONOTONIC).\nUnder full-throughput load it is queueing "
-                "latency: time spent behind earlier messages in buffers, not an idle bus's latency.")
+                "latency: time spent behind earlier messages in buffers, not an idle bus's "
+                "latency.")
 DROPPED_NOTE = ("dropped: a subscriber fell more than the broker's max_pending behind, so the "
                 "broker dropped\nthe newest messages for it (slow consumer); missing counts what "
                 "never arrived.")
@@ -71,6 +72,7 @@ class Target(NamedTuple):
 class Child(NamedTuple):
     role: str                   # "publisher", "subscriber 1", ...
     process: subprocess.Popen
+    output: IO[bytes]           # its stdout: a subscriber says "ready" there
     result_prefix: str          # its summary is result_prefix + ".json", latencies + ".latency"
     log_path: str               # its stderr, shown if it fails
 
@@ -205,6 +207,7 @@ def embedded_targets(broker: busx.Broker, wanted: Sequence[str]) -> list[Target]
         if transport == "unix":
             targets.append(Target("unix", broker.url))
         else:
+            assert broker.tcp_address is not None      # the broker was started with tcp
             host, port = broker.tcp_address
             targets.append(Target("tcp", f"tcp://{host}:{port}"))
     return targets
@@ -259,13 +262,14 @@ def spawn_child(role: str, workdir: str, command: str, *args: str) -> Child:
         process = subprocess.Popen(
             [sys.executable, "-m", "busx.bench", command, *args, result_prefix],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
-    return Child(role, process, result_prefix, log_path)
+    assert process.stdout is not None
+    return Child(role, process, process.stdout, result_prefix, log_path)
 
 
 def wait_ready(children: list[Child]) -> None:
     """Wait until every subscriber has printed "ready" (it has subscribed)."""
     deadline = time.monotonic() + START_TIMEOUT
-    waiting = {child.process.stdout: child for child in children}
+    waiting = {child.output: child for child in children}
     while waiting:
         remaining = deadline - time.monotonic()
         readable = select.select(list(waiting), [], [], max(0.0, remaining))[0]
@@ -338,7 +342,7 @@ def stop_children(children: list[Child]) -> None:
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
-        child.process.stdout.close()
+        child.output.close()
 
 
 class ProgressBar:
@@ -420,8 +424,8 @@ def format_table(document: dict) -> str:
     header = (f"busx bench: 1 publisher, {subscribers} subscriber{'s' * (subscribers > 1)}, "
               f"{document['count']:,} messages of {document['size']:,} B, "
               f"{broker_name(document)}")
-    rows = [("transport", "role", "msgs/s", "MB/s", "p50", "p90", "p99", "max",
-             "dropped", "missing")]
+    rows: list[tuple[str, ...]] = [("transport", "role", "msgs/s", "MB/s", "p50", "p90", "p99",
+                                    "max", "dropped", "missing")]
     for one in document["runs"]:
         rows.append(table_row(one["transport"], "publisher", one["publisher"]))
         for number, sub in enumerate(one["subscribers"], 1):
@@ -429,8 +433,9 @@ def format_table(document: dict) -> str:
         if subscribers > 1:
             rows.append(table_row(one["transport"], "all subscribers", one["aggregate"]))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
-                       for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
+    # Names left-aligned, numbers right-aligned.
+    lines = ["  ".join(cell.ljust(widths[column]) if column < 2 else cell.rjust(widths[column])
+                       for column, cell in enumerate(row)).rstrip()
              for row in rows]
     notes = [LATENCY_NOTE]
     if any(one["aggregate"]["dropped"] or one["aggregate"]["missing"] for one in document["runs"]):

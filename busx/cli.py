@@ -550,26 +550,29 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--token-file", metavar="FILE",
                              help='TOML file with one identity = "secret" line, for TCP')
 
-    bench_parser = commands.add_parser(
+    bench_command = commands.add_parser(
         "bench", help="measure throughput and latency: 1 publisher, K subscriber processes")
-    bench_parser.set_defaults(run=cmd_bench)
-    bench_parser.add_argument("--url", metavar="URL",
-                        help="the broker to measure (default: an embedded one on a temporary "
-                             "socket, and 127.0.0.1 for tcp); a HOST:PORT URL allows both transports")
-    bench_parser.add_argument("--transport", choices=("unix", "tcp", "both"),
-                        help="which transport(s) to measure, one after the other "
-                             "(default: both, or the one --url names)")
-    bench_parser.add_argument("--size", metavar="B", type=byte_count, default=100,
-                        help=f"payload bytes per message, msgpack-encoded; at least "
-                             f"{bench.MIN_SIZE} (default 100)")
-    bench_parser.add_argument("--count", metavar="N", type=positive(int), default=1_000_000,
-                        help="messages to publish (default 1000000)")
-    bench_parser.add_argument("--subscribers", metavar="K", type=positive(int), default=1,
-                        help="subscriber processes, each receiving every message (default 1)")
-    bench_parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
-    bench_parser.add_argument("--plot", metavar="FILE.png",
-                        help="also save a latency histogram and throughput over time "
-                             "(needs matplotlib: pip install busx[plot])")
+    bench_command.set_defaults(run=cmd_bench)
+    bench_command.add_argument(
+        "--url", metavar="URL",
+        help="the broker to measure (default: an embedded one on a temporary socket, with TCP "
+             "on 127.0.0.1); HOST:PORT allows --transport unix, tcp or both")
+    bench_command.add_argument(
+        "--transport", choices=("unix", "tcp", "both"),
+        help="what to measure, one after the other (default: both, or what --url names)")
+    bench_command.add_argument(
+        "--size", metavar="B", type=byte_count, default=100,
+        help=f"bytes of msgpack payload per message, at least {bench.MIN_SIZE} (default 100)")
+    bench_command.add_argument("--count", metavar="N", type=positive(int), default=1_000_000,
+                               help="messages to publish (default 1000000)")
+    bench_command.add_argument("--subscribers", metavar="K", type=positive(int), default=1,
+                               help="subscriber processes, each receiving every message "
+                                    "(default 1)")
+    bench_command.add_argument("--json", action="store_true",
+                               help="print the results as one JSON document")
+    bench_command.add_argument("--plot", metavar="FILE.png",
+                               help="also save a latency histogram and throughput over time "
+                                    "(needs matplotlib: pip install busx[plot])")
 
     demo = commands.add_parser(
         "demo", help="embedded broker, one publisher, one subscriber: live msgs/s")

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -36,7 +36,7 @@ class BusFactory(Protocol):
     """The type of busx_connect: busx.connect's parameters, url defaulting to
     the test broker's."""
 
-    def __call__(self, url: Optional[str] = None, **options: Any) -> busx.Bus: ...
+    def __call__(self, url: str | None = None, **options: Any) -> busx.Bus: ...
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,7 +89,7 @@ def busx_connect(busx_url: str) -> Iterator[BusFactory]:
 
     opened: list[busx.Bus] = []
 
-    def connect(url: Optional[str] = None, **options: Any) -> busx.Bus:
+    def connect(url: str | None = None, **options: Any) -> busx.Bus:
         client = busx.connect(busx_url if url is None else url, **options)
         opened.append(client)
         return client

@@ -27,21 +27,21 @@ def subscriber(url: str) -> None:
 
 
 def publisher() -> int:
-    with tempfile.TemporaryDirectory() as directory:
-        with busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker:
-            reader = subprocess.Popen([sys.executable, __file__, broker.url],
-                                      stdout=subprocess.PIPE, text=True)
-            assert reader.stdout is not None
-            assert reader.stdout.readline() == "ready\n"
-            report = b"quarterly numbers: all up"
-            fd = os.memfd_create("report")
-            os.write(fd, report)
-            os.lseek(fd, 0, os.SEEK_SET)            # the reader shares this file offset
-            with busx.connect(broker.url, name="writer") as bus:
-                bus.publish("reports.ready", {"bytes": len(report)}, fds=[fd])
-                os.close(fd)                        # publish took a duplicate: ours can go now
-            print(reader.stdout.read(), end="")
-            return reader.wait()
+    with (tempfile.TemporaryDirectory() as directory,
+          busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker):
+        reader = subprocess.Popen([sys.executable, __file__, broker.url],
+                                  stdout=subprocess.PIPE, text=True)
+        assert reader.stdout is not None
+        assert reader.stdout.readline() == "ready\n"
+        report = b"quarterly numbers: all up"
+        fd = os.memfd_create("report")
+        os.write(fd, report)
+        os.lseek(fd, 0, os.SEEK_SET)            # the reader shares this file offset
+        with busx.connect(broker.url, name="writer") as bus:
+            bus.publish("reports.ready", {"bytes": len(report)}, fds=[fd])
+            os.close(fd)                        # publish took a duplicate: ours can go now
+        print(reader.stdout.read(), end="")
+        return reader.wait()
 
 
 if __name__ == "__main__":

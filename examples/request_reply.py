@@ -16,16 +16,16 @@ def answer_additions(requests: busx.Subscription) -> None:
         request.respond(sum(request.data))
 
 
-with tempfile.TemporaryDirectory() as directory:
-    with busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker:
-        with busx.connect(broker.url, name="adder") as service:
-            # Subscribe before starting the thread: requests sent once
-            # subscribe() has returned cannot be missed.
-            thread = threading.Thread(target=answer_additions,
-                                      args=(service.subscribe("math.add"),))
-            thread.start()
-            with busx.connect(broker.url, name="client") as client:
-                for numbers in ([1, 2], [10, 20, 30], []):
-                    reply = client.request("math.add", numbers, timeout=5)
-                    print(f"sum of {numbers} = {reply.data}")
-        thread.join()                   # the service's bus is closed: its loop has ended
+with (tempfile.TemporaryDirectory() as directory,
+      busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker):
+    with busx.connect(broker.url, name="adder") as service:
+        # Subscribe before starting the thread: requests sent once
+        # subscribe() has returned cannot be missed.
+        thread = threading.Thread(target=answer_additions,
+                                  args=(service.subscribe("math.add"),))
+        thread.start()
+        with busx.connect(broker.url, name="client") as client:
+            for numbers in ([1, 2], [10, 20, 30], []):
+                reply = client.request("math.add", numbers, timeout=5)
+                print(f"sum of {numbers} = {reply.data}")
+    thread.join()                       # the service's bus is closed: its loop has ended

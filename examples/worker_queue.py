@@ -21,25 +21,26 @@ def work(name: str, jobs: busx.Subscription, done: queue.Queue[tuple[str, int]])
         done.put((name, job.data["image"]))
 
 
-with tempfile.TemporaryDirectory() as directory:
-    with busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker:
-        done: queue.Queue[tuple[str, int]] = queue.Queue()
-        workers = [busx.connect(broker.url, name=f"worker-{i}") for i in range(3)]
-        threads = [threading.Thread(target=work, args=(
-                       worker.name, worker.subscribe("jobs.resize", queue="resizers"), done))
-                   for worker in workers]
-        for thread in threads:
-            thread.start()
+with (tempfile.TemporaryDirectory() as directory,
+      busx.Broker(unix_path=os.path.join(directory, "bus.sock")) as broker):
+    done: queue.Queue[tuple[str, int]] = queue.Queue()
+    workers = {name: busx.connect(broker.url, name=name)
+               for name in ("worker-1", "worker-2", "worker-3")}
+    threads = [threading.Thread(target=work, args=(
+                   name, worker.subscribe("jobs.resize", queue="resizers"), done))
+               for name, worker in workers.items()]
+    for thread in threads:
+        thread.start()
 
-        with busx.connect(broker.url, name="publisher") as publisher:
-            for image in range(JOBS):
-                publisher.publish("jobs.resize", {"image": image})
+    with busx.connect(broker.url, name="publisher") as publisher:
+        for image in range(JOBS):
+            publisher.publish("jobs.resize", {"image": image})
 
-        results = [done.get(timeout=5) for _ in range(JOBS)]
-        for worker in workers:
-            worker.close()
-        for thread in threads:
-            thread.join()
+    results = [done.get(timeout=5) for _ in range(JOBS)]
+    for worker in workers.values():
+        worker.close()
+    for thread in threads:
+        thread.join()
 
 handled = sorted(image for _, image in results)
 assert handled == list(range(JOBS)), "each job is handled exactly once"

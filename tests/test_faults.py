@@ -42,18 +42,24 @@ def assert_idle(pid: int) -> None:
 
 # ---- peers killed mid-frame ----
 
-# Publishes [number, crc, blob] forever, each blob BIG bytes that differ by
-# number, so a message stitched from two frames cannot pass the crc check.
+# Publishes [number, crc, blob] until killed, each blob BIG bytes that differ
+# by number, so a message stitched from two frames cannot pass the crc check.
+# It runs at most WINDOW messages ahead of the watcher's acks, so the watcher
+# keeps up and the broker never has to drop for it.
 BIG_PUBLISHER = """
 import sys, zlib, busx
-url, name, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, name, size, window = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 bus = busx.connect(url, name=name)
-number = 0
+acks = bus.subscribe("ack." + name)
+number, acknowledged = 0, -1
 while True:
+    while number - acknowledged > window:
+        acknowledged = acks.recv_many(timeout=30)[-1].data
     blob = number.to_bytes(8, "little") * (size // 8)
     bus.publish("big." + name, [number, zlib.crc32(blob), blob])
     number += 1
 """
+WINDOW = 4
 
 # Receives big messages, then sits with its socket full until it is killed.
 BIG_SUBSCRIBER = """
@@ -73,16 +79,21 @@ def test_peers_killed_mid_frame_leave_only_whole_messages_in_order(broker, tcp_u
         watcher.flush(timeout=5)
         fds_before, msgs_in_before = open_fds(), broker.stats()["msgs_in"]
         doomed_sub = spawn_python(BIG_SUBSCRIBER, broker.url)
-        publishers = {name: spawn_python(BIG_PUBLISHER, url, name, str(BIG))
+        publishers = {name: spawn_python(BIG_PUBLISHER, url, name, str(BIG), str(WINDOW))
                       for name, url in (("unix1", broker.url), ("unix2", broker.url),
                                         ("tcp", tcp_url))}
         received = {name: [] for name in publishers}
+
+        def take(batch):
+            for msg in batch:
+                name = msg.topic.split(".")[1]
+                received[name].append(msg.data)
+                watcher.publish(f"ack.{name}", msg.data[0])
         try:
             assert doomed_sub.stdout.readline().strip() == "received", doomed_sub.stderr.read()
 
             def every_publisher_delivered(least):
-                for msg in watched.recv_many(timeout=0.1):
-                    received[msg.topic.split(".")[1]].append(msg.data)
+                take(watched.recv_many(timeout=0.1))
                 return all(len(got) >= least for got in received.values())
 
             wait_for(lambda: every_publisher_delivered(3), timeout=30)
@@ -94,16 +105,18 @@ def test_peers_killed_mid_frame_leave_only_whole_messages_in_order(broker, tcp_u
             for process in (doomed_sub, *publishers.values()):
                 kill(process)
         while batch := watched.recv_many(timeout=0.5):
-            for msg in batch:
-                received[msg.topic.split(".")[1]].append(msg.data)
+            take(batch)
+        assert watched.dropped == 0
         for name, messages in received.items():
             assert [m[0] for m in messages] == list(range(len(messages))), name
             for number, crc, blob in messages:
                 assert len(blob) == BIG and zlib.crc32(blob) == crc, f"{name} #{number} is torn"
-        # Every message the broker accepted from the dead reached the watcher.
-        accepted = broker.stats()["msgs_in"] - msgs_in_before
+        # Every message the broker accepted from the dead reached the watcher
+        # (the watcher's own publishes are its acks).
+        stats = broker.stats()
+        (acks,) = [c["msgs_in"] for c in stats["connections"] if c["name"] == "watcher"]
+        accepted = stats["msgs_in"] - msgs_in_before - acks
         assert accepted == sum(len(m) for m in received.values())
-        assert watched.dropped == 0
         wait_for(lambda: open_fds() <= fds_before, message="the broker kept a dead peer's fd")
         watcher.publish("big.after", [0, 0, b""])
         assert watched.recv(timeout=5).topic == "big.after"

@@ -11,7 +11,6 @@ import threading
 from importlib.metadata import entry_points
 
 import pytest
-
 from conftest import open_fds
 
 pytest_plugins = ["pytester"]
