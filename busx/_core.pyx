@@ -17,6 +17,7 @@ from busx.errors import (BusError, Closed, Disconnected, FdError, PayloadTooLarg
                          ProtocolError, Timeout)
 from busx.protocol import Frame
 from busx.credentials import Credentials
+from busx.topics import topic_bytes as validate_topic
 
 include "includes/consts.pxi"
 

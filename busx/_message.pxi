@@ -1,8 +1,12 @@
 # Messages handed to subscribers, and the per-subscription queue they wait in.
 
 import msgpack
+from cpython.object cimport PyObject_Call
 
 cdef object _UNDECODED = object()
+cdef object _unpackb = msgpack.unpackb
+# Built once: passing keywords the usual way builds this dict per message.
+cdef dict _UNPACK_OPTIONS = {"strict_map_key": False}
 cdef dict _senders = {}          # stamp bytes -> Credentials; stamps repeat
 
 
@@ -39,7 +43,7 @@ cdef class Message:
     @property
     def data(self):
         if self._data is _UNDECODED:
-            self._data = msgpack.unpackb(self.raw, strict_map_key=False)
+            self._data = PyObject_Call(_unpackb, (self.raw,), _UNPACK_OPTIONS)
         return self._data
 
     @property

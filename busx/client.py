@@ -106,11 +106,15 @@ class Subscription:
         return None
 
     def __iter__(self) -> Iterator[Message]:
+        pop = self._queue.pop           # queued messages cost one C call each
         while True:
-            try:
-                yield self.recv()
-            except Closed:
-                return
+            msg = pop()
+            if msg is None:
+                try:
+                    msg = self.recv()
+                except Closed:
+                    return
+            yield msg
 
     def unsubscribe(self) -> None:
         """Stop receiving; queued messages are discarded; recv then raises Closed."""
@@ -146,7 +150,6 @@ class Bus:
         self.timeout = timeout
         self._reconnect = reconnect
         self._max_buffer = max_buffer
-        self._local = threading.local()
         self._ids = itertools.count(1)
         self._pump_lock = threading.RLock()
         self._subs: dict[int, Subscription] = {}
@@ -422,25 +425,11 @@ class Bus:
         """Publish data (any msgpack-able object) to topic. Returns at once
         while buffer room remains; blocks (up to timeout) when it is full.
         fds (UNIX only): open files passed to each subscriber."""
-        packer = self._packer()
-        payload = packer.pack(data)
-        self._io.publish(topic_bytes(topic), payload, None, fds or None,
-                         -1.0 if timeout is None else timeout)
-
-    def _packer(self) -> msgpack.Packer:
-        # One Packer per thread: pack() may run Python code (dict subclasses),
-        # so a shared one could interleave two threads' bytes.
-        try:
-            return self._local.packer
-        except AttributeError:
-            self._local.packer = msgpack.Packer()
-            return self._local.packer
+        self._io.publish_data(topic, data, fds, timeout)
 
     def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
         """Publish (topic, data) pairs in order, as one batch."""
-        pack = self._packer().pack
-        frames = [(topic_bytes(topic), pack(data)) for topic, data in items]
-        self._io.publish_batch(frames)
+        self._io.publish_many_data(items)
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Return once the broker has routed everything published before;
@@ -509,8 +498,7 @@ class Bus:
         token = f"{inbox.pattern[:-1]}{next(self._ids)}"
         self._requests[token] = None
         try:
-            payload = self._packer().pack(data)
-            self._io.publish(topic_bytes(topic), payload, token.encode(), None, -1.0)
+            self._io.publish_data(topic, data, reply=token)
             return (yield Step(lambda: self._take_reply(inbox, token), deadline,
                                f"no reply to the request on {topic!r} within {timeout}s"))
         finally:

@@ -97,7 +97,10 @@ def test_peers_killed_mid_frame_leave_only_whole_messages_in_order(broker, tcp_u
                 return all(len(got) >= least for got in received.values())
 
             wait_for(lambda: every_publisher_delivered(3), timeout=30)
-            kill(doomed_sub)        # with a frame half written to it
+            # The broker is partway through the frames it queued for doomed_sub.
+            wait_for(lambda: any(c["name"] == "doomed-sub" and c["pending_bytes"] > BIG
+                                 for c in broker.stats()["connections"]))
+            kill(doomed_sub)
             for name, process in publishers.items():
                 kill(process)
                 every_publisher_delivered(0)   # receive while the others go on

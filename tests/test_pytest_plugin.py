@@ -1,27 +1,26 @@
 """busx.pytest_plugin, as a user's test suite meets it: pytester runs inner
-test files that use the fixtures against real brokers, and these tests check
-the outcomes and that nothing (socket files, directories, fds, threads) is
-left behind."""
+test files that use the fixtures against real brokers, in a separate pytest
+process, and these tests check the outcomes and that nothing (socket files,
+directories, fds, threads) is left behind."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from importlib.metadata import entry_points
 
 import pytest
-from conftest import open_fds
 
 pytest_plugins = ["pytester"]
 
 
-def plugin_args() -> list[str]:
-    """Load the plugin by hand until its pytest11 entry point is installed;
-    once it is, loading it twice would make pytest refuse the second."""
-    if entry_points(group="pytest11", name="busx"):
-        return []
-    return ["-p", "busx.pytest_plugin"]
+def run_inner(pytester: pytest.Pytester) -> pytest.RunResult:
+    """Run the inner tests in their own pytest process, loading the plugin by
+    hand until its pytest11 entry point is installed (once it is, loading it
+    twice would make pytest refuse the second)."""
+    pytester.makeconftest(LEAK_CHECK)
+    args = [] if entry_points(group="pytest11", name="busx") else ["-p", "busx.pytest_plugin"]
+    return pytester.runpytest_subprocess(*args)
 
 
 def recorded(pytester: pytest.Pytester) -> list[dict]:
@@ -30,8 +29,42 @@ def recorded(pytester: pytest.Pytester) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def busx_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("busx-")]
+def assert_nothing_left(pytester: pytest.Pytester) -> None:
+    """The inner session ended with the fds and threads it started with."""
+    leftovers = json.loads((pytester.path / "leftovers.json").read_text())
+    assert leftovers["after"] == leftovers["before"]
+
+
+# The inner session's open fds and threads when it starts, and once every
+# fixture (session-scoped ones too) has been torn down.
+LEAK_CHECK = """
+import json
+import os
+import threading
+
+
+def snapshot():
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:       # the descriptor listdir itself used
+            pass
+    return {"fds": fds, "threads": sorted(thread.name for thread in threading.enumerate())}
+
+
+BEFORE = {}
+
+
+def pytest_sessionstart(session):
+    BEFORE.update(snapshot())
+
+
+def pytest_sessionfinish(session):
+    after = snapshot()
+    with open("leftovers.json", "w") as out:
+        json.dump({"before": BEFORE, "after": after}, out)
+"""
 
 
 # Each inner test records the broker's socket path so the outer test can
@@ -93,20 +126,18 @@ def test_a_failing_test_is_cleaned_up_too(busx_broker, busx_connect):
 
 def test_fixtures_work_and_leave_nothing_behind(pytester):
     pytester.makepyfile(test_inner=USES_EVERY_FIXTURE)
-    fds_before = open_fds()
 
-    result = pytester.runpytest_inprocess(*plugin_args())
+    result = run_inner(pytester)
 
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*deliberate failure*"])
     sockets = [fact["socket"] for fact in recorded(pytester)]
     assert len(sockets) == 4 and len(set(sockets)) == 4, "one fresh broker per test"
     for socket_path in sockets:
+        assert len(socket_path) < 108, "fits a UNIX socket address"
         assert not os.path.exists(socket_path)
         assert not os.path.exists(os.path.dirname(socket_path)), "temporary directory removed"
-        assert len(socket_path) < 108, "fits a UNIX socket address"
-    assert busx_threads() == [], "brokers stopped and clients closed"
-    assert open_fds() == fds_before
+    assert_nothing_left(pytester)
 
 
 SHARED_BROKER = RECORDING + """
@@ -129,27 +160,10 @@ def test_broker_scope_can_be_widened_by_ini_option(pytester):
     pytester.makeini("[pytest]\nbusx_broker_scope = session\n")
     pytester.makepyfile(test_shared=SHARED_BROKER)
 
-    result = pytester.runpytest_inprocess(*plugin_args())
+    result = run_inner(pytester)
 
     result.assert_outcomes(passed=2)
     first, second = recorded(pytester)
     assert first["socket"] == second["socket"], "both tests used one broker"
-    assert not os.path.exists(first["socket"])
-    assert busx_threads() == []
-
-
-def test_plugin_works_from_the_command_line(pytester):
-    """A separate pytest process, as `pytest -p busx.pytest_plugin` runs it."""
-    pytester.makepyfile(test_cli=RECORDING + """
-
-def test_round_trip(busx_broker, busx_client):
-    record(busx_broker, "cli")
-    sub = busx_client.subscribe("cli")
-    busx_client.publish("cli", [1, 2])
-    assert sub.recv(timeout=5).data == [1, 2]
-""")
-    result = pytester.runpytest_subprocess(*plugin_args())
-
-    result.assert_outcomes(passed=1)
-    (fact,) = recorded(pytester)
-    assert not os.path.exists(os.path.dirname(fact["socket"]))
+    assert not os.path.exists(os.path.dirname(first["socket"]))
+    assert_nothing_left(pytester)

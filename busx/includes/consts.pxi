@@ -19,6 +19,7 @@ cdef enum:
     # while publishers keep appending (benchmarks/compare.py).
     YIELD_BELOW = 16 * 1024
     ROUTE_CACHE_SLOTS = 4096      # topics remembered by the router; cleared when full
+    TOPIC_CACHE_SIZE = 4096       # validated topics a client remembers
 
 cdef enum:
     # uint64 words of control buffer for MAX_FDS_PER_SEND fds:
