@@ -98,6 +98,17 @@ class ClientIO:
     def notify_fd_open(self) -> int: ...
     def run(self) -> int:
         """The I/O loop; returns a RunResult (busx.client.RUN_*)."""
+    def publish_data(
+        self,
+        topic: str,
+        data: Any,
+        fds: Iterable[FileDescriptorLike] = (),
+        timeout: float | None = None,
+        reply: str | None = None,
+    ) -> None:
+        """Validate topic, pack data with msgpack and queue it (Bus.publish)."""
+    def publish_many_data(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Pack every (topic, data), then queue them in order (Bus.publish_many)."""
     def publish(
         self,
         topic: bytes,
