@@ -105,7 +105,7 @@ def broker_fds(pid: int) -> int:
 
 def start_broker(directory: str, max_pending: int) -> tuple[subprocess.Popen, str]:
     path = os.path.join(directory, "bus.sock")
-    broker = subprocess.Popen([sys.executable, "-m", "busx.cli", "serve", "--unix", path,
+    broker = subprocess.Popen([sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path,
                                "--max-pending", str(max_pending)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = broker.stderr.readline()
@@ -182,7 +182,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="busx-soak-") as directory:
         broker, url = start_broker(directory, args.max_pending)
-        subscribers, publishers = [], []
+        subscribers, publishers, churners = [], [], []
         try:
             subscribers = [spawn(SUBSCRIBER, url, str(n)) for n in range(args.subscribers)]
             for process in subscribers:
@@ -190,20 +190,18 @@ def main() -> int:
                     sys.exit("a subscriber did not start")
             publishers = [spawn(PUBLISHER, url, str(n), str(args.rate), str(args.size))
                           for n in range(args.publishers)]
-            publishers += [spawn(CHURNER, url) for _ in range(args.churners)]
+            churners = [spawn(CHURNER, url) for _ in range(args.churners)]
             rows = watch(broker, url, args.seconds, args.csv)
-            for process in publishers:
+            for process in publishers + churners:
                 process.send_signal(signal.SIGINT)
-            churned = sum(int(process.communicate(timeout=60)[0])
-                          for process in publishers[args.publishers:])
             # Each publisher flushes as it exits: soak.end follows all they sent.
-            published = sum(int(process.communicate(timeout=60)[0])
-                            for process in publishers[:args.publishers])
+            published, churned = (sum(int(process.communicate(timeout=60)[0]) for process in group)
+                                  for group in (publishers, churners))
             with busx.connect(url) as closer:
                 closer.publish("soak.end", None)
             reports = [json.loads(process.communicate(timeout=60)[0]) for process in subscribers]
         finally:
-            for process in publishers + subscribers:
+            for process in publishers + churners + subscribers:
                 if process.poll() is None:
                     process.kill()
                 process.wait(30)

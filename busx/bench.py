@@ -260,7 +260,7 @@ def spawn_child(role: str, workdir: str, command: str, *args: str) -> Child:
     log_path = result_prefix + ".log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "busx.bench", command, *args, result_prefix],
+            [sys.executable, "-P", "-m", "busx.bench", command, *args, result_prefix],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     assert process.stdout is not None
     return Child(role, process, process.stdout, result_prefix, log_path)

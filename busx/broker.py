@@ -150,6 +150,7 @@ class Broker:
         previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            assert self._loop is not None
             self._loop.watch_signal_fd(read_fd)
             self._serve(signal_fd=read_fd)
         finally:
@@ -164,9 +165,10 @@ class Broker:
         self._stop_requested = True
 
     def _serve(self, signal_fd: Optional[int] = None) -> None:
+        assert self._loop is not None
         try:
             while not self._stop_requested:
-                if self._loop.run() == LOOP_SIGNAL:
+                if self._loop.run() == LOOP_SIGNAL and signal_fd is not None:
                     # Python ran the signal handler on returning from run();
                     # empty the wakeup pipe so epoll stops reporting it.
                     try:
@@ -245,6 +247,7 @@ class Broker:
         info = os.stat(path)
         self._socket_inode = (info.st_dev, info.st_ino)
         self._listeners.append(sock)
+        assert self._loop is not None
         self._loop.add_listener(sock.fileno(), True)
 
     def _prepare_directory(self, directory: str) -> None:
@@ -326,6 +329,7 @@ class Broker:
                 pass
 
     def _listen_tcp(self) -> None:
+        assert self.tcp is not None and self._loop is not None
         host, port = self.tcp
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

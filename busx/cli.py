@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import msgpack
@@ -27,16 +28,8 @@ from . import bench
 from .errors import BusError
 from .topics import pattern_bytes, topic_bytes
 
-try:
-    import tomllib
-except ModuleNotFoundError:     # Python < 3.11
-    try:
-        import tomli as tomllib
-    except ModuleNotFoundError:
-        tomllib = None
-
-# A blocking recv waits in C without looking at signals, so commands that wait
-# for messages wait in slices this long: Ctrl-C takes effect within one slice.
+# Commands that wait for messages wait in slices this long, so they can
+# notice a --count reached elsewhere or a closed bus promptly.
 RECV_SLICE = 0.2
 WATCH_INTERVAL = 1.0
 PACER_SLACK = 0.01      # seconds of lag `pub --rate` may make up in a burst
@@ -99,8 +92,6 @@ def positive(kind):
 # ---- files ----
 
 def read_toml(path: str, what: str) -> dict:
-    if tomllib is None:
-        raise CommandError(f"reading the {what} needs Python 3.11+ or the tomli package")
     try:
         with open(path, "rb") as file:
             return tomllib.load(file)
@@ -416,7 +407,7 @@ def spawn_demo_child(role: str, command: str, url: str, workdir: str) -> DemoChi
     # children before the broker.
     log_path = os.path.join(workdir, f"{role}.log")
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "busx.cli", command, url],
+        process = subprocess.Popen([sys.executable, "-P", "-m", "busx.cli", command, url],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=log, start_new_session=True)
     return DemoChild(role, process, log_path)

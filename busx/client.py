@@ -145,7 +145,7 @@ class Bus:
                  timeout: float = 5.0, reconnect: bool = True,
                  max_buffer: int = 16 << 20) -> None:
         self._targets = resolve_targets(url)
-        self._token = tuple(token) if token is not None else None
+        self._token = (token[0], token[1]) if token is not None else None
         self.name = name
         self.timeout = timeout
         self._reconnect = reconnect
@@ -189,6 +189,7 @@ class Bus:
 
     def _dial(self, target: Target, deadline: Optional[float]) -> tuple[socket.socket, str, dict]:
         if target.transport == "unix":
+            assert target.path is not None
             sock = self._open_unix(target.path, deadline)
             return sock, "unix", self._handshake(sock, target, "unix", deadline)
         sock = self._open_tcp(target, deadline)

@@ -5,7 +5,7 @@ Cython decoder must agree with; docs/protocol.md describes the same bytes."""
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from .errors import ProtocolError
 
@@ -63,7 +63,7 @@ class FrameDecoder:
         if self._failed:
             raise ProtocolError("decoder already failed")
         self._pending += data
-        frames = []
+        frames: list[Frame] = []
         while True:
             frame = self._take_frame()
             if frame is None:
@@ -98,6 +98,6 @@ class FrameDecoder:
         return Frame(kind, flags, frame_id, body[:reply_at], body[reply_at:stamp_at],
                      body[stamp_at:payload_at], body[payload_at:], nfds, fds_lost)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str) -> NoReturn:
         self._failed = True
         raise ProtocolError(reason)

@@ -14,6 +14,10 @@ import pytest
 
 import busx
 
+# Subprocesses must import the installed busx, never the uncompiled source
+# tree that sits in the working directory when pytest runs from the repo root.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005, message: str = ""):
     """Poll predicate() until truthy; fail the test at the deadline."""

@@ -32,7 +32,7 @@ class BrokerProcess:
         self.log_path = os.path.join(directory, "broker.log")
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "busx.cli", "serve", "--unix", path, *options],
+                [sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path, *options],
                 stdout=subprocess.DEVNULL, stderr=log)
         self.pid = self.process.pid
         wait_for(lambda: self.process.poll() is not None or "listening" in self.log(),
