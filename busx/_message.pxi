@@ -43,7 +43,7 @@ cdef class Message:
     @property
     def data(self):
         if self._data is _UNDECODED:
-            self._data = PyObject_Call(_unpackb, (self.raw,), _UNPACK_OPTIONS)
+            self._data = decode_payload(self.raw)
         return self._data
 
     @property

@@ -1,0 +1,148 @@
+# Decoding msg.data: a C fast path for the msgpack types services publish
+# (nil, bool, int, float, str, bin, array, map), reading the payload in
+# place. Anything else - ext types, malformed or truncated input, trailing
+# bytes, unhashable keys, deep nesting - goes to msgpack.unpackb, so results
+# and errors are exactly msgpack's (tests/test_decode.py holds them equal).
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
+from cpython.ref cimport Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+
+cdef enum:
+    FAST_DECODE_DEPTH = 32      # deeper nesting is left to msgpack
+
+
+class _SlowPath(Exception):
+    """Internal: this payload needs msgpack.unpackb."""
+
+
+cdef struct Reader:
+    const unsigned char *p
+    const unsigned char *end
+
+
+cdef inline const unsigned char *take(Reader *r, size_t n) except NULL:
+    cdef const unsigned char *at = r.p
+    if <size_t>(r.end - r.p) < n:
+        raise _SlowPath()
+    r.p += n
+    return at
+
+
+cdef inline uint64_t be(Reader *r, int width) except? 0:
+    cdef const unsigned char *at = take(r, width)
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(width):
+        v = (v << 8) | at[i]
+    return v
+
+
+cdef object decode_value(Reader *r, int depth):
+    cdef unsigned char tag = take(r, 1)[0]
+    cdef uint64_t n
+    cdef double d
+    cdef float f
+    cdef uint32_t f_bits
+    cdef uint64_t d_bits
+    if tag <= 0x7f:
+        return PyLong_FromLongLong(tag)
+    if tag >= 0xe0:
+        return PyLong_FromLongLong(<signed char>tag)
+    if 0xa0 <= tag <= 0xbf:
+        return decode_str(r, tag & 0x1f)
+    if 0x80 <= tag <= 0x8f:
+        return decode_map(r, tag & 0x0f, depth)
+    if 0x90 <= tag <= 0x9f:
+        return decode_array(r, tag & 0x0f, depth)
+    if tag == 0xc0:
+        return None
+    if tag == 0xc2:
+        return False
+    if tag == 0xc3:
+        return True
+    if tag == 0xcc or tag == 0xcd or tag == 0xce or tag == 0xcf:
+        return PyLong_FromUnsignedLongLong(be(r, 1 << (tag - 0xcc)))
+    if tag == 0xd0:
+        return PyLong_FromLongLong(<signed char>be(r, 1))
+    if tag == 0xd1:
+        return PyLong_FromLongLong(<short>be(r, 2))
+    if tag == 0xd2:
+        return PyLong_FromLongLong(<int>be(r, 4))
+    if tag == 0xd3:
+        return PyLong_FromLongLong(<long long>be(r, 8))
+    if tag == 0xca:
+        f_bits = <uint32_t>be(r, 4)
+        memcpy(&f, &f_bits, 4)
+        return <double>f
+    if tag == 0xcb:
+        d_bits = be(r, 8)
+        memcpy(&d, &d_bits, 8)
+        return d
+    if tag == 0xd9 or tag == 0xda or tag == 0xdb:
+        return decode_str(r, be(r, 1 << (tag - 0xd9)))
+    if tag == 0xc4 or tag == 0xc5 or tag == 0xc6:
+        n = be(r, 1 << (tag - 0xc4))
+        return PyBytes_FromStringAndSize(<const char *>take(r, n), n)
+    if tag == 0xdc or tag == 0xdd:
+        return decode_array(r, be(r, 2 if tag == 0xdc else 4), depth)
+    if tag == 0xde or tag == 0xdf:
+        return decode_map(r, be(r, 2 if tag == 0xde else 4), depth)
+    raise _SlowPath()           # ext types, 0xc1
+
+
+cdef inline object decode_str(Reader *r, uint64_t n):
+    return PyUnicode_DecodeUTF8(<const char *>take(r, n), n, NULL)
+
+
+cdef object decode_array(Reader *r, uint64_t n, int depth):
+    cdef list items
+    cdef object item
+    cdef Py_ssize_t i
+    if depth >= FAST_DECODE_DEPTH or n > <uint64_t>(r.end - r.p):
+        raise _SlowPath()       # each element takes at least one byte
+    items = PyList_New(n)
+    for i in range(<Py_ssize_t>n):
+        item = decode_value(r, depth + 1)
+        Py_INCREF(item)
+        PyList_SET_ITEM(items, i, item)
+    return items
+
+
+cdef object decode_map(Reader *r, uint64_t n, int depth):
+    cdef dict result
+    cdef object key
+    cdef uint64_t i
+    if depth >= FAST_DECODE_DEPTH or n > <uint64_t>(r.end - r.p):
+        raise _SlowPath()
+    result = PyDict_New()
+    for i in range(n):
+        key = decode_value(r, depth + 1)
+        if type(key) is list or type(key) is dict:
+            raise _SlowPath()   # msgpack has its own rules for these keys
+        PyDict_SetItem(result, key, decode_value(r, depth + 1))
+    return result
+
+
+cdef object decode_payload(bytes raw):
+    """msgpack.unpackb(raw, strict_map_key=False), faster for common data."""
+    cdef Reader r
+    cdef object value
+    r.p = <const unsigned char *><const char *>raw
+    r.end = r.p + len(raw)
+    try:
+        value = decode_value(&r, 0)
+        if r.p == r.end:
+            return value
+    except (_SlowPath, UnicodeDecodeError, TypeError):
+        pass
+    return PyObject_Call(_unpackb, (raw,), _UNPACK_OPTIONS)
+
+
+def decode(bytes raw):
+    """What msg.data returns for a payload: msgpack.unpackb(raw,
+    strict_map_key=False), with a C fast path."""
+    return decode_payload(raw)
