@@ -25,6 +25,7 @@ cdef enum AppendStatus:
     APPEND_NOMEM = -4
     APPEND_NO_ROOM = -5
     APPEND_FORKED = -6
+    APPEND_TOO_LARGE = -7
 
 
 cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
@@ -531,6 +532,9 @@ cdef class ClientIO:
         """Queue many (topic, payload) PUB frames in order."""
         cdef bytes topic, payload
         cdef int status
+        for topic, payload in frames:       # all or nothing: check sizes first
+            if frame_size(len(topic), 0, 0, len(payload)) > self.max_frame:
+                self._raise_append(APPEND_TOO_LARGE, len(topic) + len(payload))
         for topic, payload in frames:
             status = self._append(K_PUB, 0, topic, len(topic), NULL, 0, payload,
                                   len(payload), NULL, 0, timeout)
@@ -555,7 +559,7 @@ cdef class ClientIO:
         if status == APPEND_TIMEOUT:
             raise Timeout("publish buffer stayed full until the timeout: the broker is "
                           "not taking messages as fast as they are published")
-        if status == PARSE_TOO_LARGE:
+        if status == APPEND_TOO_LARGE:
             raise PayloadTooLarge(f"a frame of {size + HEADER_SIZE} bytes exceeds the broker's "
                                   f"max_frame of {self.max_frame} bytes")
         raise MemoryError()
@@ -569,7 +573,7 @@ cdef class ClientIO:
         cdef timespec deadline
         cdef int status
         if size > self.max_frame:
-            return PARSE_TOO_LARGE
+            return APPEND_TOO_LARGE
         if timeout >= 0:
             deadline_after(&deadline, timeout)
         while True:

@@ -27,6 +27,9 @@ def encode_frame(
 ) -> bytes:
     """Encode one frame (the same API as busx.protocol.encode_frame)."""
 
+def decode(raw: bytes) -> Any:
+    """What msg.data returns: msgpack.unpackb(raw, strict_map_key=False)."""
+
 @final
 class FrameDecoder:
     """Incremental frame decoder; raises ProtocolError on a malformed or

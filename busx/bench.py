@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 from array import array
+from contextlib import contextmanager
 from itertools import chain, pairwise
-from typing import IO, NamedTuple, Optional, Sequence
+from typing import IO, Iterator, NamedTuple, Optional, Sequence
 
 import msgpack
 
@@ -49,6 +50,7 @@ PROGRESS_INTERVAL = 0.1                 # seconds between the coordinator's chec
 END_MARKER_INTERVAL = 0.2               # resend the end marker: a slow subscriber may drop one
 START_TIMEOUT = 30.0                    # for a child process to start and subscribe
 STALL_TIMEOUT = 30.0                    # no message moved this long: the run is stuck
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MEGABYTE = 1_000_000                    # MB/s counts payload bytes, in units of 10**6
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
 LATENCY_NOTE = ("Latency is one-way, from the publisher stamping a message to recv_many "
@@ -108,6 +110,7 @@ def run_publisher(url: str, topic: str, size: int, count: int, result_prefix: st
     """Publish count stamped messages in batches, flush, write the summary."""
     tail = payload_tail(size)
     pack, clock = STAMP.pack, time.monotonic_ns
+    parent = os.getppid()
     with busx.connect(url, name=f"busx bench {topic} publisher", reconnect=False) as bus:
         start = clock()
         samples, next_sample = [], start + SAMPLE_INTERVAL_NS
@@ -119,6 +122,8 @@ def run_publisher(url: str, topic: str, size: int, count: int, result_prefix: st
             if now >= next_sample:
                 samples.append((now - start, last))
                 next_sample = now + SAMPLE_INTERVAL_NS
+                if os.getppid() != parent:
+                    raise BenchError("the busx bench coordinator went away")
         bus.flush()     # the broker has routed every message: publishing is done
         end = clock()
     samples.append((end - start, count))
@@ -240,30 +245,49 @@ def run_one(target: Target, size: int, count: int, subscribers: int, workdir: st
         topic = f"bench.{os.getpid()}.{label}"
         children: list[Child] = []
         try:
-            children += [spawn_child(f"subscriber {number}", workdir,
-                                     "subscriber", target.url, topic)
-                         for number in range(1, subscribers + 1)]
+            for number in range(1, subscribers + 1):
+                spawn_child(children, f"subscriber {number}", workdir,
+                            "subscriber", target.url, topic)
             wait_ready(children)
-            publisher = spawn_child("publisher", workdir, "publisher", target.url, topic,
-                                    str(size), str(count))
-            children.append(publisher)
+            publisher = spawn_child(children, "publisher", workdir, "publisher", target.url,
+                                    topic, str(size), str(count))
             watch(control, topic, label, children, publisher, count * subscribers)
         finally:
             stop_children(children)
     return collect(label, target.url, size, count, publisher, children[:-1])
 
 
-def spawn_child(role: str, workdir: str, command: str, *args: str) -> Child:
+def spawn_child(children: list[Child], role: str, workdir: str, command: str,
+                *args: str) -> Child:
+    """Start a child process and add it to children, which stop_children() stops."""
     # A session of its own: Ctrl-C reaches only the coordinator, which stops
     # the children before the broker.
     result_prefix = os.path.join(workdir, role.replace(" ", "-"))
     log_path = result_prefix + ".log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as log, interrupts_deferred():
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "busx.bench", command, *args, result_prefix],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
-    assert process.stdout is not None
-    return Child(role, process, process.stdout, result_prefix, log_path)
+        assert process.stdout is not None
+        children.append(Child(role, process, process.stdout, result_prefix, log_path))
+    return children[-1]
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (then raise
+    KeyboardInterrupt): a child started in it is always in the list of
+    children to stop, never left running on its own."""
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def wait_ready(children: list[Child]) -> None:

@@ -155,8 +155,8 @@ def test_bad_arguments_exit_non_zero_with_a_clear_message(args, status, message)
 
 
 def test_size_beyond_max_frame_is_reported_as_payload_too_large(socket_path):
-    """Library bug, seen through `busx bench --size`: see
-    test_publish_beyond_max_frame_raises_payload_too_large."""
+    """The publisher's PayloadTooLarge reaches the user, not a hang or a
+    misleading Timeout (which `busx bench --size 100M` once reported)."""
     with busx.Broker(unix_path=socket_path, max_frame=4096) as small:
         result = run_bench("--url", small.url, "--size", "8K", "--count", "10")
     assert result.returncode == 1
@@ -164,11 +164,9 @@ def test_size_beyond_max_frame_is_reported_as_payload_too_large(socket_path):
 
 
 def test_publish_beyond_max_frame_raises_payload_too_large(socket_path):
-    """Library bug (busx/_client.pxi ClientIO._append / _raise_append): _append
-    returns PARSE_TOO_LARGE (-2, from _frames.pxi) for a frame over max_frame,
-    but APPEND_TIMEOUT is also -2 and _raise_append tests it first, so the
-    caller gets Timeout("publish buffer stayed full ...") instead of the
-    PayloadTooLarge that SPEC.md promises."""
+    """SPEC.md: a payload that cannot fit max_frame raises PayloadTooLarge and
+    sends nothing. (Regression: _client.pxi returned PARSE_TOO_LARGE, which
+    shared the value -2 with APPEND_TIMEOUT, so callers got Timeout.)"""
     with busx.Broker(unix_path=socket_path, max_frame=4096) as small, \
             busx.connect(small.url) as bus:
         with pytest.raises(busx.PayloadTooLarge):

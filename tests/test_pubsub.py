@@ -180,3 +180,15 @@ def test_stats_show_connections(broker, bus):
     mine = [c for c in stats["connections"] if c["name"] == "test"]
     assert mine and mine[0]["transport"] == "unix" and mine[0]["subscriptions"] == 1
     assert bus.stats()["msgs_in"] >= 1
+
+
+def test_payload_beyond_max_frame_raises_and_sends_nothing(tmp_path):
+    with busx.Broker(unix_path=str(tmp_path / "bus.sock"), max_frame=4096) as small:
+        with busx.connect(small.url) as bus:
+            sub = bus.subscribe("big")
+            with pytest.raises(busx.PayloadTooLarge, match="max_frame"):
+                bus.publish("big", b"x" * 5000)
+            with pytest.raises(ValueError):
+                bus.publish_many([("big", 1), ("big", b"x" * 5000)])
+            bus.publish("big", "fits")
+            assert [m.data for m in sub.recv_many(timeout=5)] == ["fits"]
