@@ -150,18 +150,18 @@ def summary(rows: list[dict], published: int, reports: list[dict]) -> str:
     settled = rss[len(rss) // 10:]      # after the first tenth, when buffers have grown
     lines = [
         f"seconds: {len(rows)}",
-        f"broker RSS: min {min(rss) / 2**20:.1f} MiB, max {max(rss) / 2**20:.1f} MiB; "
-        f"after warm-up first {settled[0] / 2**20:.1f} MiB, last {settled[-1] / 2**20:.1f} MiB",
+        (f"broker RSS: min {min(rss) / 2**20:.1f} MiB, max {max(rss) / 2**20:.1f} MiB; "
+         f"after warm-up first {settled[0] / 2**20:.1f} MiB, last {settled[-1] / 2**20:.1f} MiB"),
         f"broker fds: min {min(fds)}, max {max(fds)}",
-        f"messages published: {published} (broker: {min(rates)}..{max(rates)} msgs/s in, "
-        f"mean {sum(rates) / len(rates):.0f})",
+        (f"messages published: {published} (broker: {min(rates)}..{max(rates)} msgs/s in, "
+         f"mean {sum(rates) / len(rates):.0f})"),
         f"deliveries: {sum(row['msgs_out_per_s'] for row in rows)}",
         f"dropped by the broker: {rows[-1]['dropped']}",
-        f"subscribers: received {[r['received'] for r in reports]}, "
-        f"told dropped {[r['dropped'] for r in reports]}, "
-        f"out of order {sum(r['out_of_order'] for r in reports)}",
-        f"unaccounted for (published - received - told dropped): "
-        f"{[published - r['received'] - r['dropped'] for r in reports]}",
+        (f"subscribers: received {[r['received'] for r in reports]}, "
+         f"told dropped {[r['dropped'] for r in reports]}, "
+         f"out of order {sum(r['out_of_order'] for r in reports)}"),
+        (f"unaccounted for (published - received - told dropped): "
+         f"{[published - r['received'] - r['dropped'] for r in reports]}"),
     ]
     return "\n".join(lines)
 

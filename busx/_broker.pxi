@@ -526,7 +526,7 @@ cdef class BrokerLoop:
                         continue
                     # A queue group: one member, round robin.
                     group_end = i + 1
-                    while group_end < slot.nsubs and slot.subs[group_end].queue == slot.subs[i].queue:
+                    while group_end < slot.nsubs and same_queue(slot.subs[group_end], slot.subs[i]):
                         group_end += 1
                     j = i + self.rr_counter % (group_end - i)
                     self.rr_counter += 1
@@ -687,45 +687,52 @@ cdef class BrokerLoop:
         return NULL
 
     cdef void _subscribe(self, Conn *c, FrameView *f) noexcept nogil:
-        cdef long long queue
         cdef Subscription *s
         cdef Subscription **grown
         if self._find_sub(c, f.id) != NULL:
             self._send_error(c, f.id, b"invalid", b"subscription id already in use")
             return
-        queue = self._py_subscribe(c, f)
-        if queue < 0:
+        if self._py_subscribe(c, f) < 0:
             return      # refused; the error frame is queued
         s = <Subscription *>calloc(1, sizeof(Subscription))
+        if s != NULL and f.reply_len:
+            s.queue_name = <char *>malloc(f.reply_len)
+            if s.queue_name == NULL:
+                free(s)
+                s = NULL
+            else:
+                memcpy(s.queue_name, f.reply, f.reply_len)
+                s.queue_len = f.reply_len
+                s.queue = busx_hash(f.reply, f.reply_len) | 1     # never 0: 0 means none
         if c.nsubs == c.subs_cap:
             grown = <Subscription **>realloc(c.subs, (c.subs_cap * 2 + 4) * sizeof(void *))
             if grown != NULL:
                 c.subs = grown
                 c.subs_cap = c.subs_cap * 2 + 4
         if s == NULL or c.nsubs == c.subs_cap:
-            free(s)
+            if s != NULL:
+                subscription_free(s)
             self._send_error(c, f.id, b"internal", b"broker out of memory")
             return
         s.conn = c
         s.sid = f.id
-        s.queue = <uint32_t>queue
         if router_add(&self.router, s, f.topic, f.topic_len) < 0:
-            free(s)
+            subscription_free(s)
             self._send_error(c, f.id, b"internal", b"broker out of memory")
             return
         c.subs[c.nsubs] = s
         c.nsubs += 1
         self._send_simple(c, K_OK, f.id)
 
-    cdef long long _py_subscribe(self, Conn *c, FrameView *f) noexcept with gil:
-        """Python validates the pattern and applies the policy: it returns the
-        queue group id (0 for none), or (code, message) to refuse. -1 when
-        refused (with the ERROR frame queued)."""
+    cdef int _py_subscribe(self, Conn *c, FrameView *f) noexcept with gil:
+        """Python validates the pattern and queue name and applies the
+        policy: None to accept, (code, message) to refuse. -1 when refused
+        (with the ERROR frame queued)."""
         try:
             verdict = self.handler.on_subscribe(
                 c.id, f.id, f.topic[:f.topic_len], f.reply[:f.reply_len])
-            if isinstance(verdict, int):
-                return verdict
+            if verdict is None:
+                return 0
             self._send_error(c, f.id, verdict[0].encode(), verdict[1].encode())
         except BaseException as exc:
             self._report(exc)
@@ -737,7 +744,7 @@ cdef class BrokerLoop:
         for i in range(c.nsubs):
             if c.subs[i].sid == sid:
                 router_remove(&self.router, c.subs[i])
-                free(c.subs[i])
+                subscription_free(c.subs[i])
                 c.nsubs -= 1
                 c.subs[i] = c.subs[c.nsubs]
                 break
@@ -875,7 +882,7 @@ cdef class BrokerLoop:
         cdef size_t i
         for i in range(c.nsubs):
             router_remove(&self.router, c.subs[i])
-            free(c.subs[i])
+            subscription_free(c.subs[i])
         c.nsubs = 0
 
     cdef void _close_conn(self, Conn *c) noexcept nogil:

@@ -6,7 +6,9 @@
 cdef struct Subscription:
     void *conn            # the owning Conn (opaque to the router)
     uint32_t sid          # the client's subscription id
-    uint32_t queue        # queue group id, 0 for none
+    uint64_t queue        # hash of the queue group's name, 0 for none
+    char *queue_name      # the group's name (owned), NULL for none
+    uint8_t queue_len
     void *node            # TrieNode holding it
     unsigned long long dropped_unreported   # slow-consumer drops not yet told to the client
     unsigned long long dropped
@@ -198,17 +200,37 @@ cdef int match_tokens(Router *r, TrieNode *node, const char *topic, size_t lengt
     return 0
 
 
+cdef inline int queue_order(const Subscription *a, const Subscription *b) noexcept nogil:
+    """Order by queue hash, then name: exact names, hash only for speed."""
+    cdef int by_name
+    if a.queue != b.queue:
+        return -1 if a.queue < b.queue else 1
+    if a.queue == 0:
+        return 0
+    by_name = memcmp(a.queue_name, b.queue_name, min(a.queue_len, b.queue_len))
+    return by_name if by_name else <int>a.queue_len - <int>b.queue_len
+
+
+cdef inline bint same_queue(const Subscription *a, const Subscription *b) noexcept nogil:
+    return a.queue != 0 and queue_order(a, b) == 0
+
+
 cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
-    """Stable insertion sort by queue id so each group's members are adjacent."""
+    """Stable insertion sort by queue group so each group's members are adjacent."""
     cdef size_t i, j
     cdef Subscription *s
     for i in range(1, n):
         s = subs[i]
         j = i
-        while j > 0 and subs[j - 1].queue > s.queue:
+        while j > 0 and queue_order(subs[j - 1], s) > 0:
             subs[j] = subs[j - 1]
             j -= 1
         subs[j] = s
+
+
+cdef void subscription_free(Subscription *s) noexcept nogil:
+    free(s.queue_name)
+    free(s)
 
 
 cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexcept nogil:

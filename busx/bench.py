@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -39,7 +40,8 @@ import busx
 # to two nils make the packed payload exactly --size bytes.
 STAMP = struct.Struct("<QQ")            # sequence number, send time (CLOCK_MONOTONIC ns)
 END_SEQ = (1 << 64) - 1                 # the stamp of the end marker
-MIN_SIZE = len(msgpack.packb([bytes(STAMP.size), b""]))
+HEAD_SIZE = len(msgpack.packb([bytes(STAMP.size)]))    # array header and stamp: 19 bytes
+MIN_SIZE = HEAD_SIZE + len(msgpack.packb(b""))          # and empty padding: 21 bytes
 
 PUBLISH_BATCH = 1000                    # messages per publish_many call...
 PUBLISH_BATCH_BYTES = 1 << 20           # ...and at most this many payload bytes (large --size)
@@ -98,7 +100,7 @@ def payload_tail(size: int) -> list:
                          f"for its sequence number and send time")
     for nils in range(3):
         for bin_header in (2, 3, 5):
-            padding = size - MIN_SIZE + 2 - bin_header - nils
+            padding = size - HEAD_SIZE - bin_header - nils
             if padding >= 0 and len(msgpack.packb(bytes(padding))) == padding + bin_header:
                 return [bytes(padding)] + [None] * nils
     raise AssertionError(f"no message layout packs to {size} bytes")
@@ -242,7 +244,8 @@ def run_one(target: Target, size: int, count: int, subscribers: int, workdir: st
                              f"{target.transport}: is the broker on this host and its socket "
                              f"open to this user?")
         label = control.transport
-        topic = f"bench.{os.getpid()}.{label}"
+        # Unique, so that benches sharing a broker never see each other's messages.
+        topic = f"bench.{os.getpid()}-{secrets.token_hex(4)}.{label}"
         children: list[Child] = []
         try:
             for number in range(1, subscribers + 1):
@@ -514,15 +517,19 @@ def check_plot_path(path: str) -> None:
 def save_plot(path: str, document: dict, runs: list[Run]) -> None:
     """A latency histogram and throughput over time, side by side."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import StrMethodFormatter
 
     figure = Figure(figsize=(12, 4.8), layout="constrained")
     latency_axes, rate_axes = figure.subplots(1, 2)
+    # One set of logarithmic bins for every transport, so their bars compare.
+    lows = [latency[0] for one in runs for latency in one.latencies if latency]
+    highs = [latency[-1] for one in runs for latency in one.latencies if latency]
+    low, high = max(min(lows, default=1), 100) / 1e3, max(max(highs, default=1), 1000) / 1e3
+    bins = [low * (high / low) ** (step / 80) for step in range(81)]
     for one in runs:
         label = one.summary["transport"]
         microseconds = [ns / 1e3 for latency in one.latencies for ns in latency]
         if microseconds:
-            low, high = max(min(microseconds), 0.1), max(max(microseconds), 1.0)
-            bins = [low * (high / low) ** (step / 80) for step in range(81)]
             latency_axes.hist(microseconds, bins=bins, histtype="step", label=label)
         plot_rates(rate_axes, one.publisher_samples, f"{label} publisher", "--")
         for number, samples in enumerate(one.subscriber_samples, 1):
@@ -531,6 +538,7 @@ def save_plot(path: str, document: dict, runs: list[Run]) -> None:
                      ylabel="messages", title="Latency (under load: queueing latency)")
     rate_axes.set(xlabel="seconds since the first publish", ylabel="messages/s",
                   title="Throughput over time")
+    rate_axes.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     for axes in (latency_axes, rate_axes):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")

@@ -120,7 +120,6 @@ class Broker:
         self.tcp_address: Optional[tuple[str, int]] = None
         self._instance = os.urandom(8).hex()
         self._peers: dict[int, Peer] = {}
-        self._queue_ids: dict[bytes, int] = {}
         self._loop: Optional[BrokerLoop] = None
         self._listeners: list[socket.socket] = []
         self._socket_inode: Optional[tuple[int, int]] = None
@@ -410,9 +409,11 @@ class Broker:
             return ("invalid", f"invalid pattern: {exc}")
         if peer.rights is not None and not peer.rights.may_subscribe(text):
             return ("denied", f"policy denies subscribing to {text!r}")
-        if not queue:
-            return 0
-        return self._queue_ids.setdefault(queue, len(self._queue_ids) + 1)
+        try:
+            queue.decode("utf-8")
+        except UnicodeDecodeError:
+            return ("invalid", "queue group name is not valid UTF-8")
+        return None
 
     def may_publish(self, conn_id: int, topic: bytes) -> bool:
         peer = self._peers[conn_id]

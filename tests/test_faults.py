@@ -145,7 +145,7 @@ def greeted(sock: socket.socket, timeout: float) -> bool:
     sock.settimeout(timeout)
     try:
         return sock.recv(8, socket.MSG_PEEK) != b""
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -381,7 +381,10 @@ def test_no_fd_leak_in_broker_or_clients_after_thousands_of_fd_messages(start_br
 # The subscriber lowers its own RLIMIT_NOFILE just above what it has open, so
 # the kernel cannot install the fds of the next messages (MSG_CTRUNC).
 OUT_OF_FDS = """
-import json, os, resource, sys, busx
+import ctypes, json, os, resource, sys, busx
+# glibc loads libgcc_s when a thread first exits (pthread_exit unwinds) and
+# aborts if it cannot: load it now, while an fd is still free for dlopen.
+ctypes.CDLL("libgcc_s.so.1")
 bus = busx.connect(sys.argv[1], reconnect=sys.argv[2] == "reconnect")
 sub = bus.subscribe("starved.>")
 bus.flush(timeout=5)

@@ -50,7 +50,7 @@ def many_fds():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < 4 * PROCESSES * CLIENTS_EACH:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for {PROCESSES * CLIENTS_EACH} clients")
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for 1,000 clients")
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 

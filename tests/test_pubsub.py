@@ -192,3 +192,19 @@ def test_payload_beyond_max_frame_raises_and_sends_nothing(tmp_path):
                 bus.publish_many([("big", 1), ("big", b"x" * 5000)])
             bus.publish("big", "fits")
             assert [m.data for m in sub.recv_many(timeout=5)] == ["fits"]
+
+
+def test_each_queue_group_gets_each_message_once(broker):
+    with busx.connect(broker.url) as bus:
+        groups = {name: [bus.subscribe("work.>", queue=name) for _ in range(3)]
+                  for name in ("resize", "resize-thumbs", "audit")}
+        for i in range(300):
+            bus.publish(f"work.{i % 7}", i)
+        bus.flush()
+        for name, members in groups.items():
+            got = []
+            for member in members:
+                while batch := member.recv_many(timeout=0.3):
+                    got += [m.data for m in batch]
+            assert sorted(got) == list(range(300)), name
+            assert all(len(member._queue) == 0 for member in members)

@@ -29,3 +29,8 @@ cdef enum:
 # Seconds a blocked call in the main thread waits before letting Python run
 # signal handlers (Ctrl-C) and waiting again.
 cdef double SIGNAL_CHECK_SECONDS = 0.05
+
+# A frame queued longer than this after the previous one is sent straight
+# from the publishing thread when the I/O thread is idle (see _send_directly);
+# closer frames are a burst, batched by the I/O thread.
+cdef double DIRECT_SEND_GAP_MS = 0.02
