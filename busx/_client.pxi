@@ -475,9 +475,9 @@ cdef class ClientIO:
     def publish_data(self, topic, data, fds=(), timeout=None, reply=None):
         """Validate topic, pack data and queue it: Bus.publish's whole hot
         path in one C call (benchmarks/test_publish.py)."""
-        self.publish(self._topic(topic), self._pack(data),
-                     None if reply is None else self._topic(reply), fds or None,
-                     -1.0 if timeout is None else timeout)
+        self._publish(self._topic(topic), self._pack(data),
+                      None if reply is None else self._topic(reply), fds or None,
+                      -1.0 if timeout is None else timeout)
 
     def publish_many_data(self, items):
         """Bus.publish_many: pack every (topic, data) first, then queue them
@@ -508,7 +508,12 @@ cdef class ClientIO:
 
     def publish(self, bytes topic, bytes payload, bytes reply=None, fds=None,
                 double timeout=-1.0):
-        """Queue a PUB frame; blocks while the buffer is full (back-pressure)."""
+        """Queue a PUB frame of encoded topic and payload; blocks while the
+        buffer is full (back-pressure)."""
+        self._publish(topic, payload, reply, fds, timeout)
+
+    cdef int _publish(self, bytes topic, bytes payload, bytes reply, object fds,
+                      double timeout) except -1:
         cdef int dup_fds[MAX_FDS_PER_FRAME]
         cdef int nfds = 0
         cdef int status
@@ -531,6 +536,7 @@ cdef class ClientIO:
             for i in range(nfds):
                 close(dup_fds[i])
             self._raise_append(status, len(topic) + reply_len + len(payload))
+        return 0
 
     def publish_batch(self, list frames, double timeout=-1.0):
         """Queue many (topic, payload) PUB frames in order."""

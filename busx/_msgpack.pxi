@@ -11,8 +11,19 @@ from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 
+from cpython.ref cimport PyObject, Py_XDECREF
+
 cdef enum:
     FAST_DECODE_DEPTH = 32      # deeper nesting is left to msgpack
+    KEY_CACHE_SLOTS = 512       # map keys remembered (they repeat message after message)
+    KEY_CACHE_MAX = 24          # longest key, in bytes, worth remembering
+
+# Decoded short map keys by their UTF-8 bytes: the same few keys arrive in
+# every message, and a cached str spares a decode and an allocation. Only
+# touched with the GIL held.
+cdef PyObject *key_cache[KEY_CACHE_SLOTS]
+cdef char key_cache_bytes[KEY_CACHE_SLOTS][KEY_CACHE_MAX]
+cdef uint8_t key_cache_len[KEY_CACHE_SLOTS]
 
 
 class _SlowPath(Exception):
@@ -120,11 +131,36 @@ cdef object decode_map(Reader *r, uint64_t n, int depth):
         raise _SlowPath()
     result = PyDict_New()
     for i in range(n):
-        key = decode_value(r, depth + 1)
+        key = decode_key(r, depth)
         if type(key) is list or type(key) is dict:
             raise _SlowPath()   # msgpack has its own rules for these keys
         PyDict_SetItem(result, key, decode_value(r, depth + 1))
     return result
+
+
+cdef object decode_key(Reader *r, int depth):
+    """A map key: short str keys come from key_cache."""
+    cdef unsigned char tag = r.p[0] if r.p < r.end else 0
+    cdef size_t n
+    cdef const char *text
+    cdef size_t slot
+    cdef object key
+    if not (0xa0 <= tag <= 0xbf) or (tag & 0x1f) > KEY_CACHE_MAX:
+        return decode_value(r, depth + 1)
+    n = tag & 0x1f
+    take(r, 1)
+    text = <const char *>take(r, n)
+    slot = busx_hash(text, n) & (KEY_CACHE_SLOTS - 1)
+    if (key_cache[slot] != NULL and key_cache_len[slot] == n
+            and memcmp(key_cache_bytes[slot], text, n) == 0):
+        return <object>key_cache[slot]
+    key = PyUnicode_DecodeUTF8(text, n, NULL)
+    Py_XDECREF(key_cache[slot])
+    Py_INCREF(key)
+    key_cache[slot] = <PyObject *>key
+    memcpy(key_cache_bytes[slot], text, n)
+    key_cache_len[slot] = n
+    return key
 
 
 cdef object decode_payload(bytes raw):
