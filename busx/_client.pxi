@@ -94,6 +94,7 @@ cdef class ClientIO:
     cdef bint packing
     cdef public int last_errno
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
+    cdef public unsigned long long direct_sends     # frames sent by the publishing thread
 
     def __cinit__(self):
         cdef pthread_condattr_t attr
@@ -658,6 +659,7 @@ cdef class ClientIO:
             return False
         self.frames_out += 1
         self.write_calls += 1
+        self.direct_sends += 1
         while True:
             n = send(self.fd, self.sending.data, buf_len(&self.sending),
                      MSG_NOSIGNAL | MSG_DONTWAIT)

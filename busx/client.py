@@ -549,7 +549,8 @@ class Bus:
         """Frames and syscalls of this connection: frames_out/write_calls shows batching."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
-                "frames_in": io.frames_in, "read_calls": io.read_calls}
+                "direct_sends": io.direct_sends, "frames_in": io.frames_in,
+                "read_calls": io.read_calls}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""

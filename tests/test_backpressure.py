@@ -68,3 +68,23 @@ def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
         done.set()
         server.join()
         listener.close()
+
+
+def test_lone_messages_go_direct_and_bursts_are_batched(broker):
+    with busx.connect(broker.url) as pub, busx.connect(broker.url) as sub_bus:
+        sub = sub_bus.subscribe("d")
+        for i in range(20):                 # request/reply pace: each waits for its echo
+            pub.publish("d", i)
+            assert sub.recv(timeout=5).data == i
+        assert pub.counters["direct_sends"] >= 15
+        before = pub.counters
+        for i in range(50_000):             # a burst: the I/O thread batches it
+            pub.publish("d", i)
+        pub.flush(timeout=30)
+        after = pub.counters
+        # Only where the publisher was preempted mid-burst (a gap > 5 µs).
+        assert after["direct_sends"] - before["direct_sends"] < 50_000 / 20
+        assert after["write_calls"] - before["write_calls"] < 50_000 / 10
+        got = 0
+        while got < 50_000:
+            got += len(sub.recv_many(max_count=50_000, timeout=5))

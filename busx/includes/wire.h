@@ -1,4 +1,5 @@
-/* Byte order for the frame header: the wire is little-endian. */
+/* Byte order for the frame header (the wire is little-endian) and the topic
+ * hash: small inline helpers the Cython core uses. */
 #ifndef BUSX_WIRE_H
 #define BUSX_WIRE_H
 #include <stdint.h>
