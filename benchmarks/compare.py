@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 
 C_SOURCE = os.path.join(peers.HERE, "c", "pipe_limit.c")
+C_BUSX_PEER = os.path.join(peers.HERE, "c", "busx_blast.c")
+LARGE = 1 << 20          # bytes per message in the large-payload rows
 C_COUNT_FACTOR = 10      # the C program is ~50x faster: give it more messages to time
 
 
@@ -69,13 +71,13 @@ def machine_lines() -> list[str]:
     ]
 
 
-def build_pipe_limit(directory: str) -> tuple[Optional[str], str]:
-    """Compile the C program; (path, "") or (None, why not)."""
+def build_pipe_limit(directory: str, source: str = C_SOURCE) -> tuple[Optional[str], str]:
+    """Compile a C program; (path, "") or (None, why not)."""
     compiler = shutil.which("cc")
     if compiler is None:
         return None, "no C compiler (cc) on PATH"
-    binary = os.path.join(directory, "pipe_limit")
-    built = subprocess.run([compiler, "-O2", "-o", binary, C_SOURCE],
+    binary = os.path.join(directory, os.path.basename(source)[:-2])
+    built = subprocess.run([compiler, "-O2", "-o", binary, source],
                            capture_output=True, text=True)
     if built.returncode != 0:
         return None, f"cc failed: {built.stderr.strip()[:200]}"
@@ -139,6 +141,52 @@ def throughput_rows(broker: peers.BrokerProcess, directory: str, count: int,
     return rows
 
 
+def fanout_rows(broker: peers.BrokerProcess, directory: str, count: int,
+                repeat: int) -> list[Row]:
+    return [
+        measure("busx unix, 1 -> 4 subscribers",
+                lambda: peers.busx_transfer(broker.unix_url, count, subscribers=4), repeat),
+        measure("plain UNIX sockets, 64 KiB writes, 1 -> 4 subscribers",
+                lambda: peers.raw_transfer(f"unix:{directory}", count, subscribers=4,
+                                           batch=peers.RAW_BATCH), repeat),
+    ]
+
+
+def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int) -> Row:
+    """The broker alone: C peers publish and consume pre-encoded frames in
+    64 KiB batches through it (benchmarks/c/busx_blast.c)."""
+    name = "busx broker routing, C publisher -> broker -> C subscriber"
+    binary, why_not = build_pipe_limit(directory, C_BUSX_PEER)
+    if binary is None:
+        return Row(name, note=f"skipped: {why_not}")
+    path = broker.unix_url[len("unix://"):]
+    total = count * C_COUNT_FACTOR
+    subscriber = subprocess.Popen([binary, "sub", path, str(total)], stdout=subprocess.PIPE,
+                                  text=True)
+    try:
+        if subscriber.stdout.readline().strip() != "ready":
+            return Row(name, note="failed: the C subscriber did not subscribe")
+        subprocess.run([binary, "pub", path, str(total), "100"], check=True, timeout=300)
+        rate, _ = subscriber.stdout.readline().split()
+    finally:
+        subscriber.wait(timeout=60)
+    return Row(name, float(rate), 0)
+
+
+def large_rows(broker: peers.BrokerProcess, directory: str, count: int, repeat: int) -> list[Row]:
+    """1 MiB payloads: rows of msgs/s; print_large turns them into MB/s."""
+    rows = [measure("busx unix", lambda: peers.busx_transfer(broker.unix_url, count, size=LARGE),
+                    repeat),
+            measure("plain UNIX socket", lambda: peers.raw_transfer(
+                f"unix:{directory}", count, size=LARGE, batch=peers.RAW_BATCH), repeat)]
+    binary, why_not = build_pipe_limit(directory)
+    if binary is None:
+        return rows + [Row("C, UNIX socketpair (the limit)", note=f"skipped: {why_not}")]
+    done = subprocess.run([binary, str(count * 4), str(LARGE), str(peers.RAW_BATCH)],
+                          capture_output=True, text=True, timeout=300)
+    return rows + [Row("C, UNIX socketpair (the limit)", json.loads(done.stdout)["msgs_per_s"], 0)]
+
+
 def latency_rows(broker: peers.BrokerProcess, directory: str, pings: int) -> list[tuple]:
     systems = [("busx unix (via broker)", lambda: peers.BusxPinger(broker.unix_url)),
                ("busx tcp (via broker)", lambda: peers.BusxPinger(broker.tcp_url))]
@@ -190,6 +238,56 @@ def print_throughput(rows: list[Row]) -> None:
               f"{ratio(row.msgs_per_s, plain_batched)} | {row.drops:,} |")
 
 
+def print_rows(rows: list[Row], unit: str = "msgs/s", scale: float = 1.0) -> None:
+    base = rows[-1].msgs_per_s
+    print(f"| system | {unit} | vs last row | drops |")
+    print("| --- | ---: | ---: | ---: |")
+    for row in rows:
+        if row.msgs_per_s is None:
+            print(f"| {row.system} | {row.note} | | |")
+        else:
+            print(f"| {row.system} | {row.msgs_per_s * scale:,.0f} | "
+                  f"{ratio(row.msgs_per_s, base)} | {row.drops:,} |")
+
+
+def print_targets(throughput: list[Row], fanout: list[Row], capacity: Row, large: list[Row],
+                  latency: list[tuple]) -> None:
+    """The performance issue's targets, each as a ratio from this run."""
+    rate = {row.system: row.msgs_per_s for row in throughput}
+    rtt = {name: (p50, p99) for name, p50, p99, _ in latency}
+
+    def target(what: str, value: Optional[float], goal: float) -> None:
+        verdict = "–" if value is None else ("met" if value >= goal else "not met")
+        shown = "–" if value is None else f"{value:.2f}"
+        print(f"| {what} | {shown} | ≥ {goal} | {verdict} |")
+
+    def share(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a and b else None
+
+    zmq_rtt = rtt.get("pyzmq REQ/REP ipc:// (direct)", (None, None))[0]
+    busx_rtt = rtt.get("busx unix (via broker)", (None, None))
+    print("| target | measured | goal | |\n| --- | ---: | ---: | --- |")
+    target("busx unix recv loop / pyzmq ipc", share(rate.get("busx unix"),
+           rate.get("pyzmq PUB/SUB ipc://")), 3)
+    target("busx unix recv loop / plain pipe, batched", share(rate.get("busx unix"),
+           rate.get("plain UNIX socket, 64 KiB writes")), 1)
+    target("busx unix recv_many / plain pipe, batched", share(
+        rate.get("busx unix, recv_many"), rate.get("plain UNIX socket, 64 KiB writes")), 1.5)
+    target("busx tcp / pyzmq tcp", share(rate.get("busx tcp"), rate.get("pyzmq PUB/SUB tcp://")), 3)
+    target("fan-out 1->4, busx per subscriber / plain per subscriber",
+           share(fanout[0].msgs_per_s, fanout[1].msgs_per_s), 1)
+    target("broker routing (C peers) / C socket limit", share(
+        capacity.msgs_per_s,
+        rate.get("C, UNIX socketpair, 64 KiB writes, no decode (the limit)")), 0.2)
+    target("1 MiB payloads, busx MB/s / C limit MB/s",
+           share(large[0].msgs_per_s, large[-1].msgs_per_s), 0.5)
+    target("round trip: pyzmq ipc p50 / busx unix p50", share(zmq_rtt, busx_rtt[0]), 1)
+    target("round trip: 2 x busx p50 / busx p99", share(
+        2 * busx_rtt[0] if busx_rtt[0] else None, busx_rtt[1]), 1)
+    print("\n(`bus.publish` cost against `msgpack.packb` is measured by "
+          "`pytest benchmarks/test_publish.py --benchmark-only`.)")
+
+
 def print_latency(rows: list[tuple], pings: int) -> None:
     print(f"| round trip ({pings:,} pings, one in flight) | p50 µs | p99 µs |")
     print("| --- | ---: | ---: |")
@@ -221,12 +319,25 @@ def main() -> None:
     try:
         print(f"\n### Throughput: {args.count:,} messages of 100 bytes, "
               f"1 publisher process -> 1 subscriber process\n")
-        print_throughput(throughput_rows(broker, directory, args.count, args.repeat))
+        throughput = throughput_rows(broker, directory, args.count, args.repeat)
+        print_throughput(throughput)
         print(f"\nmsgs/s: messages the subscriber received and decoded per second (median of "
               f"{args.repeat}); drops: published but never received. The C rows send "
               f"{C_COUNT_FACTOR}x the messages and do not decode.")
+        print(f"\n### Fan-out: 1 publisher -> 4 subscriber processes, msgs/s per subscriber\n")
+        fanout = fanout_rows(broker, directory, args.count // 4, args.repeat)
+        print_rows(fanout)
+        print("\n### Broker capacity: C peers, pre-encoded frames in 64 KiB batches\n")
+        capacity = broker_capacity_row(broker, directory, args.count)
+        print_rows([capacity, throughput[-2]])
+        print(f"\n### Large payloads: {LARGE >> 20} MiB messages, MB/s\n")
+        large = large_rows(broker, directory, max(50, args.count // 2000), args.repeat)
+        print_rows(large, "MB/s", LARGE / 1e6)
         print("\n### Latency\n")
-        print_latency(latency_rows(broker, directory, args.pings), args.pings)
+        latency = latency_rows(broker, directory, args.pings)
+        print_latency(latency, args.pings)
+        print("\n### Targets (ratios from this run)\n")
+        print_targets(throughput, fanout, capacity, large, latency)
     finally:
         broker.finish()
         shutil.rmtree(directory, ignore_errors=True)

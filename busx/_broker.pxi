@@ -57,6 +57,12 @@ cdef struct Conn:
     size_t nsubs, subs_cap
     Verdict *verdicts          # policy only: publish verdicts by topic
     size_t nverdicts
+    # The last topic this connection published to, already validated,
+    # allowed and routed: publishers mostly repeat their topic.
+    char last_topic[255]
+    uint8_t last_topic_len
+    RouteSlot *last_slot       # valid while router.generation == last_generation
+    unsigned long long last_generation
     Conn *next_dirty
     Conn *next_dead
     size_t slot
@@ -503,11 +509,14 @@ cdef class BrokerLoop:
     cdef void _route(self, Conn *src, FrameView *f) noexcept nogil:
         cdef RouteSlot *slot
         cdef int fds[MAX_FDS_PER_FRAME]
-        cdef size_t i, j, group_end
         cdef int k
         for k in range(f.nfds):
             fds[k] = fdq_pop(&src.in_fds)
-        if not self._topic_ok(src, f):
+        if (src.last_slot != NULL and src.last_generation == self.router.generation
+                and f.topic_len == src.last_topic_len
+                and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
+            self._deliver_all(src, f, src.last_slot, fds)
+        elif not self._topic_ok(src, f):
             self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
         elif self.check_publish and not self._may_publish(src, f):
             pass
@@ -516,24 +525,32 @@ cdef class BrokerLoop:
             if slot == NULL:
                 self._fail(src, b"internal", b"broker out of memory")
             else:
-                src.msgs_in += 1
-                self.msgs_in += 1
-                i = 0
-                while i < slot.nsubs:
-                    if slot.subs[i].queue == 0:
-                        self._deliver(slot.subs[i], src, f, fds)
-                        i += 1
-                        continue
-                    # A queue group: one member, round robin.
-                    group_end = i + 1
-                    while group_end < slot.nsubs and same_queue(slot.subs[group_end], slot.subs[i]):
-                        group_end += 1
-                    j = i + self.rr_counter % (group_end - i)
-                    self.rr_counter += 1
-                    self._deliver(slot.subs[j], src, f, fds)
-                    i = group_end
+                memcpy(src.last_topic, f.topic, f.topic_len)
+                src.last_topic_len = f.topic_len
+                src.last_slot = slot
+                src.last_generation = self.router.generation
+                self._deliver_all(src, f, slot, fds)
         for k in range(f.nfds):
             close(fds[k])
+
+    cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
+                           int *fds) noexcept nogil:
+        """Deliver to every matching subscription; one member per queue group."""
+        cdef size_t i = 0, j, group_end
+        src.msgs_in += 1
+        self.msgs_in += 1
+        while i < slot.nsubs:
+            if slot.subs[i].queue == 0:
+                self._deliver(slot.subs[i], src, f, fds)
+                i += 1
+                continue
+            group_end = i + 1
+            while group_end < slot.nsubs and same_queue(slot.subs[group_end], slot.subs[i]):
+                group_end += 1
+            j = i + self.rr_counter % (group_end - i)     # round robin
+            self.rr_counter += 1
+            self._deliver(slot.subs[j], src, f, fds)
+            i = group_end
 
     cdef bint _topic_ok(self, Conn *src, FrameView *f) noexcept nogil:
         """The PUB topic rules in C for ASCII topics; others ask Python."""

@@ -37,6 +37,7 @@ cdef struct Router:
     TrieNode root
     RouteSlot *cache
     size_t cached
+    unsigned long long generation   # bumped whenever cached slots are freed
     size_t subscriptions
     Subscription **scratch   # match results under construction
     size_t scratch_len
@@ -51,6 +52,7 @@ cdef int router_init(Router *r) noexcept nogil:
 
 cdef void cache_clear(Router *r) noexcept nogil:
     cdef size_t i
+    r.generation += 1
     if not r.cached:
         return
     for i in range(ROUTE_CACHE_SLOTS):

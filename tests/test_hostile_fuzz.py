@@ -25,7 +25,9 @@ from test_slow_consumer import BrokerProcess
 import busx
 from busx import protocol
 
-fuzz_settings = settings(max_examples=1000, deadline=None, database=None,
+# BUSX_FUZZ_EXAMPLES: more for a long fuzzing session, fewer under valgrind.
+fuzz_settings = settings(max_examples=int(os.environ.get("BUSX_FUZZ_EXAMPLES", 1000)),
+                         deadline=None, database=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
 PING_ID = 0xB05B05      # the hostile frames never use it (see ids below)
