@@ -81,6 +81,7 @@ class ClientIO:
     last_errno: int
     frames_out: int
     write_calls: int
+    direct_sends: int
     frames_in: int
     read_calls: int
     def __init__(self, max_buffer: int, max_frame: int) -> None: ...
