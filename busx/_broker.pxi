@@ -21,7 +21,10 @@ cdef enum LoopStatus:
 
 cdef enum:
     MAX_LISTENERS = 4
-    CLOSE_GRACE_MS = 2000      # how long a closing connection may take to drain
+    # How long a closing connection may take to read its last words (why it
+    # is closed): a stalled client learns the reason when it resumes. Cheap:
+    # what a closing connection still holds is that one frame.
+    CLOSE_GRACE_MS = 30000
     ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
 
 cdef enum:

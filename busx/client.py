@@ -102,6 +102,8 @@ class Subscription:
             raise Closed(f"subscription to {self.pattern!r} is closed")
         if self._error is not None:
             error, self._error = self._error, None
+            if not self.bus._reconnect:
+                self.bus._loss_reported = True
             raise error
         return None
 
@@ -161,6 +163,7 @@ class Bus:
         self._inbox_pending: Optional[Subscription] = None
         self._requests: dict[str, Optional[Message]] = {}
         self._lost_reason: Optional[str] = None
+        self._loss_reported = False
         self.closed = False
         self._closing = False
         self._closing_event = threading.Event()     # interrupts reconnect backoff
@@ -276,7 +279,7 @@ class Bus:
             if self._closing:
                 return
             if not self._reconnect:
-                self._lost_reason = reason
+                self._lost_reason = self._lost_reason or reason    # a fatal ERROR says more
                 self._io.fail()
                 return
             log.info("busx: %s; reconnecting", reason)
@@ -380,8 +383,11 @@ class Bus:
         if self.closed:
             raise Closed("the bus is closed")
         if not self._reconnect and self._lost_reason is not None and not self._io.attached:
-            reason = self._lost_reason
+            reason, reported = self._lost_reason, self._loss_reported
             self._close_now()
+            if reported:        # said once already (as Disconnected): now it is closed
+                raise Closed(f"the bus closed after losing its broker: {reason}")
+            self._loss_reported = True
             raise Disconnected(f"connection to the broker lost: {reason}")
 
     def _drive(self, steps: Generator["Step", Any, Any]) -> Any:
