@@ -42,20 +42,22 @@ def _check_text(text: object, what: str) -> bytes:
 
 def topic_bytes(topic: str) -> bytes:
     """Validate a topic to publish to and return it encoded."""
-    if type(topic) is not str:
-        if not isinstance(topic, str):
-            _check_text(topic, "topic")
-        topic = str.__str__(topic)     # a str subclass (StrEnum), as a plain str
-    return _topic_bytes(topic)
+    return _topic_bytes(_plain_str(topic, "topic"))
 
 
 def pattern_bytes(pattern: str) -> bytes:
     """Validate a subscription pattern and return it encoded."""
-    if type(pattern) is not str:
-        if not isinstance(pattern, str):
-            _check_text(pattern, "pattern")
-        pattern = str.__str__(pattern)     # a str subclass (StrEnum), as a plain str
-    return _pattern_bytes(pattern)
+    return _pattern_bytes(_plain_str(pattern, "pattern"))
+
+
+def _plain_str(text: object, what: str) -> str:
+    """text as an exact str: a str subclass (a StrEnum) becomes its value;
+    anything else raises InvalidTopic."""
+    if type(text) is str:
+        return text
+    if not isinstance(text, str):
+        _check_text(text, what)         # raises
+    return str.__str__(text)
 
 
 # Cached: a service publishes to few topics, many times each. Only exact str

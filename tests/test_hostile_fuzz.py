@@ -26,7 +26,7 @@ import busx
 from busx import protocol
 
 # BUSX_FUZZ_EXAMPLES: more for a long fuzzing session, fewer under valgrind.
-fuzz_settings = settings(max_examples=int(os.environ.get("BUSX_FUZZ_EXAMPLES", 1000)),
+fuzz_settings = settings(max_examples=int(os.environ.get("BUSX_FUZZ_EXAMPLES", "1000")),
                          deadline=None, database=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
