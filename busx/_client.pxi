@@ -95,6 +95,7 @@ cdef class ClientIO:
     cdef public int last_errno
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
     cdef public unsigned long long direct_sends     # frames sent by the publishing thread
+    cdef public unsigned long long discarded        # messages for subscriptions already gone
 
     def __cinit__(self):
         cdef pthread_condattr_t attr
@@ -778,7 +779,8 @@ cdef class ClientIO:
             fds = self._take_fds(f.nfds)
         if self.last_queue is None or self.last_sid != f.id:
             queue = queues.get(f.id)
-            if queue is None:
+            if queue is None:       # routed before the broker saw our UNSUB
+                self.discarded += 1
                 close_fd_tuple(fds)
                 return
             self.last_queue = queue

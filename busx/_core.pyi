@@ -82,6 +82,7 @@ class ClientIO:
     frames_out: int
     write_calls: int
     direct_sends: int
+    discarded: int
     frames_in: int
     read_calls: int
     def __init__(self, max_buffer: int, max_frame: int) -> None: ...

@@ -125,11 +125,13 @@ cdef class MessageQueue:
             self.owner._resume_reading()
 
     def discard(self):
-        """Drop every queued message, closing the fds they carried."""
+        """Drop every queued message, closing the fds they carried; they are
+        counted in the connection's `discarded`."""
         cdef Message msg
         for msg in self.items[self.head:]:
             close_fd_tuple(msg.fds)
             self.owner.held -= len(msg.raw)
+            self.owner.discarded += 1
         self.items = []
         self.head = 0
         self.owner._resume_reading()

@@ -552,11 +552,13 @@ class Bus:
 
     @property
     def counters(self) -> dict:
-        """Frames and syscalls of this connection: frames_out/write_calls shows batching."""
+        """Frames and syscalls of this connection (frames_out/write_calls shows
+        batching), and messages discarded because their subscription had ended
+        (queued at unsubscribe, or routed to it before the broker saw it)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
-                "read_calls": io.read_calls}
+                "read_calls": io.read_calls, "discarded": io.discarded}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""

@@ -9,6 +9,7 @@ attackers are gone the broker's fds, connections and CPU are back at rest.
 test_bad_input.py covers the named attacks one by one; this file looks for
 the ones nobody thought of."""
 
+import gc
 import os
 import socket
 import struct
@@ -79,6 +80,7 @@ class Arena:
         self.broker, self.publisher, self.sub = broker, publisher, sub
         self.next_number = 0
         self.exchange()
+        gc.collect()    # sockets earlier tests dropped must not close mid-test
         self.fds = open_fds()
         self.connections = self.connection_ids()
 

@@ -208,3 +208,27 @@ def test_each_queue_group_gets_each_message_once(broker):
                     got += [m.data for m in batch]
             assert sorted(got) == list(range(300)), name
             assert all(len(member._queue) == 0 for member in members)
+
+
+def test_queue_member_that_leaves_loses_only_what_was_routed_to_it_counted(broker):
+    with busx.connect(broker.url) as pub, busx.connect(broker.url) as leaving, \
+            busx.connect(broker.url) as staying:
+        gone = leaving.subscribe("tasks", queue="w")
+        kept = staying.subscribe("tasks", queue="w")
+        for i in range(1000):
+            pub.publish("tasks", i)
+        pub.flush()
+        # Wait until the leaving member has been routed its share, then leave
+        # without reading it: those messages are discarded, and counted.
+        leaving._wait(lambda: True if len(gone._queue) + leaving.counters["discarded"] else None,
+                      None, "")
+        gone.unsubscribe()
+        for i in range(1000, 2000):
+            pub.publish("tasks", i)
+        pub.flush()
+        got = []
+        while batch := kept.recv_many(timeout=0.5):
+            got += [m.data for m in batch]
+        lost = leaving.counters["discarded"]
+        assert lost > 0 and len(got) + lost == 2000
+        assert set(got) >= set(range(1000, 2000))      # everything after leaving reached the group
