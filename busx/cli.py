@@ -35,7 +35,12 @@ WATCH_INTERVAL = 1.0
 PACER_SLACK = 0.01      # seconds of lag `pub --rate` may make up in a burst
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
-DEMO_DATA, DEMO_STATS = "demo.data", "demo.stats"
+DEMO_DATA, DEMO_STATS, DEMO_PROGRESS = "demo.data", "demo.stats", "demo.progress"
+# The publisher stays at most this many messages ahead of what the subscriber
+# has reported receiving: well under what the broker queues for a subscriber
+# (max_pending), so the demo shows what busx sustains without dropping.
+DEMO_WINDOW = 200_000
+DEMO_PROGRESS_EVERY = 20_000
 DEMO_MESSAGE = {"pad": bytes(93)}       # msgpack-encodes to exactly 100 bytes
 DEMO_BATCH = 1000                       # messages per publish_many call
 DEMO_REPORT_INTERVAL = 0.5              # how often the demo subscriber reports its count
@@ -462,8 +467,15 @@ def stop_children(children: list[subprocess.Popen]) -> None:
 def cmd_demo_publisher(args: argparse.Namespace) -> int:
     with busx.connect(args.url, name="demo publisher", reconnect=False) as bus:
         batch = [(DEMO_DATA, DEMO_MESSAGE)] * DEMO_BATCH
+        progress = bus.subscribe(DEMO_PROGRESS)
+        sent = received = 0
         while True:     # until the parent terminates this process
-            bus.publish_many(batch)
+            wait = 1.0 if sent - received >= DEMO_WINDOW else 0.0
+            for report in progress.recv_many(timeout=wait):
+                received = max(received, report.data)
+            if sent - received < DEMO_WINDOW:
+                bus.publish_many(batch)
+                sent += DEMO_BATCH
 
 
 def cmd_demo_subscriber(args: argparse.Namespace) -> int:
@@ -475,7 +487,10 @@ def cmd_demo_subscriber(args: argparse.Namespace) -> int:
             if now >= next_report_time:
                 bus.publish(DEMO_STATS, {"received": received, "dropped": sub.dropped, "time": now})
                 next_report_time = now + DEMO_REPORT_INTERVAL
+            before = received
             received += len(sub.recv_many(max_count=8192, timeout=next_report_time - now))
+            if received // DEMO_PROGRESS_EVERY != before // DEMO_PROGRESS_EVERY:
+                bus.publish(DEMO_PROGRESS, received)
 
 
 # ---- the parser ----
