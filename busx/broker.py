@@ -29,6 +29,7 @@ log = logging.getLogger("busx.broker")
 
 LOOP_STOP, LOOP_SIGNAL = 0, 1
 DRAIN_SECONDS = 5.0     # how long stop() waits to deliver what the broker holds
+AF_UNIX_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, with its terminating NUL
 
 
 @dataclass
@@ -230,17 +231,29 @@ class Broker:
         path = self.unix_path
         self._prepare_directory(os.path.dirname(path))
         self._clear_stale_socket(path)
+        # Bind under a private name, fix mode and group, listen, then rename
+        # into place: the path never shows a socket that is not yet accepting
+        # (another broker probing it would take it for stale) or that has
+        # looser rights. A path too long for the private name is bound
+        # directly; nobody can connect before listen() either way.
+        temporary = os.path.join(os.path.dirname(path), f".busx-{os.urandom(4).hex()}")
+        bound = temporary if len(os.fsencode(temporary)) < AF_UNIX_PATH_MAX else path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            # Nobody can connect before listen(), so fixing mode and group
-            # between bind and listen leaves no window with looser rights.
-            sock.bind(path)
-            os.chmod(path, self.socket_mode)
+            sock.bind(bound)
+            os.chmod(bound, self.socket_mode)
             if self.socket_gid is not None:
-                os.chown(path, -1, self.socket_gid)
+                os.chown(bound, -1, self.socket_gid)
             sock.listen(1024)
+            if bound != path:
+                os.rename(bound, path)
         except OSError as exc:
             sock.close()
+            if bound != path:
+                try:
+                    os.unlink(bound)
+                except OSError:
+                    pass
             raise BusError(f"cannot listen on unix://{path}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         info = os.stat(path)
