@@ -324,7 +324,7 @@ def main() -> None:
         print(f"\nmsgs/s: messages the subscriber received and decoded per second (median of "
               f"{args.repeat}); drops: published but never received. The C rows send "
               f"{C_COUNT_FACTOR}x the messages and do not decode.")
-        print(f"\n### Fan-out: 1 publisher -> 4 subscriber processes, msgs/s per subscriber\n")
+        print("\n### Fan-out: 1 publisher -> 4 subscriber processes, msgs/s per subscriber\n")
         fanout = fanout_rows(broker, directory, args.count // 4, args.repeat)
         print_rows(fanout)
         print("\n### Broker capacity: C peers, pre-encoded frames in 64 KiB batches\n")

@@ -3,7 +3,6 @@ event loop, routing and framing in busx._core (BrokerLoop)."""
 
 from __future__ import annotations
 
-import errno
 import grp
 import hmac
 import ipaddress

@@ -14,15 +14,13 @@ import time
 import weakref
 from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
-import msgpack
 
 from . import protocol
 from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue
-from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, PayloadTooLarge,
-                     PermissionDenied, ProtocolError, Timeout)
+from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, PermissionDenied, Timeout)
 from .handshake import client_handshake, unpack
 from .paths import Target, host_identity, resolve_targets
-from .topics import INBOX_PREFIX, pattern_bytes, topic_bytes
+from .topics import INBOX_PREFIX, pattern_bytes
 
 log = logging.getLogger("busx.client")
 

@@ -10,71 +10,13 @@ import struct
 
 import msgpack
 import pytest
-from conftest import open_fds, spawn_python, wait_for
+from conftest import RawPeer, open_fds, spawn_python, wait_for
 
 import busx
 from busx import protocol
 from busx.handshake import pack, unpack
 
 ROUNDS = 1000       # messages the good pair exchanges before and after each attack
-
-
-class RawPeer:
-    """A client that speaks (or breaks) the wire protocol by hand."""
-
-    def __init__(self, broker, transport):
-        if transport == "unix":
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(broker.unix_path)
-        else:
-            self.sock = socket.create_connection(broker.tcp_address)
-        self.sock.settimeout(10)
-        self.pending = b""
-        self.decoder = protocol.FrameDecoder()
-        self.frames = []
-
-    def recv(self):
-        """A chunk, or b"" once the broker closed (a reset counts as closed)."""
-        try:
-            return self.sock.recv(65536)
-        except ConnectionResetError:
-            return b""
-
-    def read_hello(self):
-        while len(self.pending) < len(protocol.PREAMBLE):
-            chunk = self.recv()
-            assert chunk, "broker closed before its preamble"
-            self.pending += chunk
-        assert self.pending[:8] == protocol.PREAMBLE
-        self.frames += self.decoder.feed(self.pending[8:])
-        hello = self.next_frame()
-        assert hello.kind == protocol.HELLO
-        return unpack(hello.payload)
-
-    def handshake(self):
-        self.read_hello()
-        self.send(protocol.PREAMBLE + protocol.encode_frame(protocol.CONNECT, payload=pack({})))
-        assert self.next_frame().kind == protocol.READY
-
-    def next_frame(self):
-        while not self.frames:
-            chunk = self.recv()
-            assert chunk, "broker closed the connection"
-            self.frames += self.decoder.feed(chunk)
-        return self.frames.pop(0)
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def frames_until_closed(self):
-        """Everything the broker sends until it closes the connection."""
-        while chunk := self.recv():
-            self.frames += self.decoder.feed(chunk)
-        frames, self.frames = self.frames, []
-        return frames
-
-    def close(self):
-        self.sock.close()
 
 
 def assert_fatal_error(frames, code):

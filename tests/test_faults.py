@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 from conftest import open_fds, spawn_python, wait_for
-from test_slow_consumer import stop_process
+from conftest import stop_process
 
 import busx
 

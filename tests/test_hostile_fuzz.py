@@ -20,8 +20,7 @@ import pytest
 from conftest import open_fds, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bad_input import RawPeer
-from test_slow_consumer import BrokerProcess
+from conftest import BrokerProcess, RawPeer
 
 import busx
 from busx import protocol

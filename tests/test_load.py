@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import spawn_python
-from test_slow_consumer import BrokerProcess
+from conftest import BrokerProcess
 
 import busx
 

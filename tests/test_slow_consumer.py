@@ -8,52 +8,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import spawn_python, wait_for
+from conftest import BrokerProcess, spawn_python, stop_process, wait_for
 
 import busx
 
 MAX_PENDING = 256 << 10
 PAYLOAD = b"x" * 1000
 WINDOW = 64          # messages the test publishes before catching its fast subscriber up
-
-
-class BrokerProcess:
-    """`busx serve` in its own process, so that its memory, fds and CPU time
-    are its own to measure. Its log goes to a file: a pipe nobody reads
-    could fill up and stall it."""
-
-    def __init__(self, directory, *options: str) -> None:
-        self.unix_path = path = os.path.join(directory, "bus.sock")
-        self.url = f"unix://{path}"
-        self.log_path = os.path.join(directory, "broker.log")
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path, *options],
-                stdout=subprocess.DEVNULL, stderr=log)
-        self.pid = self.process.pid
-        wait_for(lambda: self.process.poll() is not None or "listening" in self.log(),
-                 message="the broker never listened")
-        assert self.process.poll() is None, self.log()
-
-    def log(self) -> str:
-        with open(self.log_path) as log:
-            return log.read()
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS line")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=30) == 0, self.log()
 
 
 @pytest.fixture
@@ -67,20 +31,6 @@ def start_broker(tmp_path):
     yield start
     for broker in started:
         broker.stop()
-
-
-def stop_process(pid: int) -> None:
-    """SIGSTOP pid and wait until every one of its threads has stopped."""
-    os.kill(pid, signal.SIGSTOP)
-
-    def all_stopped():
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] != "T":
-                    return False
-        return True
-
-    wait_for(all_stopped, message=f"process {pid} did not stop")
 
 
 def connection(stats: dict, name: str) -> dict:
