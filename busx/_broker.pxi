@@ -87,7 +87,7 @@ cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
         head[1] = <char>n
         buf_append(b, head, 2)
     else:
-        n = min(n, 65535)
+        n = min(n, <size_t>65535)
         head[0] = <char>0xda
         head[1] = <char>(n >> 8)
         head[2] = <char>(n & 0xff)
@@ -134,7 +134,7 @@ cdef Verdict *verdict_slot(Conn *c, const char *topic, size_t length) noexcept n
         if v.hash == h and v.topic_len == length and memcmp(v.topic, topic, length) == 0:
             return v
         i = (i + 1) & (VERDICT_SLOTS - 1)
-    if c.nverdicts >= VERDICT_SLOTS // 2:
+    if c.nverdicts >= <size_t>VERDICT_SLOTS // 2:
         verdicts_clear(c)
         i = h & (VERDICT_SLOTS - 1)
     return &c.verdicts[i]
@@ -144,7 +144,7 @@ cdef void verdicts_clear(Conn *c) noexcept nogil:
     cdef size_t i
     if c.verdicts == NULL:
         return
-    for i in range(VERDICT_SLOTS):
+    for i in range(<size_t>VERDICT_SLOTS):
         free(c.verdicts[i].topic)
         c.verdicts[i].topic = NULL
     c.nverdicts = 0
@@ -154,7 +154,7 @@ cdef void verdicts_rearm(Conn *c) noexcept nogil:
     cdef size_t i
     if c.verdicts == NULL:
         return
-    for i in range(VERDICT_SLOTS):
+    for i in range(<size_t>VERDICT_SLOTS):
         c.verdicts[i].reported = False
 
 

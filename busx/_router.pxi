@@ -55,7 +55,7 @@ cdef void cache_clear(Router *r) noexcept nogil:
     r.generation += 1
     if not r.cached:
         return
-    for i in range(ROUTE_CACHE_SLOTS):
+    for i in range(<size_t>ROUTE_CACHE_SLOTS):
         if r.cache[i].topic != NULL:
             free(r.cache[i].topic)
             free(r.cache[i].subs)
@@ -246,7 +246,7 @@ cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexc
         if slot.hash == h and slot.topic_len == length and memcmp(slot.topic, topic, length) == 0:
             return slot
         i = (i + 1) & (ROUTE_CACHE_SLOTS - 1)
-    if r.cached >= ROUTE_CACHE_SLOTS // 2:
+    if r.cached >= <size_t>ROUTE_CACHE_SLOTS // 2:
         cache_clear(r)
         return router_lookup(r, topic, length)
     r.scratch_len = 0
