@@ -316,30 +316,37 @@ def cmd_stat(args: argparse.Namespace) -> int:
             return 0
 
 
+RATE_KEYS = ("msgs_in", "msgs_out", "bytes_in", "bytes_out")
+
+
 def rates(previous: Optional[tuple[float, dict]], current: tuple[float, dict]) -> dict:
-    """msgs/s in and out since the previous snapshot: per connection id, and
-    under the key None for the broker as a whole. Empty for the first one."""
+    """Per second since the previous snapshot, msgs and bytes in and out
+    (RATE_KEYS): per connection id, and under the key None for the broker as
+    a whole. Empty for the first snapshot."""
     if previous is None:
         return {}
     elapsed = max(current[0] - previous[0], 1e-9)
+
+    def per_second(new: dict, old: dict) -> tuple:
+        return tuple((new[key] - old[key]) / elapsed for key in RATE_KEYS)
+
     before = {conn["id"]: conn for conn in previous[1]["connections"]}
-    result = {None: ((current[1]["msgs_in"] - previous[1]["msgs_in"]) / elapsed,
-                     (current[1]["msgs_out"] - previous[1]["msgs_out"]) / elapsed)}
+    result = {None: per_second(current[1], previous[1])}
     for conn in current[1]["connections"]:
         if conn["id"] in before:
-            old = before[conn["id"]]
-            result[conn["id"]] = ((conn["msgs_in"] - old["msgs_in"]) / elapsed,
-                                  (conn["msgs_out"] - old["msgs_out"]) / elapsed)
+            result[conn["id"]] = per_second(conn, before[conn["id"]])
     return result
 
 
 def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
-    columns = TABLE_COLUMNS + (("in/s", "out/s") if rate_table is not None else ())
+    rate_columns = ("in/s", "out/s", "B in/s", "B out/s")
+    columns = TABLE_COLUMNS + (rate_columns if rate_table is not None else ())
     rows = [columns]
     for conn in stats["connections"]:
         row = [conn.get(name) for name in TABLE_COLUMNS[:-1]] + [peer_of(conn)]
         if rate_table is not None:
-            row += [f"{rate:.0f}" for rate in rate_table.get(conn["id"], ())] or ["-", "-"]
+            row += ([f"{rate:.0f}" for rate in rate_table.get(conn["id"], ())]
+                    or ["-"] * len(rate_columns))
         rows.append(tuple("-" if cell is None else str(cell) for cell in row))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -348,7 +355,8 @@ def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
               f"msgs in {stats['msgs_in']}, out {stats['msgs_out']}, bytes in {stats['bytes_in']}, "
               f"out {stats['bytes_out']}, dropped {stats['dropped']}")
     if rate_table and None in rate_table:
-        totals += ", {:.0f} msgs/s in, {:.0f} msgs/s out".format(*rate_table[None])
+        totals += (", {:.0f} msgs/s in, {:.0f} msgs/s out, {:.0f} B/s in, {:.0f} B/s out"
+                   .format(*rate_table[None]))
     return "\n".join(lines + [totals])
 
 

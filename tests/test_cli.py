@@ -273,7 +273,7 @@ def test_stat_table_lists_connections_and_totals(broker):
 def test_stat_watch_shows_rates_until_ctrl_c(broker):
     process = spawn_cli("stat", "--watch", "--url", broker.url)
     # The second refresh has rates from two snapshots.
-    read_until(process.stdout, lambda text: "msgs/s in" in text)
+    read_until(process.stdout, lambda text: "msgs/s in" in text and "B/s out" in text)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=10) == 0
 
