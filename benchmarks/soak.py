@@ -27,7 +27,11 @@ import time
 
 import busx
 
-PUBLISHER = """
+# Children stop on SIGINT even when the soak itself was started in the
+# background (where the shell makes SIGINT ignored, and Python keeps that).
+RESTORE_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+PUBLISHER = RESTORE_SIGINT + """
 import sys, time, busx
 url, number, rate, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 filler, topic = b"x" * size, f"soak.{number}"
@@ -73,7 +77,7 @@ with busx.connect(sys.argv[1], name=f"soak-sub-{sys.argv[2]}") as bus:
 
 # Connects, subscribes, passes a pipe to itself, disconnects: over and over,
 # so that anything a connection leaks in the broker adds up.
-CHURNER = """
+CHURNER = RESTORE_SIGINT + """
 import os, sys, busx
 cycles = 0
 read_end, write_end = os.pipe()
