@@ -28,10 +28,33 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 30.0,
                           timeout=timeout, **kwargs)
 
 
+SPAWNED: list = []
+
+
 def spawn_cli(*args: str, **kwargs) -> subprocess.Popen:
     """Unbuffered binary pipes, so read_until can select() on them."""
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            bufsize=0, **kwargs)
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               bufsize=0, **kwargs)
+    SPAWNED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def reap_children():
+    """Whatever a test left running is killed, and every pipe closed."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            stream.close()
+
+
+def read_file(path: str) -> str:
+    with open(path) as file:
+        return file.read()
 
 
 def read_until(stream, done, timeout: float = 15.0) -> str:
@@ -335,7 +358,7 @@ def test_blocking_recv_is_interrupted_by_ctrl_c(broker):
         assert child.stdout.readline() == "ready\n"
         # Signal only once the main thread sleeps in the kernel (inside recv):
         # a SIGINT that lands earlier is handled by Python before recv waits.
-        wait_for(lambda: "futex" in open(f"/proc/{child.pid}/wchan").read())
+        wait_for(lambda: "futex" in read_file(f"/proc/{child.pid}/wchan"))
         child.send_signal(signal.SIGINT)
         try:
             child.wait(timeout=5)
@@ -344,4 +367,4 @@ def test_blocking_recv_is_interrupted_by_ctrl_c(broker):
         assert "KeyboardInterrupt" in child.stderr.read()
     finally:
         child.kill()
-        child.wait()
+        child.communicate()         # and close its pipes
