@@ -4,6 +4,7 @@ real sockets."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,13 @@ def run_python(code: str, *args: str, timeout: float = 60.0, **kwargs) -> subpro
     """Run code in a fresh interpreter (a real separate process)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def json_result(process: subprocess.Popen) -> dict:
+    """Wait for a child that prints one JSON document; fail on its error."""
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    return json.loads(out)
 
 
 def spawn_python(code: str, *args: str, **kwargs) -> subprocess.Popen:

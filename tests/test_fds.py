@@ -3,14 +3,13 @@ right open file, in the right message, owned by each receiver; the limits and
 the TCP rules; and no fd leaks in the broker (a separate process whose
 /proc/<pid>/fd we count) or the clients, whatever happens to the messages."""
 
-import json
 import os
 import random
 import signal
 import subprocess
 
 import pytest
-from conftest import open_fds, spawn_python, wait_for
+from conftest import json_result, open_fds, spawn_python, wait_for
 
 import busx
 
@@ -97,12 +96,6 @@ def start_subscriber(code: str, url: str, *args: str) -> subprocess.Popen:
     return process
 
 
-def finish(process: subprocess.Popen) -> dict:
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err
-    return json.loads(out)
-
-
 # ---- what arrives ----
 
 READ_PIPE = """
@@ -132,7 +125,7 @@ def test_pipe_reaches_a_subscriber_process(broker):
         # closing the write end is what lets the subscriber see EOF.
         os.close(read_end)
         os.close(write_end)
-        assert finish(subscriber) == {"data": {"kind": "pipe"}, "content": content}
+        assert json_result(subscriber) == {"data": {"kind": "pipe"}, "content": content}
     wait_settled(open_fds, client_fds, "the publisher")
 
 
@@ -157,7 +150,7 @@ def test_memfd_reaches_a_subscriber_process_which_maps_it(broker):
         fd = memfd(content.encode())
         bus.publish("files.memfd", len(content), fds=[fd])
         os.close(fd)
-        assert finish(subscriber) == {"size": len(content), "content": content}
+        assert json_result(subscriber) == {"size": len(content), "content": content}
 
 
 def test_each_subscriber_owns_its_duplicates(broker):
@@ -417,7 +410,7 @@ def test_subscriber_out_of_fds_gets_a_clear_error(start_broker, mode):
             publisher.publish("starved.x", [inode(fd)] * 20, fds=[fd] * 20)
         os.close(fd)
         publisher.flush(timeout=10)
-        outcome = finish(subscriber)
+        outcome = json_result(subscriber)
         assert outcome["wrong"] == 0, f"the subscriber got wrong fds: {outcome}"
         # Losing messages silently (recv just times out) breaks "nothing is
         # dropped silently": the subscriber must be told that fds were lost.

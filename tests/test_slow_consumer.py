@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BrokerProcess, spawn_python, stop_process, wait_for
+from conftest import BrokerProcess, json_result, spawn_python, stop_process, wait_for
 
 import busx
 
@@ -62,12 +62,6 @@ def publish_in_step(publisher, fast_sub, first: int, count: int, until=None) -> 
     return received
 
 
-def child_output(child: subprocess.Popen) -> dict:
-    out, err = child.communicate(timeout=60)
-    assert child.returncode == 0, err
-    return json.loads(out)
-
-
 # ---- slow_consumer="drop" ----
 
 # Subscribes, says ready, and is then stopped by the test; once resumed it
@@ -106,7 +100,7 @@ def test_drop_counts_and_reports_only_the_slow_subscriber(start_broker):
                 stats = publisher.stats()
             finally:
                 os.kill(slow.pid, signal.SIGCONT)
-            report = child_output(slow)
+            report = json_result(slow)
             assert received == list(range(count))
             assert fast_sub.dropped == 0
     finally:
@@ -314,7 +308,7 @@ def test_a_subscriber_that_never_reads_costs_at_most_max_pending(start_broker):
                 pass
         elapsed = time.monotonic() - started
         assert publisher.returncode == 0, publisher.stderr.read()
-        report = child_output(children[1])
+        report = json_result(children[1])
         with busx.connect(broker.url) as observer:
             stats = observer.stats()
     finally:
