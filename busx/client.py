@@ -149,12 +149,11 @@ class Bus:
         self.name = name
         self.timeout = timeout
         self._reconnect = reconnect
-        self._max_buffer = max_buffer
         self._ids = itertools.count(1)
         self._pump_lock = threading.RLock()
         self._subs: dict[int, Subscription] = {}
         self._queues: dict[int, MessageQueue] = {}
-        self._acks: dict[int, Optional[dict]] = {}
+        self._awaited: set[int] = set()       # ids of control frames awaiting an answer
         self._replies: dict[int, protocol.Frame] = {}
         self._denied: list[str] = []
         self._inbox: Optional[Subscription] = None
@@ -347,7 +346,7 @@ class Bus:
                 self._lost_reason = reason
                 for sub in self._subs.values():
                     sub._error = Disconnected(reason)
-            elif frame.id and frame.id in self._acks:
+            elif frame.id and frame.id in self._awaited:
                 self._replies[frame.id] = frame
             elif error.get("code") == "denied":
                 topic = frame.topic.decode("utf-8", "replace")
@@ -404,7 +403,7 @@ class Bus:
                           deadline: Optional[float] = None) -> Generator["Step", Any, protocol.Frame]:
         """Send a control frame and wait for the broker's answer to id. A
         reconnect in between sends it again on the new connection."""
-        self._acks[id] = None
+        self._awaited.add(id)
         self._io.begin_round_trip()
         try:
             while True:
@@ -417,7 +416,7 @@ class Bus:
                     break
         finally:
             self._io.end_round_trip()
-            self._acks.pop(id, None)
+            self._awaited.discard(id)
             self._replies.pop(id, None)
         if frame.kind == protocol.ERROR:
             raise _refusal(unpack(frame.payload))
