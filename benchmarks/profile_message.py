@@ -17,7 +17,7 @@ import tempfile
 STAGES = {
     # stage: the function (compiled name suffix) whose inclusive cost it is
     "publish: Bus.publish's C part (topic, pack, queue)": "publish_data",
-    "  of which msgpack Packer.pack": "Packer_7pack",
+    "  of which packing (busx._core.encode's C packer)": "pack_payload",
     "client I/O thread: send batches": "ClientIO__write",
     "broker: read, parse, route, queue": "BrokerLoop__read",
     "  of which route (cache lookup, deliver)": "BrokerLoop__route",

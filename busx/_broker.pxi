@@ -83,20 +83,8 @@ cdef double now_ms() noexcept nogil:
 
 
 cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
-    cdef char head[3]
-    if n < 32:
-        head[0] = <char>(0xa0 | n)
-        buf_append(b, head, 1)
-    elif n < 256:
-        head[0] = <char>0xd9
-        head[1] = <char>n
-        buf_append(b, head, 2)
-    else:
-        n = min(n, <size_t>65535)
-        head[0] = <char>0xda
-        head[1] = <char>(n >> 8)
-        head[2] = <char>(n & 0xff)
-        buf_append(b, head, 3)
+    n = min(n, <size_t>0xffff)
+    pack_str_head(b, n)
     buf_append(b, s, n)
 
 

@@ -90,7 +90,7 @@ cdef class ClientIO:
     cdef MessageQueue last_queue
     cdef public object bus
     cdef dict topic_cache       # str -> validated UTF-8 bytes
-    cdef object packer          # reused msgpack.Packer, guarded by `packing`
+    cdef Buffer packed          # publish's payload, reused; guarded by `packing`
     cdef bint packing
     cdef public int last_errno
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
@@ -114,7 +114,6 @@ cdef class ClientIO:
         self.max_buffer = max_buffer
         self.max_frame = max_frame
         self.topic_cache = {}
-        self.packer = msgpack.Packer()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.epfd < 0 or self.wake_fd < 0:
@@ -150,6 +149,7 @@ cdef class ClientIO:
         buf_free(&self.sending)
         buf_free(&self.rbuf)
         buf_free(&self.taken)
+        buf_free(&self.packed)
         fdq_free(&self.out_fds)
         fdq_free(&self.in_fds)
         fdq_free(&self.sending_fds)
@@ -477,14 +477,37 @@ cdef class ClientIO:
     def publish_data(self, topic, data, fds=(), timeout=None, reply=None):
         """Validate topic, pack data and queue it: Bus.publish's whole hot
         path in one C call (benchmarks/test_publish.py)."""
-        self._publish(self._topic(topic), self._pack(data),
-                      None if reply is None else self._topic(reply), fds or None,
-                      -1.0 if timeout is None else timeout)
+        cdef bytes topic_b = self._topic(topic)
+        cdef bytes reply_b = None if reply is None else self._topic(reply)
+        cdef Buffer own
+        cdef Buffer *b = &self.packed
+        cdef bytes fallback
+        if self.packing:
+            # Another thread is between packing and queueing (waiting for
+            # room, GIL released): this one packs into a buffer of its own.
+            memset(&own, 0, sizeof(Buffer))
+            b = &own
+        else:
+            self.packing = True
+        try:
+            fallback = pack_payload(b, data)
+            if fallback is not None:
+                self._publish(topic_b, fallback, len(fallback), reply_b, fds or None,
+                              -1.0 if timeout is None else timeout)
+            else:
+                self._publish(topic_b, b.data, b.end, reply_b, fds or None,
+                              -1.0 if timeout is None else timeout)
+        finally:
+            if b == &own:
+                buf_free(&own)
+            else:
+                self.packing = False
+                buf_shrink(&self.packed, PACKED_KEEP)
 
     def publish_many_data(self, items):
         """Bus.publish_many: pack every (topic, data) first, then queue them
         in order, so data msgpack cannot encode leaves nothing half-sent."""
-        self.publish_batch([(self._topic(topic), self._pack(data)) for topic, data in items])
+        self.publish_batch([(self._topic(topic), encode(data)) for topic, data in items])
 
     cdef bytes _topic(self, topic):
         cdef object cached
@@ -497,25 +520,14 @@ cdef class ClientIO:
             self.topic_cache[topic] = encoded
         return encoded
 
-    cdef bytes _pack(self, data):
-        # pack() can run Python code (dict subclasses, __index__), letting
-        # another thread in: that one packs with a fresh Packer instead.
-        if self.packing:
-            return msgpack.packb(data)
-        self.packing = True
-        try:
-            return self.packer.pack(data)
-        finally:
-            self.packing = False
-
     def publish(self, bytes topic, bytes payload, bytes reply=None, fds=None,
                 double timeout=-1.0):
         """Queue a PUB frame of encoded topic and payload; blocks while the
         buffer is full (back-pressure)."""
-        self._publish(topic, payload, reply, fds, timeout)
+        self._publish(topic, payload, len(payload), reply, fds, timeout)
 
-    cdef int _publish(self, bytes topic, bytes payload, bytes reply, object fds,
-                      double timeout) except -1:
+    cdef int _publish(self, bytes topic, const char *payload, size_t payload_len,
+                      bytes reply, object fds, double timeout) except -1:
         cdef int dup_fds[MAX_FDS_PER_FRAME]
         cdef int nfds = 0
         cdef int status
@@ -528,7 +540,7 @@ cdef class ClientIO:
             nfds = duplicate_fds(fds, dup_fds, self.is_unix)
         try:
             status = self._append(K_PUB, 0, topic, len(topic), reply_p, reply_len,
-                                  payload, len(payload), dup_fds, nfds, timeout)
+                                  payload, payload_len, dup_fds, nfds, timeout)
         except BaseException:       # interrupted (Ctrl-C) while waiting for room
             status = APPEND_CLOSED
             for i in range(nfds):
@@ -537,7 +549,7 @@ cdef class ClientIO:
         if status != APPEND_OK:
             for i in range(nfds):
                 close(dup_fds[i])
-            self._raise_append(status, len(topic) + reply_len + len(payload))
+            self._raise_append(status, len(topic) + reply_len + payload_len)
         return 0
 
     def publish_batch(self, list frames, double timeout=-1.0):

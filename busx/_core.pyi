@@ -30,6 +30,9 @@ def encode_frame(
 def decode(raw: bytes) -> Any:
     """What msg.data returns: msgpack.unpackb(raw, strict_map_key=False)."""
 
+def encode(value: Any) -> bytes:
+    """What Bus.publish sends for value: msgpack.packb(value)."""
+
 @final
 class FrameDecoder:
     """Incremental frame decoder; raises ProtocolError on a malformed or

@@ -36,6 +36,35 @@ def test_full_buffer_publisher_keeps_going(tmp_path, max_buffer):
     broker.stop()
 
 
+@pytest.mark.timeout(60)
+def test_threads_publishing_into_a_full_buffer_keep_their_payloads_intact(broker):
+    # A publisher waiting for room still holds the connection's packing
+    # buffer; the other threads must pack elsewhere, not over its payload.
+    threads, count = 4, 3_000
+    with busx.connect(broker.url, max_buffer=16 << 10) as pub, busx.connect(broker.url) as sub_bus:
+        sub = sub_bus.subscribe("mt.*")
+        pub.flush()
+
+        def publish(n):
+            for i in range(count):
+                pub.publish(f"mt.{n}", {"n": n, "i": i, "fill": str(n) * (i % 3000)})
+
+        workers = [threading.Thread(target=publish, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        next_i = [0] * threads
+        while sum(next_i) < threads * count:
+            for msg in sub.recv_many(timeout=30):
+                data = msg.data
+                n = data["n"]
+                assert msg.topic == f"mt.{n}"
+                assert data == {"n": n, "i": next_i[n], "fill": str(n) * (next_i[n] % 3000)}
+                next_i[n] += 1
+        for worker in workers:
+            worker.join(30)
+        assert sub.dropped == 0
+
+
 def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
     import socket
     # A fake broker that completes the handshake and then never reads: the

@@ -20,6 +20,9 @@ cdef enum:
     YIELD_BELOW = 16 * 1024
     ROUTE_CACHE_SLOTS = 4096      # topics remembered by the router; cleared when full
     TOPIC_CACHE_SIZE = 4096       # validated topics a client remembers
+    # Bytes of publish's packing buffer kept between calls; a larger payload
+    # gives its memory back.
+    PACKED_KEEP = 1024 * 1024
 
 cdef enum:
     # uint64 words of control buffer for MAX_FDS_PER_SEND fds:

@@ -149,4 +149,5 @@ cdef extern from "wire.h" nogil:
     # Little-endian loads and stores for the frame header, whatever the host.
     uint32_t busx_load_u32(const char *p)
     void busx_store_u32(char *p, uint32_t v)
+    void busx_store_be(char *p, uint64_t v, int width)
     uint64_t busx_hash(const char *p, size_t n)

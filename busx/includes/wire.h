@@ -1,5 +1,5 @@
-/* Byte order for the frame header (the wire is little-endian) and the topic
- * hash: small inline helpers the Cython core uses. */
+/* Byte order for the frame header (the wire is little-endian) and msgpack
+ * (big-endian), and the topic hash: small inline helpers the Cython core uses. */
 #ifndef BUSX_WIRE_H
 #define BUSX_WIRE_H
 #include <stdint.h>
@@ -19,6 +19,14 @@ static inline void busx_store_u32(char *p, uint32_t v) {
     v = __builtin_bswap32(v);
 #endif
     memcpy(p, &v, 4);
+}
+
+/* The low `width` bytes of v, most significant first: msgpack's byte order. */
+static inline void busx_store_be(char *p, uint64_t v, int width) {
+    for (int i = width - 1; i >= 0; i--) {
+        p[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
 }
 
 /* FNV-1a: topics are short, so a simple hash beats anything clever. */
