@@ -115,7 +115,7 @@ static int publish(int fd, long count, size_t size) {
 }
 
 static int subscribe(int fd, long count) {
-    enum { CHUNK = 1 << 20 };
+    enum { CHUNK = 16 << 20 };     /* room for the largest frame the broker allows */
     unsigned char sub[64], *buf = malloc(CHUNK);
     size_t have = 0;
     long seen = 0;
