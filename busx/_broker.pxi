@@ -49,6 +49,10 @@ cdef struct Conn:
     bint dirty              # on the broker's dirty list: has output to try
     bint want_out           # EPOLLOUT armed
     bint owes_drop_report   # some subscription has drops to report
+    bint payload_fds        # takes large payloads as memfds (said so in CONNECT)
+    # Payload bytes in memfds queued or sent to this client and not yet
+    # reported received (K_RECEIVED): they count against max_pending.
+    size_t fd_bytes_unreceived
     double closing_since
     Buffer rbuf
     Buffer wbuf
@@ -105,6 +109,18 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
                      payload.data + payload.start, buf_len(&payload), 0, 0)
     buf_free(&payload)
     return rc
+
+
+cdef inline size_t pending_bytes(const Conn *c) noexcept nogil:
+    """What c's subscriber has yet to take: queued bytes and memfd payloads."""
+    return buf_len(&c.wbuf) + c.fd_bytes_unreceived
+
+
+cdef struct FdPayload:
+    # A routed PUB's payload carried in a memfd (F_PAYLOAD_FD).
+    int fd                  # the memfd, the frame's last fd; -1: the payload is inline
+    size_t size
+    bint loaded             # BrokerLoop.fd_payload holds its bytes (for TCP clients)
 
 
 cdef inline unsigned long long stream_end(Conn *c) noexcept nogil:
@@ -178,6 +194,7 @@ cdef class BrokerLoop:
     cdef Router router
     cdef size_t max_pending
     cdef size_t max_frame
+    cdef Buffer fd_payload      # a memfd payload read for inline delivery (see _load_payload)
     cdef bint disconnect_slow
     cdef bint check_publish     # a policy is loaded: ask it about each new topic
     cdef volatile int stop_requested
@@ -505,6 +522,9 @@ cdef class BrokerLoop:
             self._unsubscribe(c, f.id)
         elif f.kind == K_STATS:
             self._stats(c, f)
+        elif f.kind == K_RECEIVED and f.payload_len == 8:
+            c.fd_bytes_unreceived -= min(busx_load_u64(f.payload), c.fd_bytes_unreceived)
+            self._mark_dirty(c)         # room again: owed drop reports may go out
         else:
             self._fail(c, b"protocol", b"unexpected frame kind from a client")
 
@@ -517,12 +537,15 @@ cdef class BrokerLoop:
 
     cdef int _py_connect(self, Conn *c, FrameView *f) noexcept with gil:
         """Python checks the CONNECT (token proof, policy) and returns
-        (accepted, reply frame bytes, sender stamp). 1 when accepted."""
+        (accepted, reply frame bytes, sender stamp, takes payload memfds).
+        1 when accepted."""
         try:
-            accepted, reply, stamp = self.handler.on_connect(c.id, f.payload[:f.payload_len])
+            accepted, reply, stamp, payload_fds = self.handler.on_connect(
+                c.id, f.payload[:f.payload_len])
             self._queue_bytes(c, reply)
             if not accepted:
                 return 0
+            c.payload_fds = payload_fds
             c.stamp_len = len(stamp)
             memcpy(c.stamp, <char *>stamp, c.stamp_len)
             return 1
@@ -534,14 +557,19 @@ cdef class BrokerLoop:
 
     cdef void _route(self, Conn *src, FrameView *f) noexcept nogil:
         cdef RouteSlot *slot
-        cdef int fds[MAX_FDS_PER_FRAME]
+        cdef int fds[MAX_FDS_ON_WIRE]
+        cdef FdPayload big
         cdef int k
         for k in range(f.nfds):
             fds[k] = fdq_pop(&src.in_fds)
-        if (src.last_slot != NULL and src.last_generation == self.router.generation
+        big.fd = -1
+        big.loaded = False
+        if f.flags & F_PAYLOAD_FD and not self._take_payload_fd(src, f, fds, &big):
+            pass
+        elif (src.last_slot != NULL and src.last_generation == self.router.generation
                 and f.topic_len == src.last_topic_len
                 and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
-            self._deliver_all(src, f, src.last_slot, fds)
+            self._deliver_all(src, f, src.last_slot, fds, &big)
         elif not self._topic_ok(src, f):
             self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
         elif self.check_publish and not self._may_publish(src, f):
@@ -555,19 +583,42 @@ cdef class BrokerLoop:
                 src.last_topic_len = f.topic_len
                 src.last_slot = slot
                 src.last_generation = self.router.generation
-                self._deliver_all(src, f, slot, fds)
+                self._deliver_all(src, f, slot, fds, &big)
         for k in range(f.nfds):
             close(fds[k])
+        if big.loaded:
+            self.fd_payload.start = self.fd_payload.end = 0
+            buf_shrink(&self.fd_payload, READ_CHUNK)
+
+    cdef bint _take_payload_fd(self, Conn *src, FrameView *f, int *fds,
+                               FdPayload *big) noexcept nogil:
+        """Check a F_PAYLOAD_FD frame: its last fd must be a sealed memfd of
+        the size it announces, within max_frame. Closes the sender if not."""
+        if f.payload_len != 8 or f.nfds == 0:
+            self._fail(src, b"protocol", b"a payload-fd frame carries an 8-byte size and the fd")
+            return False
+        big.size = busx_load_u64(f.payload)
+        if frame_size(f.topic_len, f.reply_len, 0, big.size) > self.max_frame:
+            self._fail(src, b"too-large", b"payload fd larger than max_frame")
+            return False
+        if not payload_fd_ok(fds[f.nfds - 1], big.size):
+            self._fail(src, b"protocol", b"a payload fd must be a memfd of the announced size, "
+                                         b"sealed against writing, shrinking and growing")
+            return False
+        big.fd = fds[f.nfds - 1]
+        src.bytes_in += big.size
+        self.bytes_in += big.size
+        return True
 
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
-                           int *fds) noexcept nogil:
+                           int *fds, FdPayload *big) noexcept nogil:
         """Deliver to every matching subscription; one member per queue group."""
         cdef size_t i = 0, j, group_end
         src.msgs_in += 1
         self.msgs_in += 1
         while i < slot.nsubs:
             if slot.subs[i].queue == 0:
-                self._deliver(slot.subs[i], src, f, fds)
+                self._deliver(slot.subs[i], src, f, fds, big)
                 i += 1
                 continue
             group_end = i + 1
@@ -575,7 +626,7 @@ cdef class BrokerLoop:
                 group_end += 1
             j = i + self.rr_counter % (group_end - i)     # round robin
             self.rr_counter += 1
-            self._deliver(slot.subs[j], src, f, fds)
+            self._deliver(slot.subs[j], src, f, fds, big)
             i = group_end
 
     cdef bint _topic_ok(self, Conn *src, FrameView *f) noexcept nogil:
@@ -635,12 +686,16 @@ cdef class BrokerLoop:
             self._report(exc)
             return False
 
-    cdef void _deliver(self, Subscription *s, Conn *src, FrameView *f,
-                       int *fds) noexcept nogil:
+    cdef void _deliver(self, Subscription *s, Conn *src, FrameView *f, int *fds,
+                       FdPayload *big) noexcept nogil:
         cdef Conn *dst = <Conn *>s.conn
-        cdef size_t size = frame_size(f.topic_len, f.reply_len, src.stamp_len, f.payload_len)
-        cdef size_t pending = buf_len(&dst.wbuf)
+        cdef const char *payload = f.payload
+        cdef size_t payload_len = f.payload_len if big.fd < 0 else big.size
+        cdef size_t size = frame_size(f.topic_len, f.reply_len, src.stamp_len, payload_len)
+        cdef size_t pending = pending_bytes(dst)
+        cdef int user_fds = f.nfds - (big.fd >= 0)
         cdef int k, copy
+        cdef uint8_t flags = 0
         cdef uint8_t sent_fds = 0
         cdef uint8_t lost_fds = 0
         self.budget -= 1
@@ -650,7 +705,7 @@ cdef class BrokerLoop:
             self._slow_consumer(dst, s)
             return
         if dst.is_unix:
-            for k in range(f.nfds):
+            for k in range(user_fds):
                 copy = fcntl(fds[k], F_DUPFD_CLOEXEC, 0)
                 if copy < 0 or fdq_push(&dst.out_fds, stream_end(dst), copy) < 0:
                     if copy >= 0:
@@ -659,15 +714,52 @@ cdef class BrokerLoop:
                 else:
                     sent_fds += 1
         else:
-            lost_fds = f.nfds
-        if write_frame(&dst.wbuf, K_MSG, 0, s.sid, f.topic, f.topic_len, f.reply, f.reply_len,
-                       src.stamp, src.stamp_len, f.payload, f.payload_len,
+            lost_fds = user_fds
+        if big.fd >= 0:
+            if dst.payload_fds and self._pass_payload_fd(dst, big):
+                flags = F_PAYLOAD_FD
+                payload_len = f.payload_len
+                sent_fds += 1
+            elif self._load_payload(big):
+                payload = self.fd_payload.data
+            else:
+                self._fail(dst, b"internal", b"broker could not read a payload memfd")
+                return
+        if write_frame(&dst.wbuf, K_MSG, flags, s.sid, f.topic, f.topic_len, f.reply,
+                       f.reply_len, src.stamp, src.stamp_len, payload, payload_len,
                        sent_fds, lost_fds) < 0:
             self._fail(dst, b"internal", b"broker out of memory")
             return
         dst.msgs_out += 1
         self.msgs_out += 1
         self._mark_dirty(dst)
+
+    cdef bint _pass_payload_fd(self, Conn *dst, FdPayload *big) noexcept nogil:
+        """Queue a duplicate of the payload memfd for dst, counted against its
+        max_pending until dst reports it received."""
+        cdef int copy = fcntl(big.fd, F_DUPFD_CLOEXEC, 0)
+        if copy < 0:
+            return False
+        if fdq_push(&dst.out_fds, stream_end(dst), copy, big.size) < 0:
+            close(copy)
+            return False
+        dst.fd_bytes_unreceived += big.size
+        dst.bytes_out += big.size
+        self.bytes_out += big.size
+        return True
+
+    cdef bint _load_payload(self, FdPayload *big) noexcept nogil:
+        """The memfd's bytes in fd_payload, read once per message, for the
+        clients that take payloads inline (TCP, or out of fds)."""
+        if big.loaded:
+            return True
+        self.fd_payload.start = self.fd_payload.end = 0
+        if (buf_reserve(&self.fd_payload, big.size) < 0
+                or read_payload_fd(big.fd, self.fd_payload.data, big.size) < 0):
+            return False
+        self.fd_payload.end = big.size
+        big.loaded = True
+        return True
 
     cdef void _slow_consumer(self, Conn *dst, Subscription *s) noexcept nogil:
         if self.disconnect_slow:
@@ -689,6 +781,7 @@ cdef class BrokerLoop:
         cdef unsigned long long at = c.next_frame
         cdef unsigned long long end = stream_end(c)
         cdef const char *frame
+        cdef size_t held = c.out_fds.held
         while at < end:
             frame = c.wbuf.data + c.wbuf.start + (at - c.wbuf_sent)
             if frame[4] == K_MSG:
@@ -696,9 +789,8 @@ cdef class BrokerLoop:
                 self.dropped += 1
             at += busx_load_u32(frame) + 4
         c.wbuf.end = c.wbuf.start + (c.next_frame - c.wbuf_sent)
-        while fdq_len(&c.out_fds) and c.out_fds.items[c.out_fds.tail - 1].offset >= c.next_frame:
-            c.out_fds.tail -= 1
-            close(c.out_fds.items[c.out_fds.tail].fd)
+        fdq_close_from(&c.out_fds, c.next_frame)
+        c.fd_bytes_unreceived -= held - c.out_fds.held
 
     cdef void _report_drops(self, Conn *c) noexcept nogil:
         """Tell the client, per subscription, how many messages were dropped."""
@@ -871,7 +963,7 @@ cdef class BrokerLoop:
             c.wbuf_sent += n
             c.bytes_out += n
             self.bytes_out += n
-            if c.owes_drop_report and buf_len(&c.wbuf) <= self.max_pending // 2:
+            if c.owes_drop_report and pending_bytes(c) <= self.max_pending // 2:
                 self._report_drops(c)
         if buf_len(&c.wbuf) == 0:
             buf_shrink(&c.wbuf, WRITE_CHUNK)
@@ -1026,6 +1118,7 @@ cdef class BrokerLoop:
         free(self.conns)
         self.conns = NULL
         self.conns_cap = 0
+        buf_free(&self.fd_payload)
         if self.wake_fd >= 0:
             close(self.wake_fd)
             self.wake_fd = -1
@@ -1053,7 +1146,7 @@ cdef class BrokerLoop:
             if c.state != CS_READY:
                 continue
             connections.append({
-                "id": c.id, "subscriptions": c.nsubs, "pending_bytes": buf_len(&c.wbuf),
+                "id": c.id, "subscriptions": c.nsubs, "pending_bytes": pending_bytes(c),
                 "msgs_in": c.msgs_in, "msgs_out": c.msgs_out, "bytes_in": c.bytes_in,
                 "bytes_out": c.bytes_out, "dropped": c.dropped,
             })

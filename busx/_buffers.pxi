@@ -86,6 +86,7 @@ cdef void buf_free(Buffer *b) noexcept nogil:
 cdef struct QueuedFd:
     unsigned long long offset
     int fd
+    size_t held         # bytes of payload this fd carries (a payload memfd), else 0
 
 
 cdef struct FdQueue:
@@ -93,13 +94,15 @@ cdef struct FdQueue:
     size_t head
     size_t tail
     size_t cap
+    size_t held         # sum of the queued fds' held bytes
 
 
 cdef inline size_t fdq_len(const FdQueue *q) noexcept nogil:
     return q.tail - q.head
 
 
-cdef int fdq_push(FdQueue *q, unsigned long long offset, int fd) noexcept nogil:
+cdef int fdq_push(FdQueue *q, unsigned long long offset, int fd,
+                  size_t held=0) noexcept nogil:
     cdef size_t n = q.tail - q.head
     cdef QueuedFd *grown
     if q.tail == q.cap:
@@ -115,6 +118,8 @@ cdef int fdq_push(FdQueue *q, unsigned long long offset, int fd) noexcept nogil:
             q.cap = q.cap * 2 + 16
     q.items[q.tail].offset = offset
     q.items[q.tail].fd = fd
+    q.items[q.tail].held = held
+    q.held += held
     q.tail += 1
     return 0
 
@@ -124,6 +129,7 @@ cdef inline int fdq_pop(FdQueue *q) noexcept nogil:
     if q.head == q.tail:
         return -1
     fd = q.items[q.head].fd
+    q.held -= q.items[q.head].held
     q.head += 1
     if q.head == q.tail:
         q.head = 0
@@ -137,6 +143,14 @@ cdef void fdq_close_all(FdQueue *q) noexcept nogil:
     while fd >= 0:
         close(fd)
         fd = fdq_pop(q)
+
+
+cdef void fdq_close_from(FdQueue *q, unsigned long long offset) noexcept nogil:
+    """Close the queued fds of the frames at stream offset `offset` and later."""
+    while q.tail > q.head and q.items[q.tail - 1].offset >= offset:
+        q.tail -= 1
+        q.held -= q.items[q.tail].held
+        close(q.items[q.tail].fd)
 
 
 cdef void fdq_free(FdQueue *q) noexcept nogil:

@@ -55,6 +55,7 @@ cdef class ClientIO:
     cdef int wake_fd
     cdef int notify_fd
     cdef bint is_unix
+    cdef bint payload_fds       # the broker takes large payloads as memfds
     cdef size_t max_buffer
     cdef size_t max_frame
     cdef pthread_mutex_t lock
@@ -69,6 +70,8 @@ cdef class ClientIO:
     cdef unsigned long long events_seq
     cdef bint reading_paused    # I/O thread stopped reading: inbox + held reached max_buffer
     cdef size_t held            # bytes of messages waiting in MessageQueues (Python side)
+    cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
+    cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
     cdef int round_trips        # answers awaited: read on past max_buffer to reach them
     cdef double last_append     # CLOCK_MONOTONIC ms of the last frame queued
     cdef bint forked            # this is a fork()ed child's copy: touch nothing shared
@@ -157,11 +160,13 @@ cdef class ClientIO:
 
     # ---- connection lifecycle (Python side) ----
 
-    def attach(self, int fd, bint is_unix, bytes prologue, size_t max_frame):
+    def attach(self, int fd, bint is_unix, bytes prologue, size_t max_frame,
+               bint payload_fds=False):
         """Start using fd (connected, handshake done; this object owns it from
         now on). prologue (re-subscriptions) goes out before anything still
         buffered from a previous connection; a frame the previous connection
-        cut in half is dropped whole."""
+        cut in half is dropped whole. payload_fds: the broker takes large
+        payloads as memfds."""
         cdef epoll_event ev
         cdef Buffer fresh
         cdef size_t boundary
@@ -181,6 +186,7 @@ cdef class ClientIO:
             fdq_close_all(&self.recv_fds)
             self.fd = fd
             self.is_unix = is_unix
+            self.payload_fds = payload_fds and is_unix
             self.max_frame = max_frame
             self.want_out = True
             self.reading_paused = False
@@ -260,7 +266,7 @@ cdef class ClientIO:
     @property
     def held_bytes(self):
         """Bytes of received messages queued for Python (inbox and queues)."""
-        return buf_len(&self.inbox) + self.held
+        return buf_len(&self.inbox) + self.inbox_fd_bytes + self.held
 
     @property
     def unsent_bytes(self):
@@ -378,6 +384,7 @@ cdef class ClientIO:
         cdef bint truncated = False
         cdef ssize_t n
         cdef size_t whole
+        cdef size_t fd_bytes = 0
         cdef uint64_t one = 1
         cdef bint was_empty
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
@@ -399,7 +406,7 @@ cdef class ClientIO:
         if n == 0:
             return RUN_EOF
         self.rbuf.end += n
-        whole = self._whole_frames()
+        whole = self._whole_frames(&fd_bytes)
         if whole == <size_t>-1:
             return RUN_PROTOCOL
         if whole == 0 and fdq_len(&self.recv_fds) == 0:
@@ -408,6 +415,8 @@ cdef class ClientIO:
         while fdq_len(&self.recv_fds):
             fdq_push(&self.in_fds, 0, fdq_pop(&self.recv_fds))
         if whole:
+            if fd_bytes:
+                self._report_fd_bytes(fd_bytes)
             was_empty = buf_len(&self.inbox) == 0
             if was_empty:
                 # Hand the chunk over without copying; keep only the tail.
@@ -429,6 +438,15 @@ cdef class ClientIO:
         pthread_mutex_unlock(&self.lock)
         return -1
 
+    cdef void _report_fd_bytes(self, size_t fd_bytes) noexcept nogil:
+        """Payload memfds arrived: they count against max_buffer here now, so
+        tell the broker, which counts them against max_pending until then.
+        Lock held; the loop's next _write sends it."""
+        cdef char received[8]
+        self.inbox_fd_bytes += fd_bytes
+        busx_store_u64(received, fd_bytes)
+        write_frame(&self.out, K_RECEIVED, 0, 0, NULL, 0, NULL, 0, NULL, 0, received, 8, 0, 0)
+
     cdef void _signal_events(self) noexcept nogil:
         """Something for Python: frames arrived or the state changed. Wakes
         blocked threads and, through the eventfd, asyncio. Lock held."""
@@ -442,7 +460,8 @@ cdef class ClientIO:
         """Received, unread bytes (inbox and message queues) reached max_buffer.
         Never while a round trip waits: its answer may sit behind messages
         nobody reads yet, and the broker's max_pending still bounds them."""
-        return self.round_trips == 0 and buf_len(&self.inbox) + self.held >= self.max_buffer
+        return (self.round_trips == 0
+                and buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer)
 
     def begin_round_trip(self):
         self.round_trips += 1
@@ -457,8 +476,9 @@ cdef class ClientIO:
         if self.reading_paused and not self.forked and not self._receive_full():
             write(self.wake_fd, &one, 8)
 
-    cdef size_t _whole_frames(self) noexcept nogil:
-        """Bytes of whole frames at the front of rbuf; (size_t)-1 if malformed."""
+    cdef size_t _whole_frames(self, size_t *fd_bytes) noexcept nogil:
+        """Bytes of whole frames at the front of rbuf, adding the payload
+        bytes their memfds hold to fd_bytes; (size_t)-1 if malformed."""
         cdef size_t at = 0, avail = buf_len(&self.rbuf)
         cdef FrameView f
         cdef int status
@@ -469,6 +489,10 @@ cdef class ClientIO:
                 return at
             if status != PARSE_OK:
                 return <size_t>-1
+            if f.kind == K_MSG and f.flags & F_PAYLOAD_FD:
+                if f.payload_len != 8 or f.nfds == 0:
+                    return <size_t>-1
+                fd_bytes[0] += busx_load_u64(f.payload)
             at += f.size
             self.frames_in += 1
 
@@ -528,19 +552,33 @@ cdef class ClientIO:
 
     cdef int _publish(self, bytes topic, const char *payload, size_t payload_len,
                       bytes reply, object fds, double timeout) except -1:
-        cdef int dup_fds[MAX_FDS_PER_FRAME]
+        cdef int dup_fds[MAX_FDS_ON_WIRE]
         cdef int nfds = 0
         cdef int status
         cdef const char *reply_p = NULL
         cdef size_t reply_len = 0
+        cdef uint8_t flags = 0
+        cdef size_t held = 0
+        cdef char size_field[8]
         if reply is not None:
             reply_p = reply
             reply_len = len(reply)
+        if frame_size(len(topic), reply_len, 0, payload_len) > self.max_frame:
+            self._raise_append(APPEND_TOO_LARGE, len(topic) + reply_len + payload_len)
         if fds:
             nfds = duplicate_fds(fds, dup_fds, self.is_unix)
+        if self.payload_fds and payload_len >= PAYLOAD_FD_MIN:
+            with nogil:
+                dup_fds[nfds] = payload_memfd(payload, payload_len)
+            if dup_fds[nfds] >= 0:
+                # The frame carries the size; the memfd, its last fd, the bytes.
+                busx_store_u64(size_field, payload_len)
+                flags, held = F_PAYLOAD_FD, payload_len
+                payload, payload_len = size_field, 8
+                nfds += 1
         try:
-            status = self._append(K_PUB, 0, topic, len(topic), reply_p, reply_len,
-                                  payload, payload_len, dup_fds, nfds, timeout)
+            status = self._append(K_PUB, flags, 0, topic, len(topic), reply_p, reply_len,
+                                  payload, payload_len, dup_fds, nfds, held, timeout)
         except BaseException:       # interrupted (Ctrl-C) while waiting for room
             status = APPEND_CLOSED
             for i in range(nfds):
@@ -549,7 +587,7 @@ cdef class ClientIO:
         if status != APPEND_OK:
             for i in range(nfds):
                 close(dup_fds[i])
-            self._raise_append(status, len(topic) + reply_len + payload_len)
+            self._raise_append(status, len(topic) + reply_len + payload_len + held)
         return 0
 
     def publish_batch(self, list frames, double timeout=-1.0):
@@ -560,16 +598,16 @@ cdef class ClientIO:
             if frame_size(len(topic), 0, 0, len(payload)) > self.max_frame:
                 self._raise_append(APPEND_TOO_LARGE, len(topic) + len(payload))
         for topic, payload in frames:
-            status = self._append(K_PUB, 0, topic, len(topic), NULL, 0, payload,
-                                  len(payload), NULL, 0, timeout)
+            status = self._append(K_PUB, 0, 0, topic, len(topic), NULL, 0, payload,
+                                  len(payload), NULL, 0, 0, timeout)
             if status != APPEND_OK:
                 self._raise_append(status, len(topic) + len(payload))
 
     def send_control(self, int kind, unsigned int id, bytes topic=b"", bytes reply=b"",
                      bytes payload=b""):
         """Queue a control frame (SUB, UNSUB, PING, STATS); never blocks."""
-        cdef int status = self._append(kind, id, topic, len(topic), reply, len(reply),
-                                       payload, len(payload), NULL, 0, -2.0)
+        cdef int status = self._append(kind, 0, id, topic, len(topic), reply, len(reply),
+                                       payload, len(payload), NULL, 0, 0, -2.0)
         if status != APPEND_OK:
             self._raise_append(status, len(payload))
 
@@ -588,12 +626,15 @@ cdef class ClientIO:
                                   f"max_frame of {self.max_frame} bytes")
         raise MemoryError()
 
-    cdef int _append(self, uint8_t kind, uint32_t id, const char *topic, size_t topic_len,
-                     const char *reply, size_t reply_len, const char *payload,
-                     size_t payload_len, int *fds, int nfds, double timeout) except? -9:
-        """Queue one frame, waiting for room while the buffer is full.
+    cdef int _append(self, uint8_t kind, uint8_t flags, uint32_t id, const char *topic,
+                     size_t topic_len, const char *reply, size_t reply_len,
+                     const char *payload, size_t payload_len, int *fds, int nfds,
+                     size_t held, double timeout) except? -9:
+        """Queue one frame, waiting for room while the buffer is full. held:
+        payload bytes its last fd carries (a payload memfd), which count
+        against the buffer like queued bytes do.
         timeout: < 0 waits forever; -2 never waits (control frames)."""
-        cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len)
+        cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len) + held
         cdef timespec deadline
         cdef int status
         if size > self.max_frame:
@@ -601,17 +642,18 @@ cdef class ClientIO:
         if timeout >= 0:
             deadline_after(&deadline, timeout)
         while True:
-            status = self._try_append(kind, id, topic, topic_len, reply, reply_len, payload,
-                                      payload_len, fds, nfds, size, timeout == -2.0)
+            status = self._try_append(kind, flags, id, topic, topic_len, reply, reply_len,
+                                      payload, payload_len, fds, nfds, held, size,
+                                      timeout == -2.0)
             if status != APPEND_NO_ROOM:
                 return status
             if not self._sliced(0, &size, &deadline if timeout >= 0 else NULL):
                 return APPEND_TIMEOUT
 
-    cdef int _try_append(self, uint8_t kind, uint32_t id, const char *topic,
+    cdef int _try_append(self, uint8_t kind, uint8_t flags, uint32_t id, const char *topic,
                          size_t topic_len, const char *reply, size_t reply_len,
                          const char *payload, size_t payload_len, int *fds, int nfds,
-                         size_t size, bint ignore_limit) noexcept nogil:
+                         size_t held, size_t size, bint ignore_limit) noexcept nogil:
         """Queue the frame if there is room (or ignore_limit); the mutex is
         never held while waiting for the GIL, so taking it here with the GIL
         held cannot deadlock."""
@@ -627,17 +669,18 @@ cdef class ClientIO:
         elif self.state == CL_FAILED:
             status = APPEND_FAILED
         elif not (ignore_limit or buf_len(&self.out) == 0
-                  or buf_len(&self.out) + size <= self.max_buffer):
+                  or buf_len(&self.out) + self.out_fds.held + size <= self.max_buffer):
             status = APPEND_NO_ROOM
         elif nfds == 0 and self._send_directly(kind, id, topic, topic_len, reply, reply_len,
                                                payload, payload_len, &wake):
             pass
         else:
             for i in range(nfds):
-                if fdq_push(&self.out_fds, self.out.end, fds[i]) < 0:
+                if fdq_push(&self.out_fds, self.out.end, fds[i],
+                            held if i == nfds - 1 else 0) < 0:
                     status = APPEND_NOMEM
             if status == APPEND_OK and write_frame(
-                    &self.out, kind, 0, id, topic, topic_len, reply, reply_len,
+                    &self.out, kind, flags, id, topic, topic_len, reply, reply_len,
                     NULL, 0, payload, payload_len, nfds, 0) < 0:
                 status = APPEND_NOMEM
             if status == APPEND_OK:
@@ -780,15 +823,26 @@ cdef class ClientIO:
             buf_shrink(&self.taken, READ_CHUNK * 2)
             self.last_queue = None
             self.held -= taken_bytes
+            if self.taken_fd_bytes:
+                with nogil:
+                    pthread_mutex_lock(&self.lock)
+                self.inbox_fd_bytes -= self.taken_fd_bytes
+                pthread_mutex_unlock(&self.lock)
+                self.taken_fd_bytes = 0
             self._resume_reading()
         return count
 
     cdef void _dispatch(self, FrameView *f, dict queues) except *:
         cdef Message msg
         cdef MessageQueue queue
-        cdef object fds = ()
+        cdef tuple fds = ()
+        cdef const char *mapped = NULL
+        cdef size_t size = 0
         if f.nfds:
             fds = self._take_fds(f.nfds)
+        if f.flags & F_PAYLOAD_FD:
+            size = busx_load_u64(f.payload)
+            self.taken_fd_bytes += size
         if self.last_queue is None or self.last_sid != f.id:
             queue = queues.get(f.id)
             if queue is None:       # routed before the broker saw our UNSUB
@@ -797,7 +851,16 @@ cdef class ClientIO:
                 return
             self.last_queue = queue
             self.last_sid = f.id
-        msg = Message.__new__(Message)
+        if f.flags & F_PAYLOAD_FD:
+            mapped = self._map_payload_fd(f, fds, size)
+            fds = fds[:max(len(fds) - 1, 0)]
+            if mapped == NULL:
+                self.discarded += 1
+                close_fd_tuple(fds)
+                return
+            msg = new_message(None, mapped, size)
+        else:
+            msg = new_message(f.payload[:f.payload_len], NULL, f.payload_len)
         if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len
                 or memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) != 0):
             self.last_topic_b = f.topic[:f.topic_len]
@@ -807,12 +870,28 @@ cdef class ClientIO:
                 or memcmp(<char *>self.last_stamp, f.stamp, f.stamp_len) != 0):
             self.last_stamp = f.stamp[:f.stamp_len]
         msg.stamp = self.last_stamp
-        msg.raw = f.payload[:f.payload_len]
         msg.reply_to = f.reply[:f.reply_len].decode("utf-8") if f.reply_len else None
         msg.fds = fds
         msg.fds_lost = f.fds_lost
         msg.bus = self.bus
         self.last_queue.push(msg)
+
+    cdef const char *_map_payload_fd(self, FrameView *f, tuple fds, size_t size):
+        """Map the payload a F_PAYLOAD_FD frame carries in its last fd, which
+        this closes; NULL if that fd is missing or not a sealed memfd of
+        `size` bytes (never from a busx broker). The seals make the mapping
+        safe: nobody can truncate the file under it."""
+        cdef void *mapped = MAP_FAILED
+        cdef int fd
+        if not fds:
+            return NULL
+        fd = fds[len(fds) - 1]
+        if len(fds) == f.nfds and size and payload_fd_ok(fd, size):
+            mapped = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
+        close(fd)
+        if mapped == MAP_FAILED:
+            return NULL
+        return <const char *>mapped
 
     cdef tuple _take_fds(self, int count):
         cdef list fds = []

@@ -20,10 +20,14 @@ cdef enum FrameKind:
     K_ERROR = 11     # broker -> client: msgpack {code, message, ...}; id = refers to
     K_DROPPED = 12   # broker -> client: id = subscription, payload msgpack count
     K_STATS = 13     # client -> broker request (id = seq) / broker -> client reply
-    KIND_LIMIT = 14
+    K_RECEIVED = 14  # client -> broker: payload u64, bytes of payload memfds received
+    KIND_LIMIT = 15
 
 cdef enum FrameFlag:
     F_FATAL = 1      # on ERROR: the broker closes the connection after it
+    # On PUB and MSG: the payload is in a sealed memfd, the frame's last fd;
+    # the inline payload is its size, u64 (docs/protocol.md, large payloads).
+    F_PAYLOAD_FD = 2
 
 
 cdef enum ParseStatus:
@@ -73,7 +77,7 @@ cdef int parse_frame(const char *p, size_t avail, size_t max_frame,
     f.fds_lost = <uint8_t>p[10]
     sections = <size_t>f.topic_len + f.reply_len + f.stamp_len
     if (p[11] != 0 or f.kind == 0 or f.kind >= KIND_LIMIT
-            or HEADER_SIZE + sections > size or f.nfds > MAX_FDS_PER_FRAME):
+            or HEADER_SIZE + sections > size or f.nfds > MAX_FDS_ON_WIRE):
         return PARSE_MALFORMED
     if avail < size:
         return PARSE_NEED_MORE
@@ -140,7 +144,7 @@ def encode_frame(int kind, bytes topic=b"", bytes payload=b"", *, unsigned int i
     cdef Buffer b
     if len(topic) > MAX_NAME or len(reply) > MAX_NAME or len(stamp) > MAX_NAME:
         raise ValueError("topic, reply and stamp are at most 255 bytes each")
-    if not (0 < kind < 256 and 0 <= flags < 256 and 0 <= nfds <= MAX_FDS_PER_FRAME
+    if not (0 < kind < 256 and 0 <= flags < 256 and 0 <= nfds <= MAX_FDS_ON_WIRE
             and 0 <= fds_lost < 256):
         raise ValueError("kind, flags, nfds or fds_lost out of range")
     if frame_size(len(topic), len(reply), len(stamp), len(payload)) > 0xFFFFFFFF:

@@ -26,9 +26,13 @@ cdef object decode_stamp(bytes stamp):
 
 cdef class Message:
     """A received message. `data` is decoded from `raw` on first access;
-    `sender` is stamped by the broker; `fds` are owned by the receiver."""
+    `sender` is stamped by the broker; `fds` are owned by the receiver. A
+    payload that came in a memfd stays mapped until `raw` is asked for, so
+    `data` decodes it in place."""
     cdef readonly str topic
-    cdef readonly bytes raw
+    cdef bytes _raw
+    cdef const char *mapped     # the payload memfd's bytes, or NULL
+    cdef size_t size            # payload bytes
     cdef readonly object reply_to
     cdef readonly tuple fds
     cdef readonly int fds_lost
@@ -40,10 +44,23 @@ cdef class Message:
         self._data = _UNDECODED
         self.fds = ()
 
+    def __dealloc__(self):
+        if self.mapped != NULL:
+            munmap(<void *>self.mapped, self.size)
+
+    @property
+    def raw(self):
+        if self._raw is None:
+            self._raw = PyBytes_FromStringAndSize(self.mapped, self.size)
+        return self._raw
+
     @property
     def data(self):
         if self._data is _UNDECODED:
-            self._data = decode_payload(self.raw)
+            if self._raw is None:
+                self._data = decode_payload(self.mapped, self.size, None)
+            else:
+                self._data = decode_payload(self._raw, len(self._raw), self._raw)
         return self._data
 
     @property
@@ -60,6 +77,16 @@ cdef class Message:
         return f"Message(topic={self.topic!r}, raw={self.raw[:40]!r}, sender={self.sender})"
 
 
+cdef Message new_message(bytes raw, const char *mapped, size_t size):
+    """A Message whose payload is raw, or else size bytes mapped at mapped,
+    which it unmaps when it dies."""
+    cdef Message msg = Message.__new__(Message)
+    msg._raw = raw
+    msg.mapped = mapped
+    msg.size = size
+    return msg
+
+
 cdef class MessageQueue:
     """FIFO of Messages for one subscription. push and pop are C calls. Its
     bytes count against the owning connection's receive limit (max_buffer)."""
@@ -74,7 +101,7 @@ cdef class MessageQueue:
 
     cdef void push(self, Message msg) except *:
         self.items.append(msg)
-        self.owner.held += len(msg.raw)
+        self.owner.held += msg.size
 
     def __len__(self):
         return len(self.items) - self.head
@@ -87,7 +114,7 @@ cdef class MessageQueue:
         msg = self.items[self.head]
         self.items[self.head] = None
         self.head += 1
-        self._release((<Message>msg).raw)
+        self._release((<Message>msg).size)
         if self.head == len(self.items):
             self.items = []
             self.head = 0
@@ -103,7 +130,7 @@ cdef class MessageQueue:
         cdef Message msg
         cdef size_t size = 0
         for i in range(self.head, end):
-            size += len((<Message>self.items[i]).raw)
+            size += (<Message>self.items[i]).size
         self.owner.held -= size
         self.owner._resume_reading()
         if self.head == 0 and end == len(self.items):
@@ -119,8 +146,8 @@ cdef class MessageQueue:
             self.head = 0
         return batch
 
-    cdef inline void _release(self, bytes raw) noexcept:
-        self.owner.held -= len(raw)
+    cdef inline void _release(self, size_t size) noexcept:
+        self.owner.held -= size
         if self.owner.reading_paused:
             self.owner._resume_reading()
 
@@ -130,7 +157,7 @@ cdef class MessageQueue:
         cdef Message msg
         for msg in self.items[self.head:]:
             close_fd_tuple(msg.fds)
-            self.owner.held -= len(msg.raw)
+            self.owner.held -= msg.size
             self.owner.discarded += 1
         self.items = []
         self.head = 0

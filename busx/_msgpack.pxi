@@ -4,7 +4,7 @@
 # bytes, unhashable keys, deep nesting - goes to msgpack.unpackb, so results
 # and errors are exactly msgpack's (tests/test_decode.py holds them equal).
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_New, PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
@@ -163,22 +163,25 @@ cdef object decode_key(Reader *r, int depth):
     return key
 
 
-cdef object decode_payload(bytes raw):
-    """msgpack.unpackb(raw, strict_map_key=False), faster for common data."""
+cdef object decode_payload(const char *payload, size_t size, bytes raw):
+    """msgpack.unpackb(payload[:size], strict_map_key=False), faster for
+    common data; raw: those bytes as an object, if there is one already."""
     cdef Reader r
     cdef object value
-    r.p = <const unsigned char *><const char *>raw
-    r.end = r.p + len(raw)
+    r.p = <const unsigned char *>payload
+    r.end = r.p + size
     try:
         value = decode_value(&r, 0)
         if r.p == r.end:
             return value
     except (_SlowPath, UnicodeDecodeError, TypeError):
         pass
+    if raw is None:
+        raw = PyBytes_FromStringAndSize(payload, size)
     return PyObject_Call(_unpackb, (raw,), _UNPACK_OPTIONS)
 
 
 def decode(bytes raw):
     """What msg.data returns for a payload: msgpack.unpackb(raw,
     strict_map_key=False), with a C fast path."""
-    return decode_payload(raw)
+    return decode_payload(raw, len(raw), raw)

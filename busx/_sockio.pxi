@@ -100,3 +100,55 @@ cdef ssize_t recv_with_fds(int fd, char *buf, size_t capacity, FdQueue *fds,
     if msg.msg_flags & MSG_CTRUNC:
         truncated[0] = True
     return n
+
+
+# Large payloads over UNIX travel in a memfd sealed against every change, so
+# the broker passes the fd on instead of copying the bytes through the kernel
+# twice, and no reader can see them change or shrink (docs/protocol.md).
+cdef enum:
+    PAYLOAD_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+
+
+cdef int payload_memfd(const char *payload, size_t size) noexcept nogil:
+    """A sealed memfd holding payload; -1 if the system cannot make one (the
+    caller then sends the payload inline)."""
+    cdef int fd = memfd_create(b"busx-payload", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+    cdef size_t done = 0
+    cdef ssize_t n
+    if fd < 0:
+        return -1
+    while done < size:
+        n = write(fd, payload + done, size - done)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            close(fd)
+            return -1
+        done += n
+    if fcntl(fd, F_ADD_SEALS, PAYLOAD_SEALS | F_SEAL_SEAL) < 0:
+        close(fd)
+        return -1
+    return fd
+
+
+cdef bint payload_fd_ok(int fd, size_t size) noexcept nogil:
+    """Whether fd is a memfd of exactly size bytes that nobody can change."""
+    cdef int seals = fcntl(fd, F_GET_SEALS)
+    cdef struct_stat st
+    return (seals >= 0 and (seals & PAYLOAD_SEALS) == PAYLOAD_SEALS
+            and fstat(fd, &st) == 0 and <size_t>st.st_size == size)
+
+
+cdef int read_payload_fd(int fd, char *into, size_t size) noexcept nogil:
+    """Copy a payload memfd's bytes into `into`; -1 if it holds fewer. pread:
+    every receiver shares the file offset, so none may move it."""
+    cdef size_t done = 0
+    cdef ssize_t n
+    while done < size:
+        n = pread(fd, into + done, size - done, done)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            return -1
+        done += n
+    return 0

@@ -378,28 +378,30 @@ class Broker:
             "max_frame": self.max_frame, "host": host_identity(), "instance": self._instance,
             "unix_path": self.unix_path, "nonce": peer.nonce, "transport": peer.transport,
             "auth": peer.transport == "tcp" and bool(self.tokens),
+            "payload_fds": peer.transport == "unix",
         }
         return protocol.PREAMBLE + protocol.encode_frame(protocol.HELLO, payload=pack(hello))
 
-    def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes]:
+    def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes, bool]:
         peer = self._peers[conn_id]
         try:
             request = unpack(payload)
             if not isinstance(request, dict):
                 raise ValueError("CONNECT payload is not a map")
         except Exception:
-            return False, error_frame("protocol", "CONNECT payload is not valid msgpack"), b""
+            return False, error_frame("protocol", "CONNECT payload is not valid msgpack"), b"", False
         name = request.get("name")
         peer.name = name if isinstance(name, str) else None
         if peer.transport == "tcp" and self.tokens:
             refusal = self._authenticate(peer, request)
             if refusal:
                 log.warning("connection %d from %s: %s", conn_id, peer.address, refusal)
-                return False, error_frame("auth", refusal), b""
+                return False, error_frame("auth", refusal), b"", False
         if self.policy is not None:
             peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
         ready = protocol.encode_frame(protocol.READY, payload=pack({"id": conn_id}))
-        return True, ready, peer.stamp()
+        payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
+        return True, ready, peer.stamp(), payload_fds
 
     def _authenticate(self, peer: Peer, request: dict) -> Optional[str]:
         identity, proof = request.get("identity"), request.get("proof")

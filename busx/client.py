@@ -261,7 +261,7 @@ class Bus:
     def _attach(self, sock: socket.socket, prologue: bytes) -> None:
         sock.setblocking(False)
         self._io.attach(sock.detach(), self.transport == "unix", prologue,
-                        self.server["max_frame"])
+                        self.server["max_frame"], self.server.get("payload_fds") is True)
         self.generation += 1
 
     # ---- the I/O thread ----

@@ -99,6 +99,8 @@ def client_handshake(sock: socket.socket, where: str, deadline: float, name: Opt
         raise ProtocolError(f"{where} sent frame kind {hello_frame.kind} instead of HELLO")
     hello = unpack(hello_frame.payload)
     request: dict[str, Any] = {"name": name}
+    if transport == "unix":
+        request["payload_fds"] = True       # large payloads may come as memfds
     if token is not None and transport == "tcp":
         identity, secret = token
         request["identity"] = identity

@@ -17,10 +17,14 @@ HEADER_SIZE = HEADER.size  # 16
 DEFAULT_MAX_FRAME = 64 << 20
 MAX_NAME = 255
 MAX_FDS_PER_FRAME = 250
+MAX_FDS_ON_WIRE = MAX_FDS_PER_FRAME + 1     # a payload memfd may come on top
+PAYLOAD_FD_SIZE = struct.Struct("<Q")       # the inline payload of a PAYLOAD_FD frame
 
-HELLO, CONNECT, READY, PUB, MSG, SUB, UNSUB, PING, PONG, OK, ERROR, DROPPED, STATS = range(1, 14)
-KIND_LIMIT = 14
-FATAL = 1
+(HELLO, CONNECT, READY, PUB, MSG, SUB, UNSUB, PING, PONG, OK, ERROR, DROPPED, STATS,
+ RECEIVED) = range(1, 15)
+KIND_LIMIT = 15
+FATAL = 1           # on ERROR: the broker closes the connection after it
+PAYLOAD_FD = 2      # on PUB and MSG: the payload is in a sealed memfd, the frame's last fd
 
 
 class Frame(NamedTuple):
@@ -86,7 +90,7 @@ class FrameDecoder:
          frame_id) = HEADER.unpack_from(pending)
         sections = topic_len + reply_len + stamp_len
         if (reserved or not 0 < kind < KIND_LIMIT or HEADER_SIZE + sections > size
-                or nfds > MAX_FDS_PER_FRAME):
+                or nfds > MAX_FDS_ON_WIRE):
             return self._fail("malformed frame header")
         if len(pending) < size:
             return None

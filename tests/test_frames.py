@@ -34,7 +34,7 @@ def frames(payloads):
         protocol.Frame,
         kind=st.integers(1, protocol.KIND_LIMIT - 1), flags=st.integers(0, 255),
         id=st.integers(0, 2**32 - 1), topic=names, reply=names, stamp=names,
-        payload=payloads, nfds=st.integers(0, protocol.MAX_FDS_PER_FRAME),
+        payload=payloads, nfds=st.integers(0, protocol.MAX_FDS_ON_WIRE),
         fds_lost=st.integers(0, 255))
 
 
@@ -104,7 +104,8 @@ def test_random_batches_fed_one_byte_at_a_time(batch):
 
 
 def test_whole_stream_in_one_chunk_and_empty_chunks():
-    batch = [protocol.Frame(k, 0, k, b"t", b"", b"", b"p" * k, 0, 0) for k in range(1, 14)]
+    batch = [protocol.Frame(k, 0, k, b"t", b"", b"", b"p" * k, 0, 0)
+             for k in range(1, protocol.KIND_LIMIT)]
     stream = encode_both(batch)
     got, failed = feed_both([b"", stream, b"", b""])
     assert (got, failed) == (batch, False)
@@ -182,7 +183,7 @@ def test_size_below_the_header_is_refused_on_its_fourth_byte(make, size_field):
     {"reserved": 1}, {"reserved": 0x80}, {"kind": 0}, {"kind": protocol.KIND_LIMIT},
     {"kind": 255}, {"topic_len": 1},
     {"size": 12 + 200, "topic_len": 100, "reply_len": 100, "stamp_len": 1},
-    {"nfds": protocol.MAX_FDS_PER_FRAME + 1}, {"nfds": 255},
+    {"nfds": protocol.MAX_FDS_ON_WIRE + 1}, {"nfds": 255},
 ], ids=repr)
 def test_malformed_header_is_refused_on_its_last_byte(make, fields):
     data = header(**{"size": 12, **fields}) + b"\0" * 300
@@ -193,11 +194,11 @@ def test_malformed_header_is_refused_on_its_last_byte(make, fields):
 def test_edge_headers_that_are_valid(make):
     decoder = make()
     sections = header(12 + 3, topic_len=1, reply_len=1, stamp_len=1,
-                      nfds=protocol.MAX_FDS_PER_FRAME) + b"trs"
+                      nfds=protocol.MAX_FDS_ON_WIRE) + b"trs"
     minimal = header(12, kind=protocol.KIND_LIMIT - 1, frame_id=0xFFFFFFFF)
     assert decoder.feed(sections + minimal) == [
-        protocol.Frame(protocol.PUB, 0, 0, b"t", b"r", b"s", b"", 250, 0),
-        protocol.Frame(protocol.STATS, 0, 0xFFFFFFFF, b"", b"", b"", b"", 0, 0)]
+        protocol.Frame(protocol.PUB, 0, 0, b"t", b"r", b"s", b"", protocol.MAX_FDS_ON_WIRE, 0),
+        protocol.Frame(protocol.KIND_LIMIT - 1, 0, 0xFFFFFFFF, b"", b"", b"", b"", 0, 0)]
     assert decoder.buffered == 0
 
 

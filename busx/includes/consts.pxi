@@ -7,6 +7,11 @@ cdef enum:
     PREAMBLE_SIZE = 8
     MAX_NAME = 255                # bytes in a topic, reply or stamp field
     MAX_FDS_PER_FRAME = 250       # SPEC.md; the kernel's SCM_MAX_FD is 253
+    MAX_FDS_ON_WIRE = 251         # and a payload memfd on top
+    # Payloads from this size up travel in a sealed memfd over UNIX: the
+    # broker forwards the fd instead of copying the bytes twice through
+    # the kernel (benchmarks/compare.py, large payloads).
+    PAYLOAD_FD_MIN = 256 * 1024
     MAX_FDS_PER_SEND = 253        # SCM_MAX_FD
     # Bytes asked of one recv(). 256 KiB holds ~2,000 small frames, so one
     # syscall feeds a whole batch (benchmarks/test_throughput.py).

@@ -18,6 +18,7 @@ cdef extern from "<errno.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
+    ssize_t pread(int fd, void *buf, size_t count, long offset)
     int close(int fd)
     int dup(int fd)
     int getpid()
@@ -30,6 +31,30 @@ cdef extern from "<fcntl.h>" nogil:
         F_SETFL
         F_DUPFD_CLOEXEC
         O_NONBLOCK
+        F_ADD_SEALS
+        F_GET_SEALS
+        F_SEAL_SEAL
+        F_SEAL_SHRINK
+        F_SEAL_GROW
+        F_SEAL_WRITE
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int memfd_create(const char *name, unsigned int flags)
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    void *MAP_FAILED
+    enum:
+        MFD_CLOEXEC
+        MFD_ALLOW_SEALING
+        PROT_READ
+        MAP_SHARED
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct struct_stat "stat":
+        long st_size
+    int fstat(int fd, struct_stat *buf)
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -149,5 +174,7 @@ cdef extern from "wire.h" nogil:
     # Little-endian loads and stores for the frame header, whatever the host.
     uint32_t busx_load_u32(const char *p)
     void busx_store_u32(char *p, uint32_t v)
+    uint64_t busx_load_u64(const char *p)
+    void busx_store_u64(char *p, uint64_t v)
     void busx_store_be(char *p, uint64_t v, int width)
     uint64_t busx_hash(const char *p, size_t n)

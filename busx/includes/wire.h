@@ -21,6 +21,22 @@ static inline void busx_store_u32(char *p, uint32_t v) {
     memcpy(p, &v, 4);
 }
 
+static inline uint64_t busx_load_u64(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline void busx_store_u64(char *p, uint64_t v) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
 /* The low `width` bytes of v, most significant first: msgpack's byte order. */
 static inline void busx_store_be(char *p, uint64_t v, int width) {
     for (int i = width - 1; i >= 0; i--) {
