@@ -53,6 +53,9 @@ cdef struct Conn:
     # Payload bytes in memfds queued or sent to this client and not yet
     # reported received (K_RECEIVED): they count against max_pending.
     size_t fd_bytes_unreceived
+    # Payload bytes in memfds taken from this client's PUBs and not yet
+    # reported to it (it counts them against its max_buffer until then).
+    size_t fd_bytes_taken
     double closing_since
     Buffer rbuf
     Buffer wbuf
@@ -497,6 +500,8 @@ cdef class BrokerLoop:
             self.budget -= 1
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
+        if c.fd_bytes_taken and c.state == CS_READY:
+            self._report_fd_bytes_taken(c)
         if c.state != CS_CLOSED:
             buf_shrink(&c.rbuf, READ_CHUNK * 2)
 
@@ -606,9 +611,21 @@ cdef class BrokerLoop:
                                          b"sealed against writing, shrinking and growing")
             return False
         big.fd = fds[f.nfds - 1]
+        src.fd_bytes_taken += big.size
         src.bytes_in += big.size
         self.bytes_in += big.size
         return True
+
+    cdef void _report_fd_bytes_taken(self, Conn *c) noexcept nogil:
+        """Tell a publisher its payload memfds were taken, once per read turn."""
+        cdef char taken[8]
+        busx_store_u64(taken, c.fd_bytes_taken)
+        c.fd_bytes_taken = 0
+        if write_frame(&c.wbuf, K_RECEIVED, 0, 0, NULL, 0, NULL, 0, NULL, 0, taken, 8,
+                       0, 0) < 0:
+            self._fail(c, b"internal", b"broker out of memory")
+            return
+        self._mark_dirty(c)
 
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
                            int *fds, FdPayload *big) noexcept nogil:
@@ -949,6 +966,8 @@ cdef class BrokerLoop:
     cdef void _write(self, Conn *c) noexcept nogil:
         cdef ssize_t n
         cdef epoll_event ev
+        if c.owes_drop_report and pending_bytes(c) <= self.max_pending // 2:
+            self._report_drops(c)       # room made by K_RECEIVED, not by writing
         while buf_len(&c.wbuf):
             n = self._send_some(c)
             if n < 0:

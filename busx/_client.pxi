@@ -72,6 +72,9 @@ cdef class ClientIO:
     cdef size_t held            # bytes of messages waiting in MessageQueues (Python side)
     cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
     cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
+    # Payload bytes of memfds published and not yet reported taken by the
+    # broker (K_RECEIVED): they count against max_buffer (lock held).
+    cdef size_t fd_bytes_unacked
     cdef int round_trips        # answers awaited: read on past max_buffer to reach them
     cdef double last_append     # CLOCK_MONOTONIC ms of the last frame queued
     cdef bint forked            # this is a fork()ed child's copy: touch nothing shared
@@ -98,6 +101,7 @@ cdef class ClientIO:
     cdef public int last_errno
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
     cdef public unsigned long long direct_sends     # frames sent by the publishing thread
+    cdef public unsigned long long fd_payloads_out, fd_payloads_in  # payloads sent as memfds
     cdef public unsigned long long discarded        # messages for subscriptions already gone
 
     def __cinit__(self):
@@ -180,6 +184,8 @@ cdef class ClientIO:
                                self.sending.end - boundary) < 0):
                 raise MemoryError()
             shift_fds(&self.sending_fds, boundary, len(prologue))
+            # Memfds in flight on the old connection are gone with it.
+            self.fd_bytes_unacked = self.sending_fds.held + self.out_fds.held
             buf_free(&self.sending)
             self.sending = fresh
             buf_free(&self.rbuf)
@@ -270,7 +276,8 @@ cdef class ClientIO:
 
     @property
     def unsent_bytes(self):
-        return buf_len(&self.out) + buf_len(&self.sending)
+        """Bytes not yet taken by the broker, with the payloads of memfds."""
+        return buf_len(&self.out) + buf_len(&self.sending) + self.fd_bytes_unacked
 
     def notify_fd_open(self):
         """An eventfd that becomes readable when new frames reach the inbox
@@ -384,7 +391,7 @@ cdef class ClientIO:
         cdef bint truncated = False
         cdef ssize_t n
         cdef size_t whole
-        cdef size_t fd_bytes = 0
+        cdef size_t fd_bytes = 0, acked = 0
         cdef uint64_t one = 1
         cdef bint was_empty
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
@@ -406,7 +413,7 @@ cdef class ClientIO:
         if n == 0:
             return RUN_EOF
         self.rbuf.end += n
-        whole = self._whole_frames(&fd_bytes)
+        whole = self._whole_frames(&fd_bytes, &acked)
         if whole == <size_t>-1:
             return RUN_PROTOCOL
         if whole == 0 and fdq_len(&self.recv_fds) == 0:
@@ -415,6 +422,9 @@ cdef class ClientIO:
         while fdq_len(&self.recv_fds):
             fdq_push(&self.in_fds, 0, fdq_pop(&self.recv_fds))
         if whole:
+            if acked:
+                self.fd_bytes_unacked -= min(acked, self.fd_bytes_unacked)
+                pthread_cond_broadcast(&self.room_cond)
             if fd_bytes:
                 self._report_fd_bytes(fd_bytes)
             was_empty = buf_len(&self.inbox) == 0
@@ -476,9 +486,10 @@ cdef class ClientIO:
         if self.reading_paused and not self.forked and not self._receive_full():
             write(self.wake_fd, &one, 8)
 
-    cdef size_t _whole_frames(self, size_t *fd_bytes) noexcept nogil:
+    cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked) noexcept nogil:
         """Bytes of whole frames at the front of rbuf, adding the payload
-        bytes their memfds hold to fd_bytes; (size_t)-1 if malformed."""
+        bytes their memfds hold to fd_bytes and the bytes of our memfds the
+        broker reports taken to acked; (size_t)-1 if malformed."""
         cdef size_t at = 0, avail = buf_len(&self.rbuf)
         cdef FrameView f
         cdef int status
@@ -493,6 +504,8 @@ cdef class ClientIO:
                 if f.payload_len != 8 or f.nfds == 0:
                     return <size_t>-1
                 fd_bytes[0] += busx_load_u64(f.payload)
+            elif f.kind == K_RECEIVED and f.payload_len == 8:
+                acked[0] += busx_load_u64(f.payload)
             at += f.size
             self.frames_in += 1
 
@@ -576,6 +589,7 @@ cdef class ClientIO:
                 flags, held = F_PAYLOAD_FD, payload_len
                 payload, payload_len = size_field, 8
                 nfds += 1
+                self.fd_payloads_out += 1
         try:
             status = self._append(K_PUB, flags, 0, topic, len(topic), reply_p, reply_len,
                                   payload, payload_len, dup_fds, nfds, held, timeout)
@@ -668,8 +682,7 @@ cdef class ClientIO:
             status = APPEND_CLOSED
         elif self.state == CL_FAILED:
             status = APPEND_FAILED
-        elif not (ignore_limit or buf_len(&self.out) == 0
-                  or buf_len(&self.out) + self.out_fds.held + size <= self.max_buffer):
+        elif not (ignore_limit or self._has_room(size)):
             status = APPEND_NO_ROOM
         elif nfds == 0 and self._send_directly(kind, id, topic, topic_len, reply, reply_len,
                                                payload, payload_len, &wake):
@@ -685,6 +698,7 @@ cdef class ClientIO:
                 status = APPEND_NOMEM
             if status == APPEND_OK:
                 self.frames_out += 1
+                self.fd_bytes_unacked += held
                 if not self.wake_pending:
                     self.wake_pending = 1
                     wake = True
@@ -692,6 +706,13 @@ cdef class ClientIO:
         if wake:
             write(self.wake_fd, &one, 8)
         return status
+
+    cdef inline bint _has_room(self, size_t size) noexcept nogil:
+        """Whether a frame of size bytes fits the output buffer. An empty
+        buffer takes any frame; memfds the broker has not yet taken count
+        too, else they could pile up in the socket. Lock held."""
+        cdef size_t used = buf_len(&self.out) + self.fd_bytes_unacked
+        return used == 0 or used + size <= self.max_buffer
 
     cdef bint _send_directly(self, uint8_t kind, uint32_t id, const char *topic,
                              size_t topic_len, const char *reply, size_t reply_len,
@@ -777,8 +798,7 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.lock)
             while True:
                 if room_for != NULL:
-                    ready = (self.state >= CL_FAILED or buf_len(&self.out) == 0
-                             or buf_len(&self.out) + room_for[0] <= self.max_buffer)
+                    ready = self.state >= CL_FAILED or self._has_room(room_for[0])
                 else:
                     ready = self.events_seq != seen
                 if ready:
@@ -815,7 +835,7 @@ cdef class ClientIO:
                             <size_t>-1, &f)
                 if f.kind == K_MSG:
                     self._dispatch(&f, queues)
-                else:
+                elif f.kind != K_RECEIVED:     # the I/O thread has counted it
                     control.append(view_to_frame(&f))
                 buf_consume(&self.taken, f.size)
                 count += 1
@@ -859,6 +879,7 @@ cdef class ClientIO:
                 close_fd_tuple(fds)
                 return
             msg = new_message(None, mapped, size)
+            self.fd_payloads_in += 1
         else:
             msg = new_message(f.payload[:f.payload_len], NULL, f.payload_len)
         if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len

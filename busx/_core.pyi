@@ -27,6 +27,8 @@ def encode_frame(
 ) -> bytes:
     """Encode one frame (the same API as busx.protocol.encode_frame)."""
 
+PAYLOAD_FD_THRESHOLD: int
+
 def decode(raw: bytes) -> Any:
     """What msg.data returns: msgpack.unpackb(raw, strict_map_key=False)."""
 
@@ -85,6 +87,8 @@ class ClientIO:
     frames_out: int
     write_calls: int
     direct_sends: int
+    fd_payloads_out: int
+    fd_payloads_in: int
     discarded: int
     frames_in: int
     read_calls: int

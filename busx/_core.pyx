@@ -32,3 +32,6 @@ include "_msgpack.pxi"
 include "_pack.pxi"
 include "_broker.pxi"
 include "_client.pxi"
+
+# Payloads of at least this many bytes travel in a sealed memfd over UNIX.
+PAYLOAD_FD_THRESHOLD = PAYLOAD_FD_MIN

@@ -20,7 +20,7 @@ cdef enum FrameKind:
     K_ERROR = 11     # broker -> client: msgpack {code, message, ...}; id = refers to
     K_DROPPED = 12   # broker -> client: id = subscription, payload msgpack count
     K_STATS = 13     # client -> broker request (id = seq) / broker -> client reply
-    K_RECEIVED = 14  # client -> broker: payload u64, bytes of payload memfds received
+    K_RECEIVED = 14  # either way: payload u64, bytes of payload memfds received
     KIND_LIMIT = 15
 
 cdef enum FrameFlag:

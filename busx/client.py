@@ -550,12 +550,14 @@ class Bus:
     @property
     def counters(self) -> dict:
         """Frames and syscalls of this connection (frames_out/write_calls shows
-        batching), and messages discarded because their subscription had ended
-        (queued at unsubscribe, or routed to it before the broker saw it)."""
+        batching), payloads sent and received as memfds, and messages
+        discarded because their subscription had ended (queued at
+        unsubscribe, or routed to it before the broker saw it)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
-                "read_calls": io.read_calls, "discarded": io.discarded}
+                "read_calls": io.read_calls, "fd_payloads_out": io.fd_payloads_out,
+                "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""

@@ -195,6 +195,10 @@ class RawPeer:
     def send(self, data):
         self.sock.sendall(data)
 
+    def send_fds(self, data, fds):
+        """data in one sendmsg, with fds attached (UNIX only)."""
+        assert socket.send_fds(self.sock, [data], fds) == len(data)
+
     def frames_until_closed(self):
         """Everything the broker sends until it closes the connection."""
         while chunk := self.recv():

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 import busx
+from busx._core import PAYLOAD_FD_THRESHOLD
 
 
 @pytest.mark.timeout(60)
@@ -65,10 +66,13 @@ def test_threads_publishing_into_a_full_buffer_keep_their_payloads_intact(broker
         assert sub.dropped == 0
 
 
-def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
+@pytest.mark.parametrize("size", [1000, 1 << 20], ids=["inline", "memfd"])
+def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path, size):
     import socket
     # A fake broker that completes the handshake and then never reads: the
-    # publisher's buffer fills, and publish(timeout=) raises Timeout.
+    # publisher's buffer fills, and publish(timeout=) raises Timeout. Payload
+    # memfds count against the buffer until the broker says it took them,
+    # so they cannot pile up in the socket instead.
     from busx import protocol
     from busx.handshake import pack
 
@@ -79,8 +83,9 @@ def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
 
     def deaf_broker():
         conn, _ = listener.accept()
-        hello = {"version": 1, "max_frame": 1 << 20, "host": "x", "instance": "i",
-                 "unix_path": path, "nonce": b"n" * 32, "auth": False, "transport": "unix"}
+        hello = {"version": 1, "max_frame": 4 << 20, "host": "x", "instance": "i",
+                 "unix_path": path, "nonce": b"n" * 32, "auth": False, "transport": "unix",
+                 "payload_fds": True}
         conn.sendall(protocol.PREAMBLE + protocol.encode_frame(protocol.HELLO, payload=pack(hello)))
         conn.recv(4096)
         conn.sendall(protocol.encode_frame(protocol.READY, payload=pack({"id": 1})))
@@ -91,11 +96,17 @@ def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path):
     server = threading.Thread(target=deaf_broker)
     server.start()
     try:
-        with busx.connect(f"unix://{path}", max_buffer=64 << 10, reconnect=False) as bus:
+        max_buffer = 4 << 20
+        with busx.connect(f"unix://{path}", max_buffer=max_buffer, reconnect=False) as bus:
             with pytest.raises(busx.Timeout):
                 for _ in range(100_000):
-                    bus.publish("t", b"x" * 1000, timeout=0.2)
-            assert bus._io.unsent_bytes < (64 << 10) + 2000 + (8 << 20)
+                    bus.publish("t", b"x" * size, timeout=0.2)
+            if size < PAYLOAD_FD_THRESHOLD:
+                assert bus.counters["fd_payloads_out"] == 0
+                assert bus._io.unsent_bytes < max_buffer + 2 * size + (8 << 20)
+            else:
+                assert bus.counters["fd_payloads_out"] <= max_buffer // size + 1
+                assert bus._io.unsent_bytes <= max_buffer + size
             done.set()
     finally:
         done.set()
