@@ -94,7 +94,7 @@ cdef class ClientIO:
     cdef bytes last_stamp
     cdef uint32_t last_sid
     cdef MessageQueue last_queue
-    cdef public object bus
+    cdef object bus_ref         # weakref.ref to the Bus (or AsyncBus) messages respond with
     cdef dict topic_cache       # str -> validated UTF-8 bytes
     cdef Buffer packed          # publish's payload, reused; guarded by `packing`
     cdef bint packing
@@ -161,6 +161,15 @@ cdef class ClientIO:
         fdq_free(&self.in_fds)
         fdq_free(&self.sending_fds)
         fdq_free(&self.recv_fds)
+
+    @property
+    def bus(self):
+        """The Bus (or AsyncBus) msg.respond() publishes with; held weakly."""
+        return self.bus_ref() if self.bus_ref is not None else None
+
+    @bus.setter
+    def bus(self, value):
+        self.bus_ref = weakref.ref(value)
 
     # ---- connection lifecycle (Python side) ----
 
@@ -894,7 +903,7 @@ cdef class ClientIO:
         msg.reply_to = f.reply[:f.reply_len].decode("utf-8") if f.reply_len else None
         msg.fds = fds
         msg.fds_lost = f.fds_lost
-        msg.bus = self.bus
+        msg.bus_ref = self.bus_ref
         self.last_queue.push(msg)
 
     cdef const char *_map_payload_fd(self, FrameView *f, tuple fds, size_t size):

@@ -12,6 +12,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from busx.includes.system cimport *
 
 import threading
+import weakref
 
 from busx.errors import (BusError, Closed, Disconnected, FdError, PayloadTooLarge,
                          ProtocolError, Timeout)

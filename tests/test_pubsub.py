@@ -232,3 +232,27 @@ def test_queue_member_that_leaves_loses_only_what_was_routed_to_it_counted(broke
         lost = leaving.counters["discarded"]
         assert lost > 0 and len(got) + lost == 2000
         assert set(got) >= set(range(1000, 2000))      # everything after leaving reached the group
+
+
+def test_messages_skip_the_cyclic_gc_and_do_not_keep_their_bus_alive(broker):
+    import gc
+    import threading
+    import weakref
+    bus = busx.connect(broker.url)
+    sub = bus.subscribe("weak")
+    bus.flush()
+    with busx.connect(broker.url) as asker:
+        unanswered = threading.Thread(target=lambda: pytest.raises(
+            busx.Timeout, asker.request, "weak", {"nested": [1, {"a": None}]}, timeout=1))
+        unanswered.start()
+        msg = sub.recv(timeout=5)
+        unanswered.join()
+    assert not gc.is_tracked(msg)
+    assert msg.data == {"nested": [1, {"a": None}]} and msg.reply_to
+    bus.close()
+    gone = weakref.ref(bus)
+    del bus, sub
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(busx.Closed):
+        msg.respond("nobody left to send this")
