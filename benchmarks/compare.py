@@ -43,6 +43,7 @@ class Row:
     msgs_per_s: Optional[float] = None
     drops: Optional[int] = None
     note: str = ""
+    cpu: Optional[dict] = None      # CPU µs per message: publisher, broker, subscriber
 
 
 def machine_lines() -> list[str]:
@@ -104,16 +105,19 @@ def measure(name: str, start_processes: Callable[[], peers.Transfer], repeat: in
         return Row(name, note=f"FAILED: {str(exc)[:300]}")
     runs.sort(key=lambda run: run.msgs_per_s)
     middle = runs[len(runs) // 2]
-    return Row(name, middle.msgs_per_s, middle.drops)
+    return Row(name, middle.msgs_per_s, middle.drops,
+               cpu={who: middle.cpu_per_message(who) for who in middle.cpu})
 
 
 def throughput_rows(broker: peers.BrokerProcess, directory: str, count: int,
                     repeat: int) -> list[Row]:
     rows = [
-        measure("busx unix", lambda: peers.busx_transfer(broker.unix_url, count), repeat),
-        measure("busx tcp", lambda: peers.busx_transfer(broker.tcp_url, count), repeat),
-        measure("busx unix, recv_many",
-                lambda: peers.busx_transfer(broker.unix_url, count, many=True), repeat),
+        measure("busx unix", lambda: peers.busx_transfer(
+            broker.unix_url, count, broker_pid=broker.pid), repeat),
+        measure("busx tcp", lambda: peers.busx_transfer(
+            broker.tcp_url, count, broker_pid=broker.pid), repeat),
+        measure("busx unix, recv_many", lambda: peers.busx_transfer(
+            broker.unix_url, count, many=True, broker_pid=broker.pid), repeat),
     ]
     if peers.zmq_available():
         rows += [
@@ -228,14 +232,23 @@ def print_throughput(rows: list[Row]) -> None:
     by_name = {row.system: row.msgs_per_s for row in rows}
     zmq_ipc = by_name.get("pyzmq PUB/SUB ipc://")
     plain_batched = by_name.get("plain UNIX socket, 64 KiB writes")
-    print("| system | msgs/s | vs pyzmq ipc | vs plain pipe, batched | drops |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| system | msgs/s | vs pyzmq ipc | vs plain pipe, batched | drops "
+          "| CPU µs/msg: pub + broker + sub |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         if row.msgs_per_s is None:
-            print(f"| {row.system} | {row.note} | | | |")
+            print(f"| {row.system} | {row.note} | | | | |")
             continue
         print(f"| {row.system} | {row.msgs_per_s:,.0f} | {ratio(row.msgs_per_s, zmq_ipc)} | "
-              f"{ratio(row.msgs_per_s, plain_batched)} | {row.drops:,} |")
+              f"{ratio(row.msgs_per_s, plain_batched)} | {row.drops:,} | {cpu_cell(row.cpu)} |")
+
+
+def cpu_cell(cpu: Optional[dict]) -> str:
+    """'0.41 + 0.12 + 0.55 = 1.08': where a message's CPU time goes."""
+    if not cpu:
+        return ""
+    parts = [cpu[who] for who in ("publisher", "broker", "subscriber") if who in cpu]
+    return " + ".join(f"{part:.2f}" for part in parts) + f" = {sum(parts):.2f}"
 
 
 def print_rows(rows: list[Row], unit: str = "msgs/s", scale: float = 1.0) -> None:

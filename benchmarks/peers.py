@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import msgpack
 
@@ -88,6 +89,7 @@ def run_busx_sub(args) -> None:
     with busx.connect(args.url) as bus:
         sub = bus.subscribe(TOPIC)
         say(ready=True)
+        cpu = time.process_time()
         received, timeout = 0, FIRST_WAIT
         last = time.monotonic()
         try:
@@ -109,7 +111,7 @@ def run_busx_sub(args) -> None:
             last = time.monotonic()
         except busx.Timeout:
             last = time.monotonic() - timeout
-        say(received=received, dropped=sub.dropped, last=last)
+        say(received=received, dropped=sub.dropped, last=last, cpu=time.process_time() - cpu)
 
 
 def run_busx_pub(args) -> None:
@@ -118,12 +120,12 @@ def run_busx_pub(args) -> None:
     with busx.connect(args.url) as bus:
         say(ready=True)
         wait_for_line("go")
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         publish = bus.publish
         for _ in range(args.count):
             publish(TOPIC, data)
         bus.flush()
-        say(sent=args.count, seconds=time.monotonic() - start)
+        say(sent=args.count, seconds=time.monotonic() - start, cpu=time.process_time() - cpu)
 
 
 def run_busx_echo(args) -> None:
@@ -277,8 +279,9 @@ def run_raw_sub(args) -> None:
     say(ready=True, address=address)
     conn, _ = server.accept()
     server.close()
+    cpu = time.process_time()
     count, last = read_frames(conn, args.decode)
-    say(received=count, last=last)
+    say(received=count, last=last, cpu=time.process_time() - cpu)
 
 
 def run_raw_pub(args) -> None:
@@ -286,7 +289,7 @@ def run_raw_pub(args) -> None:
     say(ready=True)
     wait_for_line("go")
     data, packb, length = payload_for(args.size), msgpack.packb, LENGTH.pack
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     if args.batch:
         out = bytearray()
         for _ in range(args.count):
@@ -307,7 +310,7 @@ def run_raw_pub(args) -> None:
                 conn.sendall(frame)
     for conn in conns:
         conn.close()
-    say(sent=args.count, seconds=time.monotonic() - start)
+    say(sent=args.count, seconds=time.monotonic() - start, cpu=time.process_time() - cpu)
 
 
 def recv_exactly(conn: socket.socket, size: int) -> bytes:
@@ -393,6 +396,13 @@ class PeerError(RuntimeError):
     pass
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process pid has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Peer:
     """One worker process. Every read has a deadline, so a stuck worker fails
     the benchmark with its stderr instead of hanging it."""
@@ -443,6 +453,12 @@ class Run:
     seconds: float
     received: list = field(default_factory=list)   # per subscriber
     reported: list = field(default_factory=list)   # drops busx told each subscriber of
+    cpu: dict = field(default_factory=dict)        # CPU seconds: publisher, broker, subscriber
+
+    def cpu_per_message(self, who: str) -> Optional[float]:
+        """CPU microseconds `who` spent per message delivered, if measured."""
+        seconds = self.cpu.get(who)
+        return None if seconds is None else seconds / self.count * 1e6
 
     @property
     def msgs_per_s(self) -> float:
@@ -463,12 +479,15 @@ class Transfer:
     """Publisher and subscriber processes set up and waiting; start() times
     the transfer. Split this way so a benchmark's timed part holds only it."""
 
-    def __init__(self, publisher: Peer, subscribers: list, count: int, on_done=None) -> None:
+    def __init__(self, publisher: Peer, subscribers: list, count: int, on_done=None,
+                 broker_pid: Optional[int] = None) -> None:
         self.publisher, self.subscribers, self.count = publisher, subscribers, count
         self.on_done = on_done
+        self.broker_pid = broker_pid
 
     def start(self) -> Run:
         try:
+            broker_cpu = cpu_seconds(self.broker_pid) if self.broker_pid else None
             began = time.monotonic()
             self.publisher.tell("go")
             results = [sub.read(FIRST_WAIT + 300) for sub in self.subscribers]
@@ -476,15 +495,22 @@ class Transfer:
                 self.on_done(self.publisher)
             try:
                 # The subscribers are done, so the publisher should be too.
-                self.publisher.read(PUBLISHER_GRACE)
+                published = self.publisher.read(PUBLISHER_GRACE)
             except PeerError as exc:
                 got = [result["received"] for result in results]
                 raise PeerError(f"{exc} (subscribers received {got} of {self.count})") from None
+            if broker_cpu is not None:
+                broker_cpu = cpu_seconds(self.broker_pid) - broker_cpu
         finally:
             self.close()
         last = max(result["last"] for result in results)
+        subscriber_cpu = [result.get("cpu") for result in results]
+        cpu = {"publisher": published.get("cpu"), "broker": broker_cpu,
+               "subscriber": None if None in subscriber_cpu
+               else sum(subscriber_cpu) / len(subscriber_cpu)}
         return Run(self.count, last - began, [result["received"] for result in results],
-                   [result.get("dropped", 0) for result in results])
+                   [result.get("dropped", 0) for result in results],
+                   {who: seconds for who, seconds in cpu.items() if seconds is not None})
 
     def close(self) -> None:
         for peer in [self.publisher, *self.subscribers]:
@@ -492,10 +518,10 @@ class Transfer:
 
 
 def busx_transfer(url: str, count: int, size: int = 100, subscribers: int = 1,
-                  many: bool = False) -> Transfer:
+                  many: bool = False, broker_pid: Optional[int] = None) -> Transfer:
     subs = [Peer("busx-sub", url, count, *(["--many"] if many else []))
             for _ in range(subscribers)]
-    return Transfer(Peer("busx-pub", url, count, size), subs, count)
+    return Transfer(Peer("busx-pub", url, count, size), subs, count, broker_pid=broker_pid)
 
 
 def zmq_transfer(endpoint: str, count: int, size: int = 100, subscribers: int = 1) -> Transfer:
@@ -532,6 +558,7 @@ class BrokerProcess(Peer):
     def __init__(self, directory: str) -> None:
         super().__init__("broker", os.path.join(directory, "bus.sock"))
         self.unix_url, self.tcp_url = self.info["unix"], self.info["tcp"]
+        self.pid = self.process.pid
 
     def url(self, transport: str) -> str:
         return self.unix_url if transport == "unix" else self.tcp_url

@@ -5,7 +5,7 @@
 # and errors are exactly msgpack's (tests/test_decode.py holds them equal).
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.dict cimport PyDict_SetItem
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_FromLongLong, PyLong_FromUnsignedLongLong
 from cpython.ref cimport Py_INCREF
@@ -13,8 +13,16 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 from cpython.ref cimport PyObject, Py_XDECREF
 
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void *PyUnicode_DATA(object)
+    # Sized for n items up front: a dict grown one insert at a time resizes
+    # at its sixth key, and a message map has that many keys often.
+    dict _PyDict_NewPresized(Py_ssize_t n)
+
 cdef enum:
     FAST_DECODE_DEPTH = 32      # deeper nesting is left to msgpack
+    SHORT_ASCII = 64            # strings up to this long are checked for ASCII first
     KEY_CACHE_SLOTS = 512       # map keys remembered (they repeat message after message)
     KEY_CACHE_MAX = 24          # longest key, in bytes, worth remembering
 
@@ -106,7 +114,23 @@ cdef object decode_value(Reader *r, int depth):
 
 
 cdef inline object decode_str(Reader *r, uint64_t n):
-    return PyUnicode_DecodeUTF8(<const char *>take(r, n), n, NULL)
+    cdef const char *text = <const char *>take(r, n)
+    cdef object s
+    if n <= SHORT_ASCII and is_ascii(text, n):
+        # Most strings in messages are short ASCII: copy them straight into
+        # a new str, skipping the UTF-8 decoder's general machinery.
+        s = PyUnicode_New(n, 127)
+        memcpy(PyUnicode_DATA(s), text, n)
+        return s
+    return PyUnicode_DecodeUTF8(text, n, NULL)
+
+
+cdef inline bint is_ascii(const char *text, size_t n) noexcept:
+    cdef unsigned char seen = 0
+    cdef size_t i
+    for i in range(n):
+        seen |= <unsigned char>text[i]
+    return seen < 0x80
 
 
 cdef object decode_array(Reader *r, uint64_t n, int depth):
@@ -129,7 +153,7 @@ cdef object decode_map(Reader *r, uint64_t n, int depth):
     cdef uint64_t i
     if depth >= FAST_DECODE_DEPTH or n > <uint64_t>(r.end - r.p):
         raise _SlowPath()
-    result = PyDict_New()
+    result = _PyDict_NewPresized(n)
     for i in range(n):
         key = decode_key(r, depth)
         if type(key) is list or type(key) is dict:
