@@ -156,21 +156,22 @@ def fanout_rows(broker: peers.BrokerProcess, directory: str, count: int,
     ]
 
 
-def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int) -> Row:
+def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int,
+                        size: int = 100) -> Row:
     """The broker alone: C peers publish and consume pre-encoded frames in
-    64 KiB batches through it (benchmarks/c/busx_blast.c)."""
-    name = "busx broker routing, C publisher -> broker -> C subscriber"
+    64 KiB batches through it (benchmarks/c/busx_blast.c), payloads inline."""
+    name = ("busx broker routing, C publisher -> broker -> C subscriber" if size == 100 else
+            "busx broker, C peers, payload inline through both sockets")
     binary, why_not = build_pipe_limit(directory, C_BUSX_PEER)
     if binary is None:
         return Row(name, note=f"skipped: {why_not}")
     path = broker.unix_url[len("unix://"):]
-    total = count * C_COUNT_FACTOR
-    subscriber = subprocess.Popen([binary, "sub", path, str(total)], stdout=subprocess.PIPE,
+    subscriber = subprocess.Popen([binary, "sub", path, str(count)], stdout=subprocess.PIPE,
                                   text=True)
     try:
         if subscriber.stdout.readline().strip() != "ready":
             return Row(name, note="failed: the C subscriber did not subscribe")
-        subprocess.run([binary, "pub", path, str(total), "100"], check=True, timeout=300)
+        subprocess.run([binary, "pub", path, str(count), str(size)], check=True, timeout=300)
         rate, _ = subscriber.stdout.readline().split()
     finally:
         subscriber.wait(timeout=60)
@@ -178,9 +179,14 @@ def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int)
 
 
 def large_rows(broker: peers.BrokerProcess, directory: str, count: int, repeat: int) -> list[Row]:
-    """1 MiB payloads: rows of msgs/s; print_large turns them into MB/s."""
-    rows = [measure("busx unix", lambda: peers.busx_transfer(broker.unix_url, count, size=LARGE),
-                    repeat),
+    """1 MiB payloads: rows of msgs/s; print_rows turns them into MB/s. The C
+    peers' row is what any broker forwarding the bytes through its sockets
+    can reach; busx's memfds go around it."""
+    rows = [measure("busx unix (payloads in memfds)",
+                    lambda: peers.busx_transfer(broker.unix_url, count, size=LARGE), repeat),
+            measure("busx tcp (payloads inline)",
+                    lambda: peers.busx_transfer(broker.tcp_url, count, size=LARGE), repeat),
+            broker_capacity_row(broker, directory, count * 4, size=LARGE),
             measure("plain UNIX socket", lambda: peers.raw_transfer(
                 f"unix:{directory}", count, size=LARGE, batch=peers.RAW_BATCH), repeat)]
     binary, why_not = build_pipe_limit(directory)
@@ -341,7 +347,7 @@ def main() -> None:
         fanout = fanout_rows(broker, directory, args.count // 4, args.repeat)
         print_rows(fanout)
         print("\n### Broker capacity: C peers, pre-encoded frames in 64 KiB batches\n")
-        capacity = broker_capacity_row(broker, directory, args.count)
+        capacity = broker_capacity_row(broker, directory, args.count * C_COUNT_FACTOR)
         print_rows([capacity, throughput[-2]])
         print(f"\n### Large payloads: {LARGE >> 20} MiB messages, MB/s\n")
         large = large_rows(broker, directory, max(50, args.count // 2000), args.repeat)

@@ -598,7 +598,6 @@ cdef class ClientIO:
                 flags, held = F_PAYLOAD_FD, payload_len
                 payload, payload_len = size_field, 8
                 nfds += 1
-                self.fd_payloads_out += 1
         try:
             status = self._append(K_PUB, flags, 0, topic, len(topic), reply_p, reply_len,
                                   payload, payload_len, dup_fds, nfds, held, timeout)
@@ -611,6 +610,8 @@ cdef class ClientIO:
             for i in range(nfds):
                 close(dup_fds[i])
             self._raise_append(status, len(topic) + reply_len + payload_len + held)
+        if held:
+            self.fd_payloads_out += 1
         return 0
 
     def publish_batch(self, list frames, double timeout=-1.0):

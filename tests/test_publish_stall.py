@@ -56,3 +56,5 @@ def test_buffered_publishes_reach_the_broker_after_it_stalls(socket_path):
         os.kill(process.pid, signal.SIGCONT)
         process.stdin.close()
         process.wait(30)
+        process.stdout.close()
+        process.stderr.close()
