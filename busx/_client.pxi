@@ -525,9 +525,12 @@ cdef class ClientIO:
         path in one C call (benchmarks/test_publish.py)."""
         cdef bytes topic_b = self._topic(topic)
         cdef bytes reply_b = None if reply is None else self._topic(reply)
+        cdef double wait = -1.0 if timeout is None else timeout
         cdef Buffer own
         cdef Buffer *b = &self.packed
         cdef bytes fallback
+        if type(data) is bytes and self._publish_bytes_by_fd(topic_b, data, reply_b, fds, wait):
+            return
         if self.packing:
             # Another thread is between packing and queueing (waiting for
             # room, GIL released): this one packs into a buffer of its own.
@@ -538,17 +541,35 @@ cdef class ClientIO:
         try:
             fallback = pack_payload(b, data)
             if fallback is not None:
-                self._publish(topic_b, fallback, len(fallback), reply_b, fds or None,
-                              -1.0 if timeout is None else timeout)
+                self._publish(topic_b, fallback, len(fallback), reply_b, fds or None, wait)
             else:
-                self._publish(topic_b, b.data, b.end, reply_b, fds or None,
-                              -1.0 if timeout is None else timeout)
+                self._publish(topic_b, b.data, b.end, reply_b, fds or None, wait)
         finally:
             if b == &own:
                 buf_free(&own)
             else:
                 self.packing = False
                 buf_shrink(&self.packed, PACKED_KEEP)
+
+    cdef bint _publish_bytes_by_fd(self, bytes topic, bytes data, bytes reply, object fds,
+                                   double timeout) except -1:
+        """A large bytes payload goes into its memfd straight from the object,
+        behind the msgpack bin32 header: no packing copy. False when it does
+        not qualify (the caller packs it as usual)."""
+        cdef size_t size = len(data)
+        cdef const char *body = data
+        cdef char head[5]
+        cdef int fd
+        if not (self.payload_fds and PAYLOAD_FD_MIN <= size <= 0xffffffff):
+            return False
+        head[0] = <char>0xc6
+        busx_store_be(head + 1, size, 4)
+        with nogil:
+            fd = payload_memfd(head, 5, body, size)
+        if fd < 0:
+            return False
+        self._publish(topic, NULL, size + 5, reply, fds or None, timeout, fd)
+        return True
 
     def publish_many_data(self, items):
         """Bus.publish_many: pack every (topic, data) first, then queue them
@@ -573,10 +594,13 @@ cdef class ClientIO:
         self._publish(topic, payload, len(payload), reply, fds, timeout)
 
     cdef int _publish(self, bytes topic, const char *payload, size_t payload_len,
-                      bytes reply, object fds, double timeout) except -1:
+                      bytes reply, object fds, double timeout, int payload_fd=-1) except -1:
+        """Queue a PUB. Over UNIX a payload of PAYLOAD_FD_MIN bytes or more
+        goes into a memfd; payload_fd: one made already, holding the
+        payload_len bytes (this call owns it)."""
         cdef int dup_fds[MAX_FDS_ON_WIRE]
         cdef int nfds = 0
-        cdef int status
+        cdef int status = APPEND_OK
         cdef const char *reply_p = NULL
         cdef size_t reply_len = 0
         cdef uint8_t flags = 0
@@ -585,30 +609,34 @@ cdef class ClientIO:
         if reply is not None:
             reply_p = reply
             reply_len = len(reply)
-        if frame_size(len(topic), reply_len, 0, payload_len) > self.max_frame:
-            self._raise_append(APPEND_TOO_LARGE, len(topic) + reply_len + payload_len)
-        if fds:
-            nfds = duplicate_fds(fds, dup_fds, self.is_unix)
-        if self.payload_fds and payload_len >= PAYLOAD_FD_MIN:
-            with nogil:
-                dup_fds[nfds] = payload_memfd(payload, payload_len)
-            if dup_fds[nfds] >= 0:
+        try:
+            if frame_size(len(topic), reply_len, 0, payload_len) > self.max_frame:
+                self._raise_append(APPEND_TOO_LARGE, len(topic) + reply_len + payload_len)
+            if fds:
+                nfds = duplicate_fds(fds, dup_fds, self.is_unix)
+            if payload_fd < 0 and self.payload_fds and payload_len >= PAYLOAD_FD_MIN:
+                with nogil:
+                    payload_fd = payload_memfd(NULL, 0, payload, payload_len)
+            if payload_fd >= 0:
                 # The frame carries the size; the memfd, its last fd, the bytes.
                 busx_store_u64(size_field, payload_len)
                 flags, held = F_PAYLOAD_FD, payload_len
                 payload, payload_len = size_field, 8
+                dup_fds[nfds] = payload_fd
+                payload_fd = -1
                 nfds += 1
-        try:
             status = self._append(K_PUB, flags, 0, topic, len(topic), reply_p, reply_len,
                                   payload, payload_len, dup_fds, nfds, held, timeout)
-        except BaseException:       # interrupted (Ctrl-C) while waiting for room
+        except BaseException:       # e.g. interrupted (Ctrl-C) while waiting for room
             status = APPEND_CLOSED
-            for i in range(nfds):
-                close(dup_fds[i])
             raise
+        finally:
+            if status != APPEND_OK:
+                for i in range(nfds):
+                    close(dup_fds[i])
+                if payload_fd >= 0:
+                    close(payload_fd)
         if status != APPEND_OK:
-            for i in range(nfds):
-                close(dup_fds[i])
             self._raise_append(status, len(topic) + reply_len + payload_len + held)
         if held:
             self.fd_payloads_out += 1

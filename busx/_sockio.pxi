@@ -109,26 +109,31 @@ cdef enum:
     PAYLOAD_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
 
 
-cdef int payload_memfd(const char *payload, size_t size) noexcept nogil:
-    """A sealed memfd holding payload; -1 if the system cannot make one (the
-    caller then sends the payload inline)."""
+cdef int payload_memfd(const char *head, size_t head_len, const char *body,
+                       size_t body_len) noexcept nogil:
+    """A sealed memfd holding head then body; -1 if the system cannot make
+    one (the caller then sends the payload inline)."""
     cdef int fd = memfd_create(b"busx-payload", MFD_CLOEXEC | MFD_ALLOW_SEALING)
-    cdef size_t done = 0
-    cdef ssize_t n
     if fd < 0:
         return -1
-    while done < size:
-        n = write(fd, payload + done, size - done)
-        if n < 0 and errno == EINTR:
-            continue
-        if n <= 0:
-            close(fd)
-            return -1
-        done += n
-    if fcntl(fd, F_ADD_SEALS, PAYLOAD_SEALS | F_SEAL_SEAL) < 0:
+    if (write_all(fd, head, head_len) < 0 or write_all(fd, body, body_len) < 0
+            or fcntl(fd, F_ADD_SEALS, PAYLOAD_SEALS | F_SEAL_SEAL) < 0):
         close(fd)
         return -1
     return fd
+
+
+cdef int write_all(int fd, const char *data, size_t size) noexcept nogil:
+    cdef size_t done = 0
+    cdef ssize_t n
+    while done < size:
+        n = write(fd, data + done, size - done)
+        if n < 0 and errno == EINTR:
+            continue
+        if n <= 0:
+            return -1
+        done += n
+    return 0
 
 
 cdef bint payload_fd_ok(int fd, size_t size) noexcept nogil:

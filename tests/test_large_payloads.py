@@ -248,3 +248,14 @@ def test_a_payload_fd_that_is_not_a_sealed_memfd_of_its_size_closes_only_its_sen
     sender.close()
     del msg
     settle(baseline)
+
+
+def test_a_payload_beyond_max_frame_raises_and_leaves_no_memfd(socket_path):
+    with busx.Broker(unix_path=socket_path, max_frame=2 * MiB) as broker, \
+            busx.connect(broker.url) as bus:
+        baseline = open_fds()
+        for too_big in (blob(2 * MiB), {"blob": blob(2 * MiB)}):
+            with pytest.raises(busx.PayloadTooLarge):
+                bus.publish("big.no", too_big)
+        assert open_fds() == baseline and payload_memfds() == 0
+        assert bus.counters["fd_payloads_out"] == 0
