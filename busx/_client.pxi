@@ -39,6 +39,19 @@ cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
         ts.tv_nsec -= 1000000000
 
 
+cdef int ms_until(const timespec *until) noexcept nogil:
+    """Milliseconds from now to the CLOCK_MONOTONIC time until, rounded up,
+    for poll(); -1 (no limit) for NULL."""
+    cdef timespec now
+    cdef long long ms
+    if until == NULL:
+        return -1
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    ms = ((until.tv_sec - now.tv_sec) * 1000LL
+          + (until.tv_nsec - now.tv_nsec + 999999) // 1000000)
+    return <int>max(ms, 0LL)
+
+
 cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
     return a.tv_sec < b.tv_sec or (a.tv_sec == b.tv_sec and a.tv_nsec < b.tv_nsec)
 
@@ -54,6 +67,13 @@ cdef class ClientIO:
     cdef int epfd
     cdef int wake_fd
     cdef int notify_fd
+    # A Python thread waiting for messages reads the socket itself while
+    # the I/O thread is idle (see _read_directly): one thread wake-up per
+    # message instead of two. read_lock: held by whoever runs _read.
+    cdef pthread_mutex_t read_lock
+    cdef bint direct_reader     # a waiting thread watches the socket (lock held)
+    cdef int direct_result      # a RunResult it found, for the I/O thread to return
+    cdef int direct_wake_fd     # wakes that thread when events happen meanwhile
     cdef bint is_unix
     cdef bint payload_fds       # the broker takes large payloads as memfds
     cdef size_t max_buffer
@@ -101,6 +121,7 @@ cdef class ClientIO:
     cdef public int last_errno
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
     cdef public unsigned long long direct_sends     # frames sent by the publishing thread
+    cdef public unsigned long long direct_reads     # reads done by a thread waiting for messages
     cdef public unsigned long long fd_payloads_out, fd_payloads_in  # payloads sent as memfds
     cdef public unsigned long long discarded        # messages for subscriptions already gone
 
@@ -110,7 +131,10 @@ cdef class ClientIO:
         self.epfd = -1
         self.wake_fd = -1
         self.notify_fd = -1
+        self.direct_wake_fd = -1
+        self.direct_result = -1
         pthread_mutex_init(&self.lock, NULL)
+        pthread_mutex_init(&self.read_lock, NULL)
         pthread_condattr_init(&attr)
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
         pthread_cond_init(&self.room_cond, &attr)
@@ -123,7 +147,8 @@ cdef class ClientIO:
         self.topic_cache = {}
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.epfd < 0 or self.wake_fd < 0:
+        self.direct_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.epfd < 0 or self.wake_fd < 0 or self.direct_wake_fd < 0:
             raise_os_error("cannot create the client's event loop")
         cdef epoll_event ev
         ev.events = EPOLLIN
@@ -134,11 +159,17 @@ cdef class ClientIO:
     def __dealloc__(self):
         self.release()
         pthread_mutex_destroy(&self.lock)
+        pthread_mutex_destroy(&self.read_lock)
         pthread_cond_destroy(&self.room_cond)
         pthread_cond_destroy(&self.event_cond)
 
     def release(self):
         """Free fds and buffers. Only once the I/O thread has ended."""
+        if not self.forked:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                self._stop_direct_reader()
+                pthread_mutex_unlock(&self.lock)
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
@@ -151,6 +182,9 @@ cdef class ClientIO:
         if self.notify_fd >= 0:
             close(self.notify_fd)
             self.notify_fd = -1
+        if self.direct_wake_fd >= 0:
+            close(self.direct_wake_fd)
+            self.direct_wake_fd = -1
         buf_free(&self.out)
         buf_free(&self.inbox)
         buf_free(&self.sending)
@@ -200,6 +234,7 @@ cdef class ClientIO:
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
             self.fd = fd
+            self.direct_result = -1
             self.is_unix = is_unix
             self.payload_fds = payload_fds and is_unix
             self.max_frame = max_frame
@@ -232,14 +267,15 @@ cdef class ClientIO:
             return
         with nogil:
             pthread_mutex_lock(&self.lock)
+            if self.state == CL_ATTACHED:
+                self.state = CL_DETACHED
+            self._stop_direct_reader()
         if self.fd >= 0:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.fd, NULL)
             close(self.fd)
             self.fd = -1
         buf_free(&self.rbuf)
         fdq_close_all(&self.recv_fds)
-        if self.state == CL_ATTACHED:
-            self.state = CL_DETACHED
         self._signal_events()
         pthread_cond_broadcast(&self.room_cond)
         pthread_mutex_unlock(&self.lock)
@@ -321,11 +357,15 @@ cdef class ClientIO:
                 if events[i].data.u64 == TAG_WAKE:
                     read(self.wake_fd, &drained, 8)
                 elif events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    pthread_mutex_lock(&self.read_lock)
                     result = self._read()
+                    pthread_mutex_unlock(&self.read_lock)
                     if result >= 0:
                         return result
             if self.close_requested:
                 return RUN_CLOSED
+            if self.direct_result >= 0:
+                return self.direct_result
             result = self._write()
             if result >= 0:
                 return result
@@ -364,8 +404,10 @@ cdef class ClientIO:
                 buf_consume(&self.sending, n)
                 pthread_mutex_unlock(&self.lock)
         if socket_full != self.want_out:
+            pthread_mutex_lock(&self.lock)
             self.want_out = socket_full
             self._set_events()
+            pthread_mutex_unlock(&self.lock)
         return -1
 
     cdef bint _take_output(self) noexcept nogil:
@@ -390,8 +432,10 @@ cdef class ClientIO:
         return more
 
     cdef void _set_events(self) noexcept nogil:
+        """What the I/O thread watches the socket for. Lock held."""
         cdef epoll_event ev
-        ev.events = (0 if self.reading_paused else EPOLLIN) | (EPOLLOUT if self.want_out else 0)
+        ev.events = ((0 if self.reading_paused or self.direct_reader else EPOLLIN)
+                     | (EPOLLOUT if self.want_out else 0))
         ev.data.u64 = TAG_LISTEN
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.fd, &ev)
 
@@ -474,6 +518,8 @@ cdef class ClientIO:
         pthread_cond_broadcast(&self.event_cond)
         if self.notify_fd >= 0:
             write(self.notify_fd, &one, 8)
+        if self.direct_reader:
+            write(self.direct_wake_fd, &one, 8)
 
     cdef inline bint _receive_full(self) noexcept nogil:
         """Received, unread bytes (inbox and message queues) reached max_buffer.
@@ -841,12 +887,67 @@ cdef class ClientIO:
                     ready = self.events_seq != seen
                 if ready:
                     break
+                if room_for == NULL and self._may_read_directly():
+                    if not self._read_directly(until):
+                        break           # timed out
+                    continue
                 if until == NULL:
                     pthread_cond_wait(cond, &self.lock)
                 elif pthread_cond_timedwait(cond, &self.lock, until) == ETIMEDOUT:
                     break
             pthread_mutex_unlock(&self.lock)
         return ready
+
+    cdef bint _may_read_directly(self) noexcept nogil:
+        """Whether a waiting thread may read the socket itself. Lock held."""
+        return (self.state == CL_ATTACHED and not self.direct_reader and self.direct_result < 0
+                and not self.reading_paused and self.fd >= 0)
+
+    cdef bint _read_directly(self, timespec *until) noexcept nogil:
+        """Wait for the socket (or other events) in this thread and read it
+        here, sparing the hand-off from the I/O thread: a wake-up across
+        cores costs tens of microseconds (BENCHMARKS.md, round trips). The
+        I/O thread stops watching for input meanwhile; it still sends, and
+        takes over whatever ends the connection. Lock held on entry and
+        exit, released in between. Returns False on timeout or EINTR."""
+        cdef pollfd fds[2]
+        cdef int n, result = -1
+        cdef uint64_t drained, one = 1
+        self.direct_reader = True
+        self._set_events()
+        pthread_mutex_unlock(&self.lock)
+        fds[0].fd = self.fd
+        fds[0].events = POLLIN
+        fds[1].fd = self.direct_wake_fd
+        fds[1].events = POLLIN
+        n = poll(fds, 2, ms_until(until))
+        if n > 0 and fds[1].revents:
+            read(self.direct_wake_fd, &drained, 8)
+        if n > 0 and fds[0].revents:
+            pthread_mutex_lock(&self.read_lock)
+            result = self._read()
+            self.direct_reads += 1
+            pthread_mutex_unlock(&self.read_lock)
+        pthread_mutex_lock(&self.lock)
+        self.direct_reader = False
+        if result >= 0:
+            self.direct_result = result
+        if self.state == CL_ATTACHED:
+            self._set_events()
+        if result >= 0 or buf_len(&self.out):
+            # The I/O thread ends the connection, or sends what _read queued.
+            write(self.wake_fd, &one, 8)
+        pthread_cond_broadcast(&self.event_cond)    # for _stop_direct_reader
+        return n > 0        # else timed out, or a signal (EINTR) for Python to handle
+
+    cdef void _stop_direct_reader(self) noexcept nogil:
+        """Before the socket is closed (and with the state no longer
+        CL_ATTACHED, so none starts again): wake a thread reading it
+        directly and wait until it has stopped. Lock held."""
+        cdef uint64_t one = 1
+        while self.direct_reader:
+            write(self.direct_wake_fd, &one, 8)
+            pthread_cond_wait(&self.event_cond, &self.lock)
 
     def take(self, dict queues, list control):
         """Parse every whole frame received so far: MSG frames go to their

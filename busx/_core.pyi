@@ -87,6 +87,7 @@ class ClientIO:
     frames_out: int
     write_calls: int
     direct_sends: int
+    direct_reads: int
     fd_payloads_out: int
     fd_payloads_in: int
     discarded: int

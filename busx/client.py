@@ -550,13 +550,16 @@ class Bus:
     @property
     def counters(self) -> dict:
         """Frames and syscalls of this connection (frames_out/write_calls shows
-        batching), payloads sent and received as memfds, and messages
+        batching; direct_sends and direct_reads count the sends and reads done
+        by the calling thread instead of the I/O thread), payloads sent and
+        received as memfds, and messages
         discarded because their subscription had ended (queued at
         unsubscribe, or routed to it before the broker saw it)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
-                "read_calls": io.read_calls, "fd_payloads_out": io.fd_payloads_out,
+                "read_calls": io.read_calls, "direct_reads": io.direct_reads,
+                "fd_payloads_out": io.fd_payloads_out,
                 "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded}
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 import busx
-from conftest import run_python
+from conftest import run_python, wait_for
 
 VALUES = [
     None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, math.inf, "", "héllo ✓",
@@ -256,3 +256,51 @@ def test_messages_skip_the_cyclic_gc_and_do_not_keep_their_bus_alive(broker):
     assert gone() is None
     with pytest.raises(busx.Closed):
         msg.respond("nobody left to send this")
+
+
+def test_a_waiting_thread_reads_the_socket_itself(broker):
+    # Round trips: each request waits for its reply, and the waiting thread
+    # reads it from the socket, sparing a hand-off from the I/O thread.
+    import threading
+    with busx.connect(broker.url) as server, busx.connect(broker.url) as client:
+        requests = server.subscribe("echo")
+        server.flush()
+
+        def serve():
+            for _ in range(50):
+                msg = requests.recv(timeout=10)
+                msg.respond(msg.data)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        assert [client.request("echo", i, timeout=10).data for i in range(50)] == list(range(50))
+        thread.join(10)
+        assert client.counters["direct_reads"] > 0 and server.counters["direct_reads"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_close_wakes_a_thread_blocked_in_recv(broker):
+    import threading
+    from conftest import open_fds
+    baseline = open_fds()
+    bus = busx.connect(broker.url)
+    sub = bus.subscribe("nothing.ever")
+    outcome = []
+
+    def wait_forever():
+        try:
+            sub.recv()
+        except busx.Closed as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_forever)
+    waiter.start()
+    def waits_on_the_socket():
+        with open(f"/proc/self/task/{waiter.native_id}/wchan") as wchan:
+            return "poll" in wchan.read()
+
+    wait_for(waits_on_the_socket, message="the thread never waited on the socket")
+    bus.close()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(outcome) == 1
+    wait_for(lambda: open_fds() <= baseline, message="the bus left fds open")

@@ -57,6 +57,16 @@ cdef extern from "<sys/stat.h>" nogil:
     int fstat(int fd, struct_stat *buf)
 
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
