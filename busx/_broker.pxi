@@ -198,7 +198,15 @@ cdef class BrokerLoop:
     cdef size_t max_pending
     cdef size_t max_frame
     cdef Buffer fd_payload      # a memfd payload read for inline delivery (see _load_payload)
+    # Bytes of payload memfds handed to clients and not yet received. The
+    # kernel counts fds in flight against this user's RLIMIT_NOFILE (past
+    # it sendmsg fails with ETOOMANYREFS), so over the budget a payload
+    # goes inline; every memfd holds at least PAYLOAD_FD_MIN bytes, so the
+    # budget in bytes bounds their number.
+    cdef size_t payload_fd_bytes
+    cdef public size_t payload_fd_budget
     cdef bint disconnect_slow
+    cdef public double busy_poll_ms    # see busx.Broker's busy_poll_us
     cdef bint check_publish     # a policy is loaded: ask it about each new topic
     cdef volatile int stop_requested
     cdef uint32_t next_id
@@ -225,6 +233,7 @@ cdef class BrokerLoop:
         self.disconnect_slow = disconnect_slow
         self.check_publish = check_publish
         self.next_id = 1
+        self.payload_fd_budget = <size_t>-1
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.epfd < 0 or self.wake_fd < 0:
@@ -280,18 +289,25 @@ cdef class BrokerLoop:
         cdef uint64_t tag
         cdef int status = -1
         cdef uint64_t drained
+        cdef double spin_until = 0
+        cdef unsigned long long routed_before
         while status < 0:
             timeout = -1
             if self.accept_paused or self.nclosing:
                 timeout = ACCEPT_RETRY_MS
             if self.backlog != NULL:
                 timeout = 0
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+            n = 0
+            if timeout != 0 and self.busy_poll_ms > 0 and spin_until > 0:
+                n = self._spin(events, spin_until)
+            if n == 0:
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
             if n < 0:
                 if errno == EINTR:
                     continue
                 return -errno
             pthread_mutex_lock(&self.state_lock)
+            routed_before = self.msgs_in
             for i in range(n):
                 tag = events[i].data.u64
                 if tag == TAG_WAKE:
@@ -307,9 +323,26 @@ cdef class BrokerLoop:
             self._housekeeping()
             self._bury_dead()
             pthread_mutex_unlock(&self.state_lock)
+            # Spin only after a trickle (request/reply traffic); a batch
+            # means the peers are busy producing the next one, and spinning
+            # would take the core they need.
+            spin_until = 0
+            if n > 0 and 0 < self.msgs_in - routed_before <= SPIN_AFTER_AT_MOST:
+                spin_until = now_ms() + self.busy_poll_ms
             if self.stop_requested:
                 status = LOOP_STOP
         return status
+
+    cdef int _spin(self, epoll_event *events, double until) noexcept nogil:
+        """Poll without sleeping until `until` (ms): traffic just flowed,
+        and the next frame usually follows within tens of microseconds, less
+        than it costs to wake a sleeping thread. Yields each turn, so a
+        process that shares this core runs first."""
+        cdef int n = 0
+        while n == 0 and not self.stop_requested and now_ms() < until:
+            sched_yield()
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+        return n
 
     # ---- connections ----
 
@@ -528,7 +561,7 @@ cdef class BrokerLoop:
         elif f.kind == K_STATS:
             self._stats(c, f)
         elif f.kind == K_RECEIVED and f.payload_len == 8:
-            c.fd_bytes_unreceived -= min(busx_load_u64(f.payload), c.fd_bytes_unreceived)
+            self._fd_bytes_gone(c, busx_load_u64(f.payload))
             self._mark_dirty(c)         # room again: owed drop reports may go out
         else:
             self._fail(c, b"protocol", b"unexpected frame kind from a client")
@@ -714,7 +747,7 @@ cdef class BrokerLoop:
         cdef int k, copy
         cdef uint8_t flags = 0
         cdef uint8_t sent_fds = 0
-        cdef uint8_t lost_fds = 0
+        cdef int lost_fds = f.fds_lost     # lost on the publisher's side (TCP)
         self.budget -= 1
         if dst.state != CS_READY:
             return
@@ -731,9 +764,10 @@ cdef class BrokerLoop:
                 else:
                     sent_fds += 1
         else:
-            lost_fds = user_fds
+            lost_fds += user_fds
         if big.fd >= 0:
-            if dst.payload_fds and self._pass_payload_fd(dst, big):
+            if (dst.payload_fds and self.payload_fd_bytes + big.size <= self.payload_fd_budget
+                    and self._pass_payload_fd(dst, big)):
                 flags = F_PAYLOAD_FD
                 payload_len = f.payload_len
                 sent_fds += 1
@@ -744,7 +778,7 @@ cdef class BrokerLoop:
                 return
         if write_frame(&dst.wbuf, K_MSG, flags, s.sid, f.topic, f.topic_len, f.reply,
                        f.reply_len, src.stamp, src.stamp_len, payload, payload_len,
-                       sent_fds, lost_fds) < 0:
+                       sent_fds, <uint8_t>min(lost_fds, 255)) < 0:
             self._fail(dst, b"internal", b"broker out of memory")
             return
         dst.msgs_out += 1
@@ -761,6 +795,7 @@ cdef class BrokerLoop:
             close(copy)
             return False
         dst.fd_bytes_unreceived += big.size
+        self.payload_fd_bytes += big.size
         dst.bytes_out += big.size
         self.bytes_out += big.size
         return True
@@ -807,7 +842,14 @@ cdef class BrokerLoop:
             at += busx_load_u32(frame) + 4
         c.wbuf.end = c.wbuf.start + (c.next_frame - c.wbuf_sent)
         fdq_close_from(&c.out_fds, c.next_frame)
-        c.fd_bytes_unreceived -= held - c.out_fds.held
+        self._fd_bytes_gone(c, held - c.out_fds.held)
+
+    cdef inline void _fd_bytes_gone(self, Conn *c, size_t n) noexcept nogil:
+        """n bytes of c's payload memfds are no longer in flight: received,
+        or never to be sent."""
+        n = min(n, c.fd_bytes_unreceived)
+        c.fd_bytes_unreceived -= n
+        self.payload_fd_bytes -= n
 
     cdef void _report_drops(self, Conn *c) noexcept nogil:
         """Tell the client, per subscription, how many messages were dropped."""
@@ -1055,6 +1097,7 @@ cdef class BrokerLoop:
         close(c.fd)
         fdq_close_all(&c.in_fds)
         fdq_close_all(&c.out_fds)
+        self._fd_bytes_gone(c, c.fd_bytes_unreceived)
         last = self.conns[self.nconns - 1]
         self.conns[c.slot] = last
         last.slot = c.slot

@@ -49,7 +49,7 @@ cdef int ms_until(const timespec *until) noexcept nogil:
     clock_gettime(CLOCK_MONOTONIC, &now)
     ms = ((until.tv_sec - now.tv_sec) * 1000LL
           + (until.tv_nsec - now.tv_nsec + 999999) // 1000000)
-    return <int>max(ms, 0LL)
+    return <int>min(max(ms, 0LL), <long long>INT_MAX)
 
 
 cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
@@ -72,6 +72,7 @@ cdef class ClientIO:
     # message instead of two. read_lock: held by whoever runs _read.
     cdef pthread_mutex_t read_lock
     cdef bint direct_reader     # a waiting thread watches the socket (lock held)
+    cdef bint direct_reading    # ... and is inside _read (read_lock held)
     cdef int direct_result      # a RunResult it found, for the I/O thread to return
     cdef int direct_wake_fd     # wakes that thread when events happen meanwhile
     cdef bint is_unix
@@ -216,27 +217,34 @@ cdef class ClientIO:
         payloads as memfds."""
         cdef epoll_event ev
         cdef Buffer fresh
+        cdef FdQueue fresh_fds
         cdef size_t boundary
         memset(&fresh, 0, sizeof(Buffer))
+        memset(&fresh_fds, 0, sizeof(FdQueue))
         with nogil:
             pthread_mutex_lock(&self.lock)
         try:
+            self.is_unix = is_unix
+            self.payload_fds = payload_fds and is_unix
             boundary = self._drop_partial_frame()
-            if (buf_append(&fresh, prologue, len(prologue)) < 0 or
-                    buf_append(&fresh, self.sending.data + boundary,
-                               self.sending.end - boundary) < 0):
+            if (buf_append(&fresh, prologue, len(prologue)) < 0
+                    or self._carry_over(&self.sending, boundary, &self.sending_fds,
+                                        &fresh, &fresh_fds) < 0
+                    or self._carry_over(&self.out, self.out.start, &self.out_fds, &fresh, &fresh_fds) < 0):
+                buf_free(&fresh)
+                fdq_free(&fresh_fds)
                 raise MemoryError()
-            shift_fds(&self.sending_fds, boundary, len(prologue))
-            # Memfds in flight on the old connection are gone with it.
-            self.fd_bytes_unacked = self.sending_fds.held + self.out_fds.held
             buf_free(&self.sending)
-            self.sending = fresh
+            fdq_free(&self.sending_fds)
+            self.sending, self.sending_fds = fresh, fresh_fds
+            self.out.start = self.out.end = 0
+            # Memfds in flight on the old connection are gone with it.
+            self.fd_bytes_unacked = self.sending_fds.held
+            pthread_cond_broadcast(&self.room_cond)     # `out` has room again
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
             self.fd = fd
             self.direct_result = -1
-            self.is_unix = is_unix
-            self.payload_fds = payload_fds and is_unix
             self.max_frame = max_frame
             self.want_out = True
             self.reading_paused = False
@@ -248,6 +256,60 @@ cdef class ClientIO:
                 raise_os_error("epoll_ctl")
         finally:
             pthread_mutex_unlock(&self.lock)
+
+    cdef int _carry_over(self, Buffer *frames, size_t at, FdQueue *fds,
+                         Buffer *into, FdQueue *into_fds) noexcept nogil:
+        """Move the frames of frames.data[at:] (and their fds) to a new
+        connection's output. Acks meant for the old broker are left behind;
+        payload memfds go inline to a broker that does not take them, and
+        fds cannot cross TCP: those frames say how many were lost. Lock
+        held; -1 when memory runs out."""
+        cdef FrameView f
+        cdef int frame_fds[MAX_FDS_ON_WIRE]
+        cdef int nfds, user_fds, k
+        cdef size_t held
+        cdef int status = 0
+        cdef Buffer payload
+        memset(&payload, 0, sizeof(Buffer))
+        while at < frames.end and status == 0:
+            parse_frame(frames.data + at, frames.end - at, <size_t>-1, &f)
+            nfds = 0
+            held = 0
+            while fdq_len(fds) and fds.items[fds.head].offset <= at and nfds < MAX_FDS_ON_WIRE:
+                held += fds.items[fds.head].held
+                frame_fds[nfds] = fdq_pop(fds)
+                nfds += 1
+            at += f.size
+            if f.kind == K_RECEIVED:
+                continue
+            user_fds = nfds - (1 if f.flags & F_PAYLOAD_FD else 0)
+            if (f.flags & F_PAYLOAD_FD) and not self.payload_fds:
+                payload.start = payload.end = 0
+                if (buf_reserve(&payload, held) < 0
+                        or read_payload_fd(frame_fds[nfds - 1], payload.data, held) < 0):
+                    for k in range(nfds):
+                        close(frame_fds[k])
+                    status = -1
+                    break
+                f.payload, f.payload_len, payload.end = payload.data, held, held
+                f.flags &= ~F_PAYLOAD_FD
+                close(frame_fds[nfds - 1])
+                nfds -= 1
+            if not self.is_unix and user_fds:
+                for k in range(nfds):
+                    close(frame_fds[k])
+                f.fds_lost, nfds = user_fds, 0
+            for k in range(nfds):
+                if fdq_push(into_fds, into.end, frame_fds[k],
+                            held if k == nfds - 1 and (f.flags & F_PAYLOAD_FD) else 0) < 0:
+                    close(frame_fds[k])
+                    status = -1
+            if status == 0 and write_frame(into, f.kind, f.flags, f.id, f.topic, f.topic_len,
+                                           f.reply, f.reply_len, NULL, 0, f.payload,
+                                           f.payload_len, nfds, f.fds_lost) < 0:
+                status = -1
+        buf_free(&payload)
+        return status
 
     cdef size_t _drop_partial_frame(self) noexcept:
         """Index in sending.data of the first frame not yet begun on the wire.
@@ -498,6 +560,9 @@ cdef class ClientIO:
                 # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
                 self.reading_paused = True
                 self._set_events()
+                # Acks of payload memfds no longer reach us: publishers
+                # waiting on them must look again (_has_room).
+                pthread_cond_broadcast(&self.room_cond)
         pthread_mutex_unlock(&self.lock)
         return -1
 
@@ -509,6 +574,9 @@ cdef class ClientIO:
         self.inbox_fd_bytes += fd_bytes
         busx_store_u64(received, fd_bytes)
         write_frame(&self.out, K_RECEIVED, 0, 0, NULL, 0, NULL, 0, NULL, 0, received, 8, 0, 0)
+        # Output is queued: _send_directly must leave the socket to the
+        # I/O thread, which the caller wakes (or is).
+        self.wake_pending = 1
 
     cdef void _signal_events(self) noexcept nogil:
         """Something for Python: frames arrived or the state changed. Wakes
@@ -518,7 +586,7 @@ cdef class ClientIO:
         pthread_cond_broadcast(&self.event_cond)
         if self.notify_fd >= 0:
             write(self.notify_fd, &one, 8)
-        if self.direct_reader:
+        if self.direct_reader and not self.direct_reading:
             write(self.direct_wake_fd, &one, 8)
 
     cdef inline bint _receive_full(self) noexcept nogil:
@@ -606,8 +674,10 @@ cdef class ClientIO:
         cdef const char *body = data
         cdef char head[5]
         cdef int fd
-        if not (self.payload_fds and PAYLOAD_FD_MIN <= size <= 0xffffffff):
+        if not (self._memfds_wanted(size) and size <= 0xffffffff):
             return False
+        if frame_size(len(topic), 0 if reply is None else len(reply), 0, size + 5) > self.max_frame:
+            return False            # _publish raises PayloadTooLarge before making a memfd
         head[0] = <char>0xc6
         busx_store_be(head + 1, size, 4)
         with nogil:
@@ -660,7 +730,7 @@ cdef class ClientIO:
                 self._raise_append(APPEND_TOO_LARGE, len(topic) + reply_len + payload_len)
             if fds:
                 nfds = duplicate_fds(fds, dup_fds, self.is_unix)
-            if payload_fd < 0 and self.payload_fds and payload_len >= PAYLOAD_FD_MIN:
+            if payload_fd < 0 and self._memfds_wanted(payload_len):
                 with nogil:
                     payload_fd = payload_memfd(NULL, 0, payload, payload_len)
             if payload_fd >= 0:
@@ -794,9 +864,19 @@ cdef class ClientIO:
     cdef inline bint _has_room(self, size_t size) noexcept nogil:
         """Whether a frame of size bytes fits the output buffer. An empty
         buffer takes any frame; memfds the broker has not yet taken count
-        too, else they could pile up in the socket. Lock held."""
-        cdef size_t used = buf_len(&self.out) + self.fd_bytes_unacked
+        too, else they could pile up in the socket - except while reading is
+        paused, when their acks cannot arrive: then new payloads go inline
+        (_memfds_wanted) and only the socket's own back-pressure applies.
+        Lock held."""
+        cdef size_t used = buf_len(&self.out)
+        if not self.reading_paused:
+            used += self.fd_bytes_unacked
         return used == 0 or used + size <= self.max_buffer
+
+    cdef inline bint _memfds_wanted(self, size_t payload_len) noexcept nogil:
+        """Whether a payload travels in a memfd: over UNIX, large, and
+        while acks can come back (_has_room)."""
+        return self.payload_fds and not self.reading_paused and payload_len >= PAYLOAD_FD_MIN
 
     cdef bint _send_directly(self, uint8_t kind, uint32_t id, const char *topic,
                              size_t topic_len, const char *reply, size_t reply_len,
@@ -925,7 +1005,9 @@ cdef class ClientIO:
             read(self.direct_wake_fd, &drained, 8)
         if n > 0 and fds[0].revents:
             pthread_mutex_lock(&self.read_lock)
+            self.direct_reading = True      # _signal_events: no need to wake us
             result = self._read()
+            self.direct_reading = False
             self.direct_reads += 1
             pthread_mutex_unlock(&self.read_lock)
         pthread_mutex_lock(&self.lock)
@@ -1064,14 +1146,6 @@ cdef class ClientIO:
                 fds.append(fd)
         pthread_mutex_unlock(&self.lock)
         return tuple(fds)
-
-
-cdef void shift_fds(FdQueue *q, size_t boundary, size_t prologue) noexcept nogil:
-    """Re-index queued fds after sending.data[:boundary] was replaced by a
-    prologue of `prologue` bytes."""
-    cdef size_t i
-    for i in range(q.head, q.tail):
-        q.items[i].offset = q.items[i].offset - boundary + prologue
 
 
 cdef inline void fdq_swap(FdQueue *a, FdQueue *b) noexcept nogil:

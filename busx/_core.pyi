@@ -177,6 +177,8 @@ class BrokerLoop:
     dropped: int
     read_calls: int
     write_calls: int
+    payload_fd_budget: int
+    busy_poll_ms: float
     def __init__(
         self,
         handler: _BrokerHandler,

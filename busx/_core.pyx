@@ -3,6 +3,7 @@
 client's event loops. Everything on the message path runs without the GIL;
 busx.broker and busx.client are the Python faces over it."""
 
+from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen

@@ -141,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_group=args.socket_group, policy=args.policy,
         tokens=read_tokens(args.tokens) if args.tokens else None,
         allow_anonymous_tcp=args.allow_anonymous_tcp, max_pending=args.max_pending,
-        slow_consumer=args.slow_consumer, max_frame=args.max_frame)
+        slow_consumer=args.slow_consumer, max_frame=args.max_frame,
+        busy_poll_us=args.busy_poll_us)
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
     # thread exists, so it inherits the mask and they wait for sigwait().
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what happens past --max-pending (default drop)")
     serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
                        help="largest frame accepted (default 64M)")
+    serve.add_argument("--busy-poll-us", metavar="US", type=int, default=50,
+                       help="poll this long after a trickle of traffic before sleeping: "
+                            "faster round trips for some CPU (default 50, 0 = off)")
 
     pub = commands.add_parser("pub", help="publish JSON values")
     pub.set_defaults(run=cmd_pub)

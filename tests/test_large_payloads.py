@@ -7,6 +7,9 @@ so /proc/self shows every fd and mapping any of them holds."""
 import fcntl
 import gc
 import os
+import shutil
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -259,3 +262,80 @@ def test_a_payload_beyond_max_frame_raises_and_leaves_no_memfd(socket_path):
                 bus.publish("big.no", too_big)
         assert open_fds() == baseline and payload_memfds() == 0
         assert bus.counters["fd_payloads_out"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_publisher_that_also_subscribes_never_waits_on_acks_behind_its_unread_messages(
+        socket_path):
+    # The broker's RECEIVED for a memfd travels behind the messages it sends
+    # this client. Once the client stops reading (its receive buffer full),
+    # it cannot see them: it must not wait for them, and sends inline instead.
+    count = 40
+    with busx.Broker(unix_path=socket_path) as broker, \
+            busx.connect(broker.url, max_buffer=4 * MiB) as bus:
+        sub = bus.subscribe("big.echo")
+        for i in range(count):
+            bus.publish("big.echo", [i, blob(MiB)], timeout=10)
+        bus.flush(timeout=10)
+        received = []
+        while len(received) + sub.dropped < count:
+            received += [msg.data[0] for msg in sub.recv_many(timeout=10)]
+        assert received == sorted(received) and len(received) + sub.dropped == count
+        assert bus.counters["fd_payloads_out"] < count, "every payload went by memfd"
+
+
+@pytest.mark.timeout(60)
+def test_memfds_in_flight_stay_within_the_brokers_budget_and_the_rest_go_inline(socket_path):
+    with busx.Broker(unix_path=socket_path) as broker, busx.connect(broker.url) as pub, \
+            busx.connect(broker.url, max_buffer=MiB) as stuck_bus, \
+            busx.connect(broker.url) as reader_bus:
+        broker._loop.payload_fd_budget = 4 * PAYLOAD_FD_THRESHOLD
+        stuck_bus.subscribe("big.budget")
+        reader = reader_bus.subscribe("big.budget")
+        pub.flush()
+        values = [blob(PAYLOAD_FD_THRESHOLD) for _ in range(20)]
+        for value in values:
+            pub.publish("big.budget", value)
+        assert [reader.recv(timeout=10).data for _ in values] == values
+        # The stuck subscriber holds the budget; the reader got the rest inline.
+        assert 0 < reader_bus.counters["fd_payloads_in"] < len(values)
+        stuck_bus.flush(timeout=10)             # and stays connected
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a broker the fd limit binds")
+def test_memfds_in_flight_never_exceed_the_kernels_fd_limit(tmp_path):
+    # The kernel counts fds in flight in UNIX sockets against the sender's
+    # RLIMIT_NOFILE (CAP_SYS_RESOURCE exempts root, so the broker runs
+    # without it). Past the limit sendmsg fails with ETOOMANYREFS: the
+    # broker must stay below it rather than lose connections.
+    path = str(tmp_path / "bus.sock")
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)); "
+            f"import busx; busx.Broker(unix_path={path!r}).serve_forever()")
+    broker = subprocess.Popen(["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin,-sys_resource",
+                               sys.executable, "-P", "-c", code], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(path) or broker.poll() is not None,
+                 message="the broker never listened")
+        url = f"unix://{path}"
+        stuck = [busx.connect(url, max_buffer=MiB, reconnect=False) for _ in range(3)]
+        for bus in stuck:
+            bus.subscribe("big.many")
+        with busx.connect(url, reconnect=False) as reader_bus, \
+                busx.connect(url, reconnect=False) as pub:
+            reader = reader_bus.subscribe("big.many")
+            pub.flush()
+            for i in range(600):
+                pub.publish("big.many", [i, blob(300 * 1024)])
+                if i % 50 == 49:        # the reader keeps up
+                    assert [reader.recv(timeout=10).data[0] for _ in range(50)] == \
+                        list(range(i - 49, i + 1))
+            pub.flush(timeout=10)
+        for bus in stuck:
+            bus.flush(timeout=10)               # still connected
+            bus.close()
+    finally:
+        broker.terminate()
+        _, err = broker.communicate(timeout=30)
+    assert b"Traceback" not in err, err.decode()

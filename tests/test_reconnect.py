@@ -251,3 +251,35 @@ def test_close_during_the_outage_returns_promptly(brokers):
         closer.join(10)
     assert len(durations) == len(buses)
     assert max(durations) < 0.5, f"close() took {max(durations):.2f}s during an outage"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_buffered_memfd_payloads_and_fds_survive_a_move_to_a_tcp_broker(brokers, tmp_path):
+    # Published while no broker is up, these carry a payload memfd and one
+    # of the user's fds; the next broker in the list is reached over TCP,
+    # which carries neither: payloads go inline, fds are counted lost.
+    first = brokers.start()
+    tcp_url = f"tcp://127.0.0.1:{free_tcp_port()}"
+    with busx.connect([brokers.url, tcp_url], reconnect=True) as bus:
+        sub = bus.subscribe("big.moved")    # renewed before the buffered publishes
+        brokers.kill(first)
+        read_end, write_end = os.pipe()
+        payloads = [os.urandom(1 << 20) for _ in range(3)]
+        for payload in payloads:
+            bus.publish("big.moved", payload, fds=[read_end])
+        os.close(read_end)
+        os.close(write_end)
+        port = int(tcp_url.rsplit(":", 1)[1])
+        with busx.Broker(unix_path=str(tmp_path / "other.sock"), tcp=("127.0.0.1", port)):
+            got = [sub.recv(timeout=20) for _ in payloads]
+            assert bus.transport == "tcp"
+            assert [m.data for m in got] == payloads
+            assert [(m.fds, m.fds_lost) for m in got] == [((), 1)] * 3
+            bus.publish("big.moved", b"after")      # and the connection stays up
+            assert sub.recv(timeout=10).data == b"after"

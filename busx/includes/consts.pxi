@@ -19,6 +19,7 @@ cdef enum:
     # Bytes handed to one send()/sendmsg(): the socket buffer takes about this
     # much at once; larger sends only return partial writes.
     WRITE_CHUNK = 1024 * 1024
+    SPIN_AFTER_AT_MOST = 4        # frames routed in a turn that count as a trickle
     MAX_EVENTS = 128              # epoll events taken per wait
     # The client's writer yields the CPU once before sending less than this
     # while publishers keep appending (benchmarks/compare.py).
