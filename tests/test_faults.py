@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 from conftest import open_fds, spawn_python, wait_for
-from conftest import stop_process
+from conftest import BrokerProcess, stop_process
 
 import busx
 
@@ -245,3 +245,31 @@ def test_stop_delivers_what_the_broker_accepted(socket_path):
     assert accepted > 0
     assert report["numbers"] == list(range(accepted)), "stop() lost messages it had accepted"
     assert report["error"] == "Disconnected"
+
+
+# ---- busy polling ----
+
+@pytest.mark.timeout(60)
+def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
+    # Broker(busy_poll_us=...) polls after a trickle of frames instead of
+    # sleeping at once; once the traffic stops, so must the polling.
+    broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "1000")
+    try:
+        with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
+            requests = service.subscribe("poll.echo")
+
+            def answer():
+                for msg in requests:
+                    msg.respond(msg.data)
+            threading.Thread(target=answer, daemon=True).start()
+            assert [client.request("poll.echo", i, timeout=5).data for i in range(300)] == \
+                list(range(300))
+            assert_idle(broker.pid)
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("value", [-1, 1_000_001])
+def test_busy_poll_out_of_range_is_refused(value):
+    with pytest.raises(busx.BusError, match="busy_poll_us"):
+        busx.Broker(unix_path="/tmp/unused.sock", busy_poll_us=value)
