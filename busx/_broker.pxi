@@ -747,12 +747,19 @@ cdef class BrokerLoop:
         cdef int k, copy
         cdef uint8_t flags = 0
         cdef uint8_t sent_fds = 0
+        cdef bint by_fd
         cdef int lost_fds = f.fds_lost     # lost on the publisher's side (TCP)
         self.budget -= 1
         if dst.state != CS_READY:
             return
         if pending and pending + size > self.max_pending:
             self._slow_consumer(dst, s)
+            return
+        by_fd = (big.fd >= 0 and dst.payload_fds
+                 and self.payload_fd_bytes + big.size <= self.payload_fd_budget)
+        if big.fd >= 0 and not by_fd and not self._load_payload(big):
+            # Before any fd is queued for dst: they would ride the error frame.
+            self._fail(dst, b"internal", b"broker could not read a payload memfd")
             return
         if dst.is_unix:
             for k in range(user_fds):
@@ -766,8 +773,7 @@ cdef class BrokerLoop:
         else:
             lost_fds += user_fds
         if big.fd >= 0:
-            if (dst.payload_fds and self.payload_fd_bytes + big.size <= self.payload_fd_budget
-                    and self._pass_payload_fd(dst, big)):
+            if by_fd and self._pass_payload_fd(dst, big):
                 flags = F_PAYLOAD_FD
                 payload_len = f.payload_len
                 sent_fds += 1

@@ -159,6 +159,7 @@ cdef class ClientIO:
 
     def __dealloc__(self):
         self.release()
+        buf_free(&self.packed)
         pthread_mutex_destroy(&self.lock)
         pthread_mutex_destroy(&self.read_lock)
         pthread_cond_destroy(&self.room_cond)
@@ -191,7 +192,8 @@ cdef class ClientIO:
         buf_free(&self.sending)
         buf_free(&self.rbuf)
         buf_free(&self.taken)
-        buf_free(&self.packed)
+        if not self.packing:    # else a publisher is copying it into a memfd, GIL released
+            buf_free(&self.packed)
         fdq_free(&self.out_fds)
         fdq_free(&self.in_fds)
         fdq_free(&self.sending_fds)
