@@ -214,6 +214,7 @@ cdef class BrokerLoop:
     cdef pthread_mutex_t state_lock
     cdef public unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
     cdef public unsigned long long read_calls, write_calls
+    cdef public unsigned long long busy_polls, busy_poll_hits     # polls begun, ended by events
     cdef object handler
 
     def __cinit__(self):
@@ -339,9 +340,11 @@ cdef class BrokerLoop:
         than it costs to wake a sleeping thread. Yields each turn, so a
         process that shares this core runs first."""
         cdef int n = 0
+        self.busy_polls += 1
         while n == 0 and not self.stop_requested and now_ms() < until:
             sched_yield()
             n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+        self.busy_poll_hits += n > 0
         return n
 
     # ---- connections ----
@@ -1223,4 +1226,5 @@ cdef class BrokerLoop:
             "msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out, "dropped": self.dropped,
             "read_calls": self.read_calls, "write_calls": self.write_calls,
+            "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
         }

@@ -178,6 +178,8 @@ class BrokerLoop:
     read_calls: int
     write_calls: int
     payload_fd_budget: int
+    busy_polls: int
+    busy_poll_hits: int
     busy_poll_ms: float
     def __init__(
         self,
