@@ -264,6 +264,8 @@ def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
             threading.Thread(target=answer, daemon=True).start()
             assert [client.request("poll.echo", i, timeout=5).data for i in range(300)] == \
                 list(range(300))
+            stats = client.stats()
+            assert stats["busy_poll_hits"] > 0, "no request was caught by polling"
             assert_idle(broker.pid)
     finally:
         broker.stop()
