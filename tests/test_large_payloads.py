@@ -18,7 +18,6 @@ from conftest import RawPeer, open_fds, wait_for
 import busx
 from busx import protocol
 from busx._core import PAYLOAD_FD_THRESHOLD
-from busx.handshake import pack
 
 MiB = 1 << 20
 
