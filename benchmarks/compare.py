@@ -9,7 +9,9 @@ plain sockets go straight from publisher to subscriber; the C program
 (benchmarks/c/pipe_limit.c, built with `cc -O2` at run time) shows what the
 socket itself carries when the program costs nothing. Round trips: one
 request in flight, ping -> echo process -> pong, every side decoding and
-re-encoding. Prints Markdown tables for BENCHMARKS.md.
+re-encoding; benchmarks/c/ping_pong.c gives the machine's own round trip,
+direct and through a relay process that stands where the broker does.
+Prints Markdown tables for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import peers  # noqa: E402
 
 C_SOURCE = os.path.join(peers.HERE, "c", "pipe_limit.c")
 C_BUSX_PEER = os.path.join(peers.HERE, "c", "busx_blast.c")
+C_PING_PONG = os.path.join(peers.HERE, "c", "ping_pong.c")
 LARGE = 1 << 20          # bytes per message in the large-payload rows
+C_RELAYED = "C, UNIX socketpairs, through a relay process (a broker's four wake-ups)"
 C_COUNT_FACTOR = 10      # the C program is ~50x faster: give it more messages to time
 
 
@@ -72,7 +76,7 @@ def machine_lines() -> list[str]:
     ]
 
 
-def build_pipe_limit(directory: str, source: str = C_SOURCE) -> tuple[Optional[str], str]:
+def build_c(directory: str, source: str) -> tuple[Optional[str], str]:
     """Compile a C program; (path, "") or (None, why not)."""
     compiler = shutil.which("cc")
     if compiler is None:
@@ -144,7 +148,7 @@ def throughput_rows(broker: peers.BrokerProcess, directory: str, count: int,
                 lambda: peers.raw_transfer(f"unix:{directory}", count, batch=peers.RAW_BATCH),
                 repeat),
     ]
-    binary, why_not = build_pipe_limit(directory)
+    binary, why_not = build_c(directory, C_SOURCE)
     rows += [
         median_row(repeat, lambda: run_c(
             binary, why_not, "C, UNIX socketpair, 64 KiB writes, no decode (the limit)",
@@ -172,7 +176,7 @@ def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int,
     64 KiB batches through it (benchmarks/c/busx_blast.c), payloads inline."""
     name = ("busx broker routing, C publisher -> broker -> C subscriber" if size == 100 else
             "busx broker, C peers, payload inline through both sockets")
-    binary, why_not = build_pipe_limit(directory, C_BUSX_PEER)
+    binary, why_not = build_c(directory, C_BUSX_PEER)
     if binary is None:
         return Row(name, note=f"skipped: {why_not}")
     path = broker.unix_url[len("unix://"):]
@@ -200,7 +204,7 @@ def large_rows(broker: peers.BrokerProcess, directory: str, count: int, repeat: 
                                                            size=LARGE)),
             measure("plain UNIX socket", lambda: peers.raw_transfer(
                 f"unix:{directory}", count, size=LARGE, batch=peers.RAW_BATCH), repeat)]
-    binary, why_not = build_pipe_limit(directory)
+    binary, why_not = build_c(directory, C_SOURCE)
     if binary is None:
         return rows + [Row("C, UNIX socketpair (the limit)", note=f"skipped: {why_not}")]
 
@@ -241,6 +245,25 @@ def latency_rows(broker: peers.BrokerProcess, directory: str, pings: int) -> lis
             pinger.close()
         rows.append((name, peers.percentile(samples, 0.5) * 1e6,
                      peers.percentile(samples, 0.99) * 1e6, ""))
+    return rows + c_round_trip_rows(directory, pings)
+
+
+def c_round_trip_rows(directory: str, pings: int) -> list[tuple]:
+    """What this machine's wake-ups allow: C programs that do nothing but pass the frame."""
+    binary, why_not = build_c(directory, C_PING_PONG)
+    rows = []
+    for name, relays in (("C, UNIX socketpair (direct)", "0"),
+                         (C_RELAYED, "1")):
+        if binary is None:
+            rows.append((name, None, None, f"skipped: {why_not}"))
+            continue
+        done = subprocess.run([binary, str(pings), "100", relays],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            rows.append((name, None, None, f"failed: {done.stderr.strip()[:200]}"))
+            continue
+        result = json.loads(done.stdout)
+        rows.append((name, result["p50_us"], result["p99_us"], ""))
     return rows
 
 
@@ -317,6 +340,10 @@ def print_targets(throughput: list[Row], fanout: list[Row], capacity: Row, large
     target("round trip: pyzmq ipc p50 / busx unix p50", share(zmq_rtt, busx_rtt[0]), 1)
     target("round trip: 2 x busx p50 / busx p99", share(
         2 * busx_rtt[0] if busx_rtt[0] else None, busx_rtt[1]), 1)
+    c_rtt = rtt.get(C_RELAYED, (None, None))
+    c_spread = share(2 * c_rtt[0] if c_rtt[0] else None, c_rtt[1])
+    print(f"| the machine's own: 2 x p50 / p99 of C through a relay | "
+          f"{'–' if c_spread is None else f'{c_spread:.2f}'} | | |")
     print("\n(`bus.publish` cost against `msgpack.packb` is measured by "
           "`pytest benchmarks/test_publish.py --benchmark-only`.)")
 
