@@ -1,10 +1,11 @@
 """What the broker's busy polling buys and costs, measured side by side.
 
-    python benchmarks/busy_poll.py [--pings N] [--rounds R] [--values 0,50,200]
+    python benchmarks/busy_poll.py [--pings N] [--rounds R] [--values 0,50,200] [--pause-us P]
 
 For each busy_poll_us value, in turn and R times over: a broker process, an
 echo process answering with msg.respond(), and this process sending
-bus.request() with one in flight (the round trip of compare.py). Prints
+bus.request() with one in flight (the round trip of compare.py), pausing
+--pause-us between requests to model a slower client. Prints
 p50/p99 and the CPU time each process spent per round trip (user + system,
 from /proc), so the latency gained can be set against the CPU it costs.
 """
@@ -54,7 +55,7 @@ def spawn(code: str, *args: str) -> subprocess.Popen:
     return process
 
 
-def measure(busy_poll_us: int, pings: int) -> dict:
+def measure(busy_poll_us: int, pings: int, pause: float) -> dict:
     directory = tempfile.mkdtemp(prefix="busx-poll-")
     path = os.path.join(directory, "bus.sock")
     broker = spawn(BROKER, path, str(busy_poll_us))
@@ -68,6 +69,8 @@ def measure(busy_poll_us: int, pings: int) -> dict:
             before = {who: cpu_seconds(pid) for who, pid in pids.items()}
             samples = []
             for _ in range(pings):
+                if pause:
+                    time.sleep(pause)
                 began = time.perf_counter()
                 bus.request("bench.echo", payload)
                 samples.append(time.perf_counter() - began)
@@ -85,13 +88,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pings", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--values", default="0,50", help="busy_poll_us values, comma-separated")
+    parser.add_argument("--values", default="0,50,200", help="busy_poll_us values, comma-separated")
+    parser.add_argument("--pause-us", type=int, default=0, help="pause between requests")
     args = parser.parse_args()
     values = [int(value) for value in args.values.split(",")]
     results: dict[int, list[dict]] = {value: [] for value in values}
     for _ in range(args.rounds):
         for value in values:                        # interleaved: noise hits each alike
-            results[value].append(measure(value, args.pings))
+            results[value].append(measure(value, args.pings, args.pause_us / 1e6))
     print("| busy_poll_us | p50 µs | p99 µs | CPU µs per round trip: requester + broker + echo |")
     print("| ---: | ---: | ---: | ---: |")
     for value, runs in results.items():
@@ -101,7 +105,8 @@ def main() -> None:
         print(f"| {value} | {median('p50'):.0f} | {median('p99'):.0f} | "
               f"{median('requester'):.0f} + {median('broker'):.0f} + {median('echo'):.0f} "
               f"= {total:.0f} |")
-    print(f"\n(medians of {args.rounds} rounds of {args.pings:,} round trips each)")
+    print(f"\n(medians of {args.rounds} rounds of {args.pings:,} round trips each, "
+          f"{args.pause_us} µs pause between them)")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ cdef class BrokerLoop:
     cdef size_t payload_fd_bytes
     cdef public size_t payload_fd_budget
     cdef bint disconnect_slow
-    cdef public double busy_poll_ms    # see busx.Broker's busy_poll_us
+    cdef public double busy_poll_ms    # the longest poll: busx.Broker's busy_poll_us
+    cdef double poll_window_ms         # the poll now, adapted between 0 and busy_poll_ms
     cdef bint check_publish     # a policy is loaded: ask it about each new topic
     cdef volatile int stop_requested
     cdef uint32_t next_id
@@ -290,7 +291,7 @@ cdef class BrokerLoop:
         cdef uint64_t tag
         cdef int status = -1
         cdef uint64_t drained
-        cdef double spin_until = 0
+        cdef double idle_since = 0     # when the last trickle turn ended; 0 after any other
         cdef unsigned long long routed_before
         while status < 0:
             timeout = -1
@@ -299,10 +300,12 @@ cdef class BrokerLoop:
             if self.backlog != NULL:
                 timeout = 0
             n = 0
-            if timeout != 0 and self.busy_poll_ms > 0 and spin_until > 0:
-                n = self._spin(events, spin_until)
+            if timeout != 0 and idle_since > 0 and self.poll_window_ms > 0:
+                n = self._spin(events, idle_since + self.poll_window_ms)
             if n == 0:
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+                if n > 0 and timeout != 0 and idle_since > 0:
+                    self._adapt_poll_window(now_ms() - idle_since)
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -327,9 +330,9 @@ cdef class BrokerLoop:
             # Spin only after a trickle (request/reply traffic); a batch
             # means the peers are busy producing the next one, and spinning
             # would take the core they need.
-            spin_until = 0
+            idle_since = 0
             if n > 0 and 0 < self.msgs_in - routed_before <= SPIN_AFTER_AT_MOST:
-                spin_until = now_ms() + self.busy_poll_ms
+                idle_since = now_ms()
             if self.stop_requested:
                 status = LOOP_STOP
         return status
@@ -346,6 +349,19 @@ cdef class BrokerLoop:
             n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
         self.busy_poll_hits += n > 0
         return n
+
+    cdef void _adapt_poll_window(self, double idle_ms) noexcept nogil:
+        """After a trickle turn the broker slept idle_ms before the next
+        event. Poll longer next time if the longest poll would have caught
+        it; shorter if no allowed poll could, so sparse traffic costs no
+        CPU. (KVM adapts its halt polling the same way.)"""
+        if idle_ms <= self.busy_poll_ms:
+            self.poll_window_ms = min(self.busy_poll_ms,
+                                      max(POLL_WINDOW_START_MS, 2 * self.poll_window_ms))
+        elif self.poll_window_ms / 2 >= POLL_WINDOW_START_MS:
+            self.poll_window_ms /= 2
+        else:
+            self.poll_window_ms = 0
 
     # ---- connections ----
 
@@ -1227,4 +1243,5 @@ cdef class BrokerLoop:
             "bytes_out": self.bytes_out, "dropped": self.dropped,
             "read_calls": self.read_calls, "write_calls": self.write_calls,
             "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
+            "busy_poll_window_us": round(self.poll_window_ms * 1000, 1),
         }

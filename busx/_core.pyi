@@ -180,7 +180,7 @@ class BrokerLoop:
     payload_fd_budget: int
     busy_polls: int
     busy_poll_hits: int
-    busy_poll_ms: float
+    busy_poll_ms: float       # the longest poll; the broker adapts below it
     def __init__(
         self,
         handler: _BrokerHandler,

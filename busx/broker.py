@@ -87,9 +87,10 @@ class Broker:
       slow_consumer: "drop" (newest, counted and reported) or "disconnect".
       max_frame: largest frame accepted, announced to clients.
       busy_poll_us: after routing a trickle of frames (request/reply
-        traffic), poll this many microseconds for the next before sleeping:
-        waking a sleeping thread costs tens of microseconds, so this cuts
-        round trips by about 40% for as much CPU (BENCHMARKS.md). 0 turns it off.
+        traffic), poll up to this many microseconds for the next before
+        sleeping: waking a sleeping thread costs tens of microseconds. The
+        poll adapts to how soon frames have lately followed, so traffic
+        sparser than this costs no polling (BENCHMARKS.md). 0 turns it off.
 
     start() runs it on a background thread; serve_forever() in this one.
     """
@@ -99,7 +100,7 @@ class Broker:
                  policy: Union[str, Mapping[str, Any], None] = None,
                  tokens: Optional[Mapping[str, str]] = None, allow_anonymous_tcp: bool = False,
                  max_pending: int = 64 << 20, slow_consumer: str = "drop",
-                 max_frame: int = protocol.DEFAULT_MAX_FRAME, busy_poll_us: int = 50) -> None:
+                 max_frame: int = protocol.DEFAULT_MAX_FRAME, busy_poll_us: int = 200) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE < max_frame < 1 << 32:

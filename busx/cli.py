@@ -534,9 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what happens past --max-pending (default drop)")
     serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
                        help="largest frame accepted (default 64M)")
-    serve.add_argument("--busy-poll-us", metavar="US", type=int, default=50,
-                       help="poll this long after a trickle of traffic before sleeping: "
-                            "faster round trips for some CPU (default 50, 0 = off)")
+    serve.add_argument("--busy-poll-us", metavar="US", type=int, default=200,
+                       help="poll up to this long after a trickle of traffic before "
+                            "sleeping, adapting to the traffic: faster round trips for "
+                            "some CPU (default 200, 0 = off)")
 
     pub = commands.add_parser("pub", help="publish JSON values")
     pub.set_defaults(run=cmd_pub)

@@ -266,7 +266,44 @@ def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
                 list(range(300))
             stats = client.stats()
             assert stats["busy_poll_hits"] > 0, "no request was caught by polling"
+            assert stats["busy_poll_window_us"] > 0
             assert_idle(broker.pid)
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_the_broker_stops_polling_for_traffic_sparser_than_its_poll(tmp_path):
+    # Round trips grow the poll; lone messages further apart than
+    # busy_poll_us shrink it to nothing, and then cost no polling at all.
+    broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "500")
+    try:
+        with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
+            requests = service.subscribe("poll.echo")
+
+            def answer():
+                for msg in requests:
+                    msg.respond(msg.data)
+            threading.Thread(target=answer, daemon=True).start()
+            for i in range(100):
+                client.request("poll.echo", i, timeout=5)
+            assert client.stats()["busy_poll_window_us"] > 0
+
+            ticks = client.subscribe("poll.tick")
+            client.flush()
+
+            def sparse_ticks_then_stats(count):
+                # time.sleep is not synchronisation here: it is the traffic's
+                # pace, and the stats request keeps that pace too.
+                for i in range(count):
+                    time.sleep(0.005)
+                    service.publish("poll.tick", i)
+                    assert ticks.recv(timeout=5).data == i
+                time.sleep(0.005)
+                return client.stats()
+            settled = sparse_ticks_then_stats(20)   # halves the poll from at most 500 µs to 0
+            assert settled["busy_poll_window_us"] == 0
+            assert sparse_ticks_then_stats(20)["busy_polls"] == settled["busy_polls"]
     finally:
         broker.stop()
 

@@ -35,6 +35,10 @@ cdef enum:
     # CMSG_SPACE(253 * 4) = 1032 bytes on 64-bit Linux, rounded up.
     CMSG_WORDS = 136
 
+# The broker's first busy-poll window (ms), doubled after each sleep the
+# longest window would have saved (busx.Broker's busy_poll_us).
+cdef double POLL_WINDOW_START_MS = 0.01
+
 # Seconds a blocked call in the main thread waits before letting Python run
 # signal handlers (Ctrl-C) and waiting again.
 cdef double SIGNAL_CHECK_SECONDS = 0.05
