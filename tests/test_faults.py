@@ -249,6 +249,16 @@ def test_stop_delivers_what_the_broker_accepted(socket_path):
 
 # ---- busy polling ----
 
+def answer_requests(bus: busx.Bus, topic: str) -> None:
+    """Echo every request on topic from a daemon thread."""
+    requests = bus.subscribe(topic)
+
+    def answer():
+        for msg in requests:
+            msg.respond(msg.data)
+    threading.Thread(target=answer, daemon=True).start()
+
+
 @pytest.mark.timeout(60)
 def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
     # Broker(busy_poll_us=...) polls after a trickle of frames instead of
@@ -256,12 +266,7 @@ def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
     broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "1000")
     try:
         with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
-            requests = service.subscribe("poll.echo")
-
-            def answer():
-                for msg in requests:
-                    msg.respond(msg.data)
-            threading.Thread(target=answer, daemon=True).start()
+            answer_requests(service, "poll.echo")
             assert [client.request("poll.echo", i, timeout=5).data for i in range(300)] == \
                 list(range(300))
             stats = client.stats()
@@ -279,12 +284,7 @@ def test_the_broker_stops_polling_for_traffic_sparser_than_its_poll(tmp_path):
     broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "500")
     try:
         with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
-            requests = service.subscribe("poll.echo")
-
-            def answer():
-                for msg in requests:
-                    msg.respond(msg.data)
-            threading.Thread(target=answer, daemon=True).start()
+            answer_requests(service, "poll.echo")
             for i in range(100):
                 client.request("poll.echo", i, timeout=5)
             assert client.stats()["busy_poll_window_us"] > 0

@@ -16,16 +16,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 enum { HEADER = 16, CONNECT = 2, READY = 3, PUB = 4, MSG = 5, SUB = 6, PING = 8, PONG = 9, OK = 10 };
 static const char PREAMBLE[8] = {'B', 'U', 'S', 'X', 1, 0, 0, 0};
-
-static void die(const char *what) { perror(what); exit(1); }
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void put_u32(unsigned char *p, uint32_t v) {
     p[0] = v; p[1] = v >> 8; p[2] = v >> 16; p[3] = v >> 24;
@@ -48,15 +42,6 @@ static size_t frame(unsigned char *out, int kind, uint32_t id, const char *topic
     memcpy(out + HEADER, topic, topic_len);
     memcpy(out + HEADER + topic_len, payload, payload_len);
     return size;
-}
-
-static void write_all(int fd, const unsigned char *p, size_t n) {
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) die("write");
-        p += w;
-        n -= w;
-    }
 }
 
 static void read_exact(int fd, unsigned char *p, size_t n) {

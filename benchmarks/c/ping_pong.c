@@ -21,23 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t sent = write(fd, p, n);
-        if (sent < 0) {
-            perror("write");
-            exit(1);
-        }
-        p += sent;
-        n -= (size_t)sent;
-    }
-}
+#include "bench.h"
 
 /* Returns 0 on EOF before the first byte, 1 once n bytes are read. */
 static int read_all(int fd, char *p, size_t n) {
@@ -72,11 +56,6 @@ static void relay(int near, int far, char *frame, size_t size) {
 static int by_value(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
-}
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
 }
 
 /* Starts the echo process (behind a relay if asked); returns the parent's end. */

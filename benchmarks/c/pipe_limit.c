@@ -19,25 +19,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench.h"
+
 #define READ_CHUNK (256 * 1024)
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t sent = write(fd, p, n);
-        if (sent < 0) {
-            perror("write");
-            exit(1);
-        }
-        p += sent;
-        n -= (size_t)sent;
-    }
-}
 
 static void send_frames(int fd, long count, uint32_t payload, size_t batch) {
     size_t frame = 4 + payload;
