@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--values", default="0,50,200", help="busy_poll_us values, comma-separated")
     parser.add_argument("--pause-us", type=int, default=0, help="pause between requests")
     args = parser.parse_args()
+    if args.pause_us < 0:
+        parser.error("--pause-us must be 0 or more")
     values = [int(value) for value in args.values.split(",")]
     results: dict[int, list[dict]] = {value: [] for value in values}
     for _ in range(args.rounds):

@@ -94,18 +94,18 @@ static int start_peers(int relays, char *frame, size_t size) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s COUNT PAYLOAD_BYTES RELAYS(0|1)\n", argv[0]);
+    long count = argc == 4 ? atol(argv[1]) : 0;
+    if (count <= 0) {
+        fprintf(stderr, "usage: %s COUNT(>0) PAYLOAD_BYTES RELAYS(0|1)\n", argv[0]);
         return 2;
     }
-    long count = atol(argv[1]);
     uint32_t payload = (uint32_t)atol(argv[2]);
     int relays = atoi(argv[3]) != 0;
     size_t size = 4 + payload;
     char *frame = calloc(1, size);
     double *samples = malloc(sizeof(double) * (size_t)(count > 0 ? count : 1));
-    if (count <= 0 || !frame || !samples)
-        die("setup");
+    if (!frame || !samples)
+        die("malloc");
     memcpy(frame, &payload, 4);            /* x86 and ARM Linux are little-endian */
     int fd = start_peers(relays, frame, size);
     for (long i = -(count / 10); i < count; i++) {
