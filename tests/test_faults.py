@@ -62,10 +62,14 @@ while True:
 WINDOW = 4
 
 # Receives big messages, then sits with its socket full until it is killed.
+# It says when the broker has its subscription: the publishers stop WINDOW
+# messages ahead of acks that only come once it has received one.
 BIG_SUBSCRIBER = """
 import signal, sys, busx
 bus = busx.connect(sys.argv[1], name="doomed-sub", max_buffer=1 << 20)
 sub = bus.subscribe("big.>")
+bus.flush(timeout=30)
+print("subscribed", flush=True)
 sub.recv(timeout=30)
 print("received", flush=True)
 signal.pause()
@@ -79,6 +83,7 @@ def test_peers_killed_mid_frame_leave_only_whole_messages_in_order(broker, tcp_u
         watcher.flush(timeout=5)
         fds_before, msgs_in_before = open_fds(), broker.stats()["msgs_in"]
         doomed_sub = spawn_python(BIG_SUBSCRIBER, broker.url)
+        assert doomed_sub.stdout.readline().strip() == "subscribed", doomed_sub.stderr.read()
         publishers = {name: spawn_python(BIG_PUBLISHER, url, name, str(BIG), str(WINDOW))
                       for name, url in (("unix1", broker.url), ("unix2", broker.url),
                                         ("tcp", tcp_url))}
