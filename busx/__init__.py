@@ -4,8 +4,8 @@ peers on other hosts. See README.md and SPEC.md."""
 __version__ = "0.1.0"
 
 from .errors import (AuthenticationFailed, BusError, Closed, ConnectError, Disconnected,  # noqa: E402
-                     FdError, InvalidTopic, PayloadTooLarge, PermissionDenied, ProtocolError,
-                     Timeout)
+                     FdError, InvalidTopic, LimitExceeded, PayloadTooLarge, PermissionDenied,
+                     ProtocolError, Timeout)
 from .credentials import Credentials  # noqa: E402
 from ._core import Message  # noqa: E402
 from .broker import Broker  # noqa: E402
@@ -14,6 +14,7 @@ from . import aio  # noqa: E402
 
 __all__ = [
     "AuthenticationFailed", "aio", "Broker", "Bus", "BusError", "Closed", "ConnectError",
-    "Credentials", "Disconnected", "FdError", "InvalidTopic", "Message", "PayloadTooLarge",
+    "Credentials", "Disconnected", "FdError", "InvalidTopic", "LimitExceeded", "Message",
+    "PayloadTooLarge",
     "PermissionDenied", "ProtocolError", "Subscription", "Timeout", "connect",
 ]

@@ -29,6 +29,12 @@ cdef enum:
     # (tests/test_load.py: a ping among 1,000 subscribers).
     DELIVERY_BUDGET = 65536
     ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
+    # Frames before READY (preamble, CONNECT): an unauthenticated peer costs
+    # at most this much buffer (SPEC.md, Limits).
+    HANDSHAKE_MAX_FRAME = 64 * 1024
+    # fds a connection may have sent ahead of the frame that claims them:
+    # one frame's worth (docs/protocol.md, fd passing).
+    MAX_FDS_AHEAD = MAX_FDS_ON_WIRE
 
 cdef enum:
     VERDICT_SLOTS = 256        # topics whose publish verdict a connection remembers
@@ -65,17 +71,28 @@ cdef struct Conn:
     FdQueue out_fds         # duplicates waiting to travel with their MSG frame
     char stamp[255]
     uint8_t stamp_len
+    # Payload bytes in memfds sent to this client (out of out_fds) and not
+    # yet reported received: a K_RECEIVED counts for at most these.
+    size_t fd_bytes_sent
     unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
-    Subscription **subs
+    Subscription **subs        # dense; each knows its conn_index
     size_t nsubs, subs_cap
+    SidTable sids              # the same subscriptions by id
     Verdict *verdicts          # policy only: publish verdicts by topic
     size_t nverdicts
+    unsigned long long denials_untold   # denials not reported while output was full
+    # Not read while its unsent output exceeds max_pending and its next
+    # frame asks for an answer (SPEC.md, Limits: control replies).
+    bint input_paused
+    double opened_at           # handshake_timeout counts from here
+    Conn *hs_next              # the handshake queue, oldest first (until READY)
+    Conn *hs_prev
     # The last topic this connection published to, already validated,
     # allowed and routed: publishers mostly repeat their topic.
     char last_topic[255]
     uint8_t last_topic_len
-    RouteSlot *last_slot       # valid while router.generation == last_generation
-    unsigned long long last_generation
+    RouteSlot *last_slot       # valid while slot_current(router, last_slot, last_version)
+    unsigned long long last_version
     Conn *next_dirty
     bint backlogged            # has whole frames left over from its last turn
     Conn *next_backlog
@@ -112,6 +129,10 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
                      payload.data + payload.start, buf_len(&payload), 0, 0)
     buf_free(&payload)
     return rc
+
+
+cdef inline bint is_inbox_topic(const char *topic, size_t length) noexcept nogil:
+    return length > 7 and memcmp(topic, b"_INBOX.", 7) == 0
 
 
 cdef inline size_t pending_bytes(const Conn *c) noexcept nogil:
@@ -194,9 +215,15 @@ cdef class BrokerLoop:
     cdef long budget           # deliveries left in the current connection's turn
     cdef Conn *dead
     cdef size_t nclosing
+    cdef Conn *handshaking        # oldest connection not yet READY (hs_next: newer)
+    cdef Conn *handshaking_last
     cdef Router router
     cdef size_t max_pending
     cdef size_t max_frame
+    cdef size_t max_connections
+    cdef size_t max_subscriptions
+    cdef size_t max_pending_fds
+    cdef double handshake_timeout_ms
     cdef Buffer fd_payload      # a memfd payload read for inline delivery (see _load_payload)
     # Bytes of payload memfds handed to clients and not yet received. The
     # kernel counts fds in flight against this user's RLIMIT_NOFILE (past
@@ -216,6 +243,9 @@ cdef class BrokerLoop:
     cdef public unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
     cdef public unsigned long long read_calls, write_calls
     cdef public unsigned long long busy_polls, busy_poll_hits     # polls begun, ended by events
+    cdef public unsigned long long refused             # connections past max_connections
+    cdef public unsigned long long limits_hit          # SUBs past max_subscriptions
+    cdef public unsigned long long handshake_timeouts
     cdef object handler
 
     def __cinit__(self):
@@ -226,12 +256,19 @@ cdef class BrokerLoop:
             raise MemoryError()
 
     def __init__(self, handler, size_t max_pending, size_t max_frame,
-                 bint disconnect_slow, bint check_publish):
+                 bint disconnect_slow, bint check_publish, size_t max_connections=65536,
+                 size_t max_subscriptions=1000000, size_t max_pending_fds=1024,
+                 double handshake_timeout=5.0):
         """handler: the Python side (busx.broker) with on_accept, on_connect,
-        on_subscribe, on_close and on_stats callbacks."""
+        on_subscribe, on_close and on_stats callbacks. The limits are
+        busx.Broker's (SPEC.md, Limits)."""
         self.handler = handler
         self.max_pending = max_pending
         self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions
+        self.max_pending_fds = max_pending_fds
+        self.handshake_timeout_ms = handshake_timeout * 1000
         self.disconnect_slow = disconnect_slow
         self.check_publish = check_publish
         self.next_id = 1
@@ -294,9 +331,7 @@ cdef class BrokerLoop:
         cdef double idle_since = 0     # when the last trickle turn ended; 0 after any other
         cdef unsigned long long routed_before
         while status < 0:
-            timeout = -1
-            if self.accept_paused or self.nclosing:
-                timeout = ACCEPT_RETRY_MS
+            timeout = self._timer_ms()
             if self.backlog != NULL:
                 timeout = 0
             n = 0
@@ -336,6 +371,20 @@ cdef class BrokerLoop:
             if self.stop_requested:
                 status = LOOP_STOP
         return status
+
+    cdef int _timer_ms(self) noexcept nogil:
+        """How long the loop may sleep before _housekeeping has work: -1 for
+        as long as it likes."""
+        cdef int timeout = -1
+        cdef double due
+        if self.accept_paused or self.nclosing:
+            timeout = ACCEPT_RETRY_MS
+        if self.handshaking != NULL:
+            due = self.handshaking.opened_at + self.handshake_timeout_ms - now_ms()
+            due = max(due, 0.0) + 1
+            if timeout < 0 or due < timeout:
+                timeout = <int>min(due, <double>INT_MAX)
+        return timeout
 
     cdef int _spin(self, epoll_event *events, double until) noexcept nogil:
         """Poll without sleeping until `until` (ms): traffic just flowed,
@@ -399,10 +448,27 @@ cdef class BrokerLoop:
             epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.listen_fds[i], &ev)
         self.accept_paused = False
 
+    cdef void _refuse(self, int fd, const char *code, const char *message) noexcept nogil:
+        """Greet fd with the preamble and a fatal ERROR, best effort, and close
+        it: a client learns why (connect raises ConnectError saying so)."""
+        cdef Buffer b
+        memset(&b, 0, sizeof(Buffer))
+        if (buf_append(&b, PREAMBLE_BYTES, PREAMBLE_SIZE) == 0
+                and write_error_frame(&b, 0, F_FATAL, code, message, NULL, 0) == 0):
+            send(fd, b.data, buf_len(&b), MSG_NOSIGNAL | MSG_DONTWAIT)
+        buf_free(&b)
+        close(fd)
+
     cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:
-        cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
+        cdef Conn *c
         cdef Conn **grown
         cdef epoll_event ev
+        if self.nconns >= self.max_connections:
+            self.refused += 1
+            self._refuse(fd, b"limit", b"too many connections: the broker serves at most "
+                         b"max_connections clients; try again later or raise the limit")
+            return
+        c = <Conn *>calloc(1, sizeof(Conn))
         if c == NULL:
             close(fd)
             return
@@ -420,6 +486,8 @@ cdef class BrokerLoop:
         self.next_id += 1
         c.is_unix = is_unix
         c.state = CS_PREAMBLE
+        c.opened_at = now_ms()
+        self._queue_handshake(c)
         c.slot = self.nconns
         self.conns[self.nconns] = c
         self.nconns += 1
@@ -461,6 +529,9 @@ cdef class BrokerLoop:
         if events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP):
             if c.state == CS_CLOSING:
                 self._discard_input(c)
+            elif c.input_paused:
+                if events & (EPOLLERR | EPOLLHUP):
+                    self._close_conn(c)     # gone: its answers can never be read
             elif not c.backlogged:      # read more once what it sent is routed
                 self._read(c)
 
@@ -495,6 +566,9 @@ cdef class BrokerLoop:
         c.rbuf.end += n
         c.bytes_in += n
         self.bytes_in += n
+        if c.state != CS_READY and fdq_len(&c.in_fds):
+            self._fail(c, b"protocol", b"file descriptors sent during the handshake")
+            return
         self._take_frames(c)
 
     cdef void _defer(self, Conn *c) noexcept nogil:
@@ -517,19 +591,8 @@ cdef class BrokerLoop:
     cdef void _take_frames(self, Conn *c) noexcept nogil:
         cdef FrameView f
         cdef int status
-        if c.state == CS_PREAMBLE:
-            if buf_len(&c.rbuf) < PREAMBLE_SIZE:
-                return
-            if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, 4) != 0:
-                self._fail(c, b"protocol", b"not a busx client: the connection did not "
-                           b"start with the busx preamble")
-                return
-            if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, PREAMBLE_SIZE) != 0:
-                self._fail(c, b"protocol", b"unsupported busx protocol version: this "
-                           b"broker speaks version 1; upgrade the client or the broker")
-                return
-            buf_consume(&c.rbuf, PREAMBLE_SIZE)
-            c.state = CS_CONNECT
+        if c.state == CS_PREAMBLE and not self._take_preamble(c):
+            return
         # One connection's turn routes at most DELIVERY_BUDGET copies: a
         # chunk fanned out to thousands of subscribers must not hold up every
         # other connection's events. The rest waits for its next turn.
@@ -539,28 +602,96 @@ cdef class BrokerLoop:
                 self._defer(c)
                 break
             status = parse_frame(c.rbuf.data + c.rbuf.start, buf_len(&c.rbuf),
-                                 self.max_frame, &f)
+                                 self.max_frame if c.state == CS_READY else HANDSHAKE_MAX_FRAME,
+                                 &f)
             if status == PARSE_NEED_MORE:
                 break
             if status == PARSE_TOO_LARGE:
-                self._fail(c, b"too-large", b"frame exceeds the broker's max_frame; "
-                           b"publish smaller payloads or raise max_frame")
+                self._fail(c, b"too-large", b"frame exceeds the broker's max_frame (64 KiB "
+                           b"before the handshake completes); publish smaller payloads or "
+                           b"raise max_frame")
                 return
             if status == PARSE_MALFORMED:
                 self._fail(c, b"protocol", b"malformed frame header")
                 return
+            if self._must_wait_for_room(c, &f):
+                self._pause_input(c)
+                break
             self.budget -= 1
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
-        if c.fd_bytes_taken and c.state == CS_READY:
+        if c.state == CS_READY:
+            self._check_unclaimed_fds(c)
+        if c.fd_bytes_taken and c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
             self._report_fd_bytes_taken(c)
         if c.state != CS_CLOSED:
             buf_shrink(&c.rbuf, READ_CHUNK * 2)
+
+    cdef bint _take_preamble(self, Conn *c) noexcept nogil:
+        """Check and consume the client's preamble; False while it is not
+        complete or when it is wrong (c is then closing)."""
+        if buf_len(&c.rbuf) < PREAMBLE_SIZE:
+            return False
+        if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, 4) != 0:
+            self._fail(c, b"protocol", b"not a busx client: the connection did not "
+                       b"start with the busx preamble")
+            return False
+        if memcmp(c.rbuf.data + c.rbuf.start, PREAMBLE_BYTES, PREAMBLE_SIZE) != 0:
+            self._fail(c, b"protocol", b"unsupported busx protocol version: this "
+                       b"broker speaks version 1; upgrade the client or the broker")
+            return False
+        buf_consume(&c.rbuf, PREAMBLE_SIZE)
+        c.state = CS_CONNECT
+        return True
+
+    cdef bint _must_wait_for_room(self, Conn *c, FrameView *f) noexcept nogil:
+        """Whether f asks for an answer that c has no room for: its unsent
+        output already exceeds max_pending. Then c is not read until it
+        reads (SPEC.md, Limits: control replies count against max_pending)."""
+        return (c.state == CS_READY and buf_len(&c.wbuf) > self.max_pending
+                and (f.kind == K_PING or f.kind == K_SUB or f.kind == K_UNSUB
+                     or f.kind == K_STATS))
+
+    cdef void _pause_input(self, Conn *c) noexcept nogil:
+        c.input_paused = True
+        self._set_events(c)
+
+    cdef void _resume_input(self, Conn *c) noexcept nogil:
+        """c read enough of its answers: take its waiting frames again."""
+        c.input_paused = False
+        self._set_events(c)
+        self._defer(c)
+
+    cdef void _set_events(self, Conn *c) noexcept nogil:
+        """What epoll watches c's socket for."""
+        cdef epoll_event ev
+        ev.events = ((0 if c.input_paused else EPOLLIN | EPOLLRDHUP)
+                     | (EPOLLOUT if c.want_out else 0))
+        ev.data.ptr = c
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+
+    cdef void _check_unclaimed_fds(self, Conn *c) noexcept nogil:
+        """A frame carries exactly the fds it declares, and a client sends a
+        frame's fds with its first byte (docs/protocol.md): fds held with no
+        partial frame left to claim them, or more than the partial frame
+        declares, are malformed input. This bounds what a peer's stray fds
+        cost the broker."""
+        cdef size_t held = fdq_len(&c.in_fds)
+        cdef size_t partial = buf_len(&c.rbuf)
+        cdef size_t declared = MAX_FDS_AHEAD
+        if held == 0 or c.input_paused or c.backlogged:
+            return
+        if partial >= HEADER_SIZE:
+            declared = <uint8_t>c.rbuf.data[c.rbuf.start + 9]
+        if partial == 0 or held > declared:
+            self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
 
     cdef void _handle(self, Conn *c, FrameView *f) noexcept nogil:
         if c.state == CS_CONNECT:
             if f.kind != K_CONNECT:
                 self._fail(c, b"protocol", b"expected a CONNECT frame to complete the handshake")
+            elif fdq_len(&c.in_fds):
+                self._fail(c, b"protocol", b"file descriptors sent during the handshake")
             else:
                 self._on_connect(c, f)
             return
@@ -570,6 +701,7 @@ cdef class BrokerLoop:
         if f.kind == K_PUB:
             self._route(c, f)
         elif f.kind == K_PING:
+            self._report_untold_denials(c)
             verdicts_rearm(c)
             write_frame(&c.wbuf, K_PONG, 0, f.id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
             self._mark_dirty(c)
@@ -580,14 +712,40 @@ cdef class BrokerLoop:
         elif f.kind == K_STATS:
             self._stats(c, f)
         elif f.kind == K_RECEIVED and f.payload_len == 8:
-            self._fd_bytes_gone(c, busx_load_u64(f.payload))
+            self._fd_bytes_received(c, busx_load_u64(f.payload))
             self._mark_dirty(c)         # room again: owed drop reports may go out
         else:
             self._fail(c, b"protocol", b"unexpected frame kind from a client")
 
+    cdef void _queue_handshake(self, Conn *c) noexcept nogil:
+        """c joins the end of the handshake queue: connections open longer
+        than handshake_timeout without READY are closed (_housekeeping)."""
+        c.hs_prev = self.handshaking_last
+        c.hs_next = NULL
+        if self.handshaking_last != NULL:
+            self.handshaking_last.hs_next = c
+        else:
+            self.handshaking = c
+        self.handshaking_last = c
+
+    cdef void _handshake_over(self, Conn *c) noexcept nogil:
+        """c left the handshake (READY, closing or closed)."""
+        if c.hs_prev == NULL and self.handshaking != c:
+            return      # not queued
+        if c.hs_prev != NULL:
+            c.hs_prev.hs_next = c.hs_next
+        else:
+            self.handshaking = c.hs_next
+        if c.hs_next != NULL:
+            c.hs_next.hs_prev = c.hs_prev
+        else:
+            self.handshaking_last = c.hs_prev
+        c.hs_next = c.hs_prev = NULL
+
     cdef void _on_connect(self, Conn *c, FrameView *f) noexcept nogil:
         if self._py_connect(c, f) == 1:
             c.state = CS_READY
+            self._handshake_over(c)
             self._mark_dirty(c)
         else:
             self._begin_closing(c)
@@ -603,6 +761,8 @@ cdef class BrokerLoop:
             if not accepted:
                 return 0
             c.payload_fds = payload_fds
+            if len(stamp) > MAX_NAME:
+                raise ValueError("sender stamp longer than its 255-byte field")
             c.stamp_len = len(stamp)
             memcpy(c.stamp, <char *>stamp, c.stamp_len)
             return 1
@@ -623,11 +783,14 @@ cdef class BrokerLoop:
         big.loaded = False
         if f.flags & F_PAYLOAD_FD and not self._take_payload_fd(src, f, fds, &big):
             pass
-        elif (src.last_slot != NULL and src.last_generation == self.router.generation
+        elif f.reply_len and not self._reply_ok(f):
+            self._fail(src, b"protocol", b"a PUB's reply field must be empty or a valid "
+                       b"_INBOX. topic")
+        elif (src.last_slot != NULL and slot_current(&self.router, src.last_slot, src.last_version)
                 and f.topic_len == src.last_topic_len
                 and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
             self._deliver_all(src, f, src.last_slot, fds, &big)
-        elif not self._topic_ok(src, f):
+        elif not self._topic_ok(f.topic, f.topic_len):
             self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
         elif self.check_publish and not self._may_publish(src, f):
             pass
@@ -639,7 +802,7 @@ cdef class BrokerLoop:
                 memcpy(src.last_topic, f.topic, f.topic_len)
                 src.last_topic_len = f.topic_len
                 src.last_slot = slot
-                src.last_generation = self.router.generation
+                src.last_version = slot.version
                 self._deliver_all(src, f, slot, fds, &big)
         for k in range(f.nfds):
             close(fds[k])
@@ -698,28 +861,34 @@ cdef class BrokerLoop:
             self._deliver(slot.subs[j], src, f, fds, big)
             i = group_end
 
-    cdef bint _topic_ok(self, Conn *src, FrameView *f) noexcept nogil:
+    cdef bint _topic_ok(self, const char *topic, size_t length) noexcept nogil:
         """The PUB topic rules in C for ASCII topics; others ask Python."""
         cdef size_t i
         cdef unsigned char ch
         cdef bint ascii = True
-        if f.topic_len == 0 or f.topic[0] == b'.' or f.topic[f.topic_len - 1] == b'.':
+        if length == 0 or topic[0] == b'.' or topic[length - 1] == b'.':
             return False
-        for i in range(f.topic_len):
-            ch = <unsigned char>f.topic[i]
+        for i in range(length):
+            ch = <unsigned char>topic[i]
             if ch >= 0x80:
                 ascii = False
             elif ch <= 0x20 or ch == 0x7f or ch == b'*' or ch == b'>':
                 return False
-            elif ch == b'.' and f.topic[i + 1] == b'.':
+            elif ch == b'.' and topic[i + 1] == b'.':
                 return False
-        if f.topic[0] == b'_' and not (f.topic_len > 7 and memcmp(f.topic, b"_INBOX.", 7) == 0):
+        if topic[0] == b'_' and not is_inbox_topic(topic, length):
             return False
-        return ascii or self._py_topic_ok(f)
+        return ascii or self._py_topic_ok(topic, length)
 
-    cdef bint _py_topic_ok(self, FrameView *f) noexcept with gil:
+    cdef bint _reply_ok(self, FrameView *f) noexcept nogil:
+        """A reply field names an inbox: a valid topic under _INBOX. (SPEC.md,
+        Inboxes). Anything else could not be decoded, or answered, by the
+        subscribers it reaches."""
+        return is_inbox_topic(f.reply, f.reply_len) and self._topic_ok(f.reply, f.reply_len)
+
+    cdef bint _py_topic_ok(self, const char *topic, size_t length) noexcept with gil:
         try:
-            return self.handler.topic_is_valid(f.topic[:f.topic_len])
+            return self.handler.topic_is_valid(topic[:length])
         except BaseException as exc:
             self._report(exc)
             return False
@@ -743,10 +912,21 @@ cdef class BrokerLoop:
             v.reported = False
             src.nverdicts += 1
         if not v.allowed and not v.reported:
-            v.reported = True
-            self._send_error(src, 0, b"denied", b"policy denies publishing to this topic",
-                             f.topic, f.topic_len)
+            if buf_len(&src.wbuf) > self.max_pending:
+                src.denials_untold += 1     # no room: told in bulk at the next PING
+            else:
+                v.reported = True
+                self._send_error(src, 0, b"denied", b"policy denies publishing to this topic",
+                                 f.topic, f.topic_len)
         return v.allowed
+
+    cdef void _report_untold_denials(self, Conn *c) noexcept nogil:
+        """Before a PONG: denials that found c's output full are reported
+        now, so flush() still raises PermissionDenied for them."""
+        if c.denials_untold:
+            c.denials_untold = 0
+            self._send_error(c, 0, b"denied", b"policy denied publishes that were not reported "
+                             b"one by one (this client was not reading its answers)")
 
     cdef bint _py_may_publish(self, Conn *src, FrameView *f) noexcept with gil:
         try:
@@ -771,7 +951,9 @@ cdef class BrokerLoop:
         self.budget -= 1
         if dst.state != CS_READY:
             return
-        if pending and pending + size > self.max_pending:
+        if (pending and pending + size > self.max_pending) or (
+                dst.is_unix and f.nfds
+                and fdq_len(&dst.out_fds) + f.nfds > self.max_pending_fds):
             self._slow_consumer(dst, s)
             return
         by_fd = (big.fd >= 0 and dst.payload_fds
@@ -869,6 +1051,13 @@ cdef class BrokerLoop:
         fdq_close_from(&c.out_fds, c.next_frame)
         self._fd_bytes_gone(c, held - c.out_fds.held)
 
+    cdef void _fd_bytes_received(self, Conn *c, unsigned long long n) noexcept nogil:
+        """c reports n bytes of payload memfds received: at most what was
+        sent to it counts, so a client cannot ack its way past max_pending."""
+        n = min(n, <unsigned long long>c.fd_bytes_sent)
+        c.fd_bytes_sent -= n
+        self._fd_bytes_gone(c, n)
+
     cdef inline void _fd_bytes_gone(self, Conn *c, size_t n) noexcept nogil:
         """n bytes of c's payload memfds are no longer in flight: received,
         or never to be sent."""
@@ -899,50 +1088,56 @@ cdef class BrokerLoop:
 
     # ---- subscriptions ----
 
-    cdef Subscription *_find_sub(self, Conn *c, uint32_t sid) noexcept nogil:
-        cdef size_t i
-        for i in range(c.nsubs):
-            if c.subs[i].sid == sid:
-                return c.subs[i]
-        return NULL
-
     cdef void _subscribe(self, Conn *c, FrameView *f) noexcept nogil:
+        """SUB: O(1) apart from the trie walk of its pattern's tokens."""
         cdef Subscription *s
-        cdef Subscription **grown
-        if self._find_sub(c, f.id) != NULL:
+        if sid_find(&c.sids, f.id) != NULL:
             self._send_error(c, f.id, b"invalid", b"subscription id already in use")
+            return
+        if c.nsubs >= self.max_subscriptions:
+            self.limits_hit += 1
+            self._send_error(c, f.id, b"limit", b"too many subscriptions on this connection "
+                             b"(the broker's max_subscriptions): unsubscribe some first")
             return
         if self._py_subscribe(c, f) < 0:
             return      # refused; the error frame is queued
-        s = <Subscription *>calloc(1, sizeof(Subscription))
-        if s != NULL and f.reply_len:
-            s.queue_name = <char *>malloc(f.reply_len)
-            if s.queue_name == NULL:
-                free(s)
-                s = NULL
-            else:
-                memcpy(s.queue_name, f.reply, f.reply_len)
-                s.queue_len = f.reply_len
-                s.queue = busx_hash(f.reply, f.reply_len) | 1     # never 0: 0 means none
-        if c.nsubs == c.subs_cap:
-            grown = <Subscription **>realloc(c.subs, (c.subs_cap * 2 + 4) * sizeof(void *))
-            if grown != NULL:
-                c.subs = grown
-                c.subs_cap = c.subs_cap * 2 + 4
-        if s == NULL or c.nsubs == c.subs_cap:
+        s = new_subscription(c, f.id, f.reply, f.reply_len)
+        if s == NULL or self._keep_subscription(c, s) < 0:
             if s != NULL:
                 subscription_free(s)
             self._send_error(c, f.id, b"internal", b"broker out of memory")
             return
-        s.conn = c
-        s.sid = f.id
         if router_add(&self.router, s, f.topic, f.topic_len) < 0:
+            self._forget_subscription(c, s)
             subscription_free(s)
             self._send_error(c, f.id, b"internal", b"broker out of memory")
             return
+        self._send_simple(c, K_OK, f.id)
+
+    cdef int _keep_subscription(self, Conn *c, Subscription *s) noexcept nogil:
+        """Add s to c's list and id table; -1 when memory runs out."""
+        cdef Subscription **grown
+        if c.nsubs == c.subs_cap:
+            grown = <Subscription **>realloc(c.subs, (c.subs_cap * 2 + 4) * sizeof(void *))
+            if grown == NULL:
+                return -1
+            c.subs = grown
+            c.subs_cap = c.subs_cap * 2 + 4
+        if sid_insert(&c.sids, s) < 0:
+            return -1
+        s.conn_index = c.nsubs
         c.subs[c.nsubs] = s
         c.nsubs += 1
-        self._send_simple(c, K_OK, f.id)
+        return 0
+
+    cdef void _forget_subscription(self, Conn *c, Subscription *s) noexcept nogil:
+        """Take s out of c's list (swapping the last one in) and id table."""
+        cdef Subscription *moved
+        sid_delete(&c.sids, s)
+        c.nsubs -= 1
+        moved = c.subs[c.nsubs]
+        c.subs[s.conn_index] = moved
+        moved.conn_index = s.conn_index
 
     cdef int _py_subscribe(self, Conn *c, FrameView *f) noexcept with gil:
         """Python validates the pattern and queue name and applies the
@@ -960,14 +1155,11 @@ cdef class BrokerLoop:
         return -1
 
     cdef void _unsubscribe(self, Conn *c, uint32_t sid) noexcept nogil:
-        cdef size_t i
-        for i in range(c.nsubs):
-            if c.subs[i].sid == sid:
-                router_remove(&self.router, c.subs[i])
-                subscription_free(c.subs[i])
-                c.nsubs -= 1
-                c.subs[i] = c.subs[c.nsubs]
-                break
+        cdef Subscription *s = sid_find(&c.sids, sid)
+        if s != NULL:
+            router_remove(&self.router, s)
+            self._forget_subscription(c, s)
+            subscription_free(s)
         self._send_simple(c, K_OK, sid)
 
     cdef void _stats(self, Conn *c, FrameView *f) noexcept nogil:
@@ -1011,6 +1203,7 @@ cdef class BrokerLoop:
         # while _route walks a cached match list, which removing them would
         # free. A closing connection is skipped by _deliver instead.
         c.state = CS_CLOSING
+        self._handshake_over(c)
         c.closing_since = now_ms()
         self.nclosing += 1
         self._mark_dirty(c)
@@ -1032,7 +1225,6 @@ cdef class BrokerLoop:
 
     cdef void _write(self, Conn *c) noexcept nogil:
         cdef ssize_t n
-        cdef epoll_event ev
         if c.owes_drop_report and pending_bytes(c) <= self.max_pending // 2:
             self._report_drops(c)       # room made by K_RECEIVED, not by writing
         while buf_len(&c.wbuf):
@@ -1056,11 +1248,14 @@ cdef class BrokerLoop:
             if c.state == CS_CLOSING:
                 self._close_conn(c)
                 return
+        if c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
+            if c.fd_bytes_taken:
+                self._report_fd_bytes_taken(c)      # held back while output was full
+            if c.input_paused:
+                self._resume_input(c)
         if (buf_len(&c.wbuf) != 0) != c.want_out:
             c.want_out = not c.want_out
-            ev.events = EPOLLIN | EPOLLRDHUP | (EPOLLOUT if c.want_out else 0)
-            ev.data.ptr = c
-            epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+            self._set_events(c)
 
     cdef inline void _pass_frames(self, Conn *c, unsigned long long sent_end) noexcept nogil:
         """Move next_frame past the frames the wire has begun, reading their
@@ -1074,21 +1269,32 @@ cdef class BrokerLoop:
         the call whose bytes start at or before their frame, so they arrive
         no later than the frame does (docs/protocol.md, fd passing)."""
         cdef size_t length = buf_len(&c.wbuf)
+        cdef size_t queued_fd_bytes = c.out_fds.held
+        cdef ssize_t n
         if length > WRITE_CHUNK:
             length = WRITE_CHUNK
         self.write_calls += 1
         if fdq_len(&c.out_fds) == 0:
             return send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
-        return send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
+        n = send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
+        # Memfd payloads now on their way: only these may be reported received.
+        c.fd_bytes_sent += queued_fd_bytes - c.out_fds.held
+        return n
 
     cdef void _housekeeping(self) noexcept nogil:
-        """Timers: resume accepting after EMFILE; close connections that
-        could not drain their last words in time."""
+        """Timers: close handshakes that took too long; resume accepting
+        after EMFILE; close connections that could not drain their last
+        words in time."""
         cdef double now
         cdef size_t i
-        if not (self.accept_paused or self.nclosing):
+        if not (self.accept_paused or self.nclosing or self.handshaking != NULL):
             return
         now = now_ms()
+        while (self.handshaking != NULL
+               and now - self.handshaking.opened_at >= self.handshake_timeout_ms):
+            self.handshake_timeouts += 1
+            self._fail(self.handshaking, b"timeout", b"the handshake did not complete within "
+                       b"the broker's handshake_timeout")
         if self.accept_paused and now >= self.accept_resume_at:
             self._resume_accept()
         if self.nclosing:
@@ -1106,6 +1312,7 @@ cdef class BrokerLoop:
             router_remove(&self.router, c.subs[i])
             subscription_free(c.subs[i])
         c.nsubs = 0
+        sid_free(&c.sids)
 
     cdef void _close_conn(self, Conn *c) noexcept nogil:
         """Close now. The struct is freed after the current batch of events,
@@ -1116,6 +1323,7 @@ cdef class BrokerLoop:
         if c.state == CS_CLOSING:
             self.nclosing -= 1
         c.state = CS_CLOSED
+        self._handshake_over(c)
         self._undefer(c)
         self._drop_subscriptions(c)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
@@ -1161,6 +1369,7 @@ cdef class BrokerLoop:
             fdq_free(&c.in_fds)
             fdq_free(&c.out_fds)
             free(c.subs)
+            sid_free(&c.sids)
             verdicts_free(c)
             free(c)
 

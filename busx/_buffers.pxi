@@ -137,6 +137,15 @@ cdef inline int fdq_pop(FdQueue *q) noexcept nogil:
     return fd
 
 
+cdef void fdq_drop_last(FdQueue *q, size_t n) noexcept nogil:
+    """Forget the last n fds pushed, without closing them (their owner
+    still holds them)."""
+    while n and q.tail > q.head:
+        q.tail -= 1
+        q.held -= q.items[q.tail].held
+        n -= 1
+
+
 cdef void fdq_close_all(FdQueue *q) noexcept nogil:
     """Close every queued fd: they are owned by the queue."""
     cdef int fd = fdq_pop(q)
@@ -151,6 +160,13 @@ cdef void fdq_close_from(FdQueue *q, unsigned long long offset) noexcept nogil:
         q.tail -= 1
         q.held -= q.items[q.tail].held
         close(q.items[q.tail].fd)
+
+
+cdef inline void close_fd(int *fd) noexcept nogil:
+    """Close *fd if open and mark it closed."""
+    if fd[0] >= 0:
+        close(fd[0])
+        fd[0] = -1
 
 
 cdef void fdq_free(FdQueue *q) noexcept nogil:

@@ -125,6 +125,7 @@ cdef class ClientIO:
     cdef public unsigned long long direct_reads     # reads done by a thread waiting for messages
     cdef public unsigned long long fd_payloads_out, fd_payloads_in  # payloads sent as memfds
     cdef public unsigned long long discarded        # messages for subscriptions already gone
+    cdef public unsigned long long malformed        # frames dropped: fields that do not decode
 
     def __cinit__(self):
         cdef pthread_condattr_t attr
@@ -166,34 +167,32 @@ cdef class ClientIO:
         pthread_cond_destroy(&self.event_cond)
 
     def release(self):
-        """Free fds and buffers. Only once the I/O thread has ended."""
+        """Free fds and buffers. Only once the I/O thread has ended, and
+        under the Bus's pump lock (take() parses `taken`). Shared state is
+        freed under the lock, which a publisher that raced close() takes
+        before touching it and then finds the state CL_CLOSED."""
         if not self.forked:
             with nogil:
                 pthread_mutex_lock(&self.lock)
                 self._stop_direct_reader()
+                self._release_shared()
                 pthread_mutex_unlock(&self.lock)
-        if self.fd >= 0:
-            close(self.fd)
-            self.fd = -1
-        if self.epfd >= 0:
-            close(self.epfd)
-            self.epfd = -1
-        if self.wake_fd >= 0:
-            close(self.wake_fd)
-            self.wake_fd = -1
-        if self.notify_fd >= 0:
-            close(self.notify_fd)
-            self.notify_fd = -1
-        if self.direct_wake_fd >= 0:
-            close(self.direct_wake_fd)
-            self.direct_wake_fd = -1
+        else:
+            self._release_shared()      # the child's only thread: no lock to take
+        buf_free(&self.taken)
+        if not self.packing:    # else a publisher is copying it into a memfd, GIL released
+            buf_free(&self.packed)
+
+    cdef void _release_shared(self) noexcept nogil:
+        close_fd(&self.fd)
+        close_fd(&self.epfd)
+        close_fd(&self.wake_fd)
+        close_fd(&self.notify_fd)
+        close_fd(&self.direct_wake_fd)
         buf_free(&self.out)
         buf_free(&self.inbox)
         buf_free(&self.sending)
         buf_free(&self.rbuf)
-        buf_free(&self.taken)
-        if not self.packing:    # else a publisher is copying it into a memfd, GIL released
-            buf_free(&self.packed)
         fdq_free(&self.out_fds)
         fdq_free(&self.in_fds)
         fdq_free(&self.sending_fds)
@@ -217,47 +216,59 @@ cdef class ClientIO:
         buffered from a previous connection; a frame the previous connection
         cut in half is dropped whole. payload_fds: the broker takes large
         payloads as memfds."""
+        cdef const char *head = prologue
+        cdef size_t head_len = len(prologue)
+        cdef int status
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            status = self._attach(fd, is_unix, head, head_len, max_frame, payload_fds)
+            pthread_mutex_unlock(&self.lock)
+        if status == -1:
+            raise MemoryError()
+        if status < 0:
+            raise_os_error("epoll_ctl", -status)
+
+    cdef int _attach(self, int fd, bint is_unix, const char *prologue, size_t prologue_len,
+                     size_t max_frame, bint payload_fds) noexcept nogil:
+        """attach() under the lock: 0, -1 when memory runs out, or -errno."""
         cdef epoll_event ev
         cdef Buffer fresh
         cdef FdQueue fresh_fds
         cdef size_t boundary
         memset(&fresh, 0, sizeof(Buffer))
         memset(&fresh_fds, 0, sizeof(FdQueue))
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-        try:
-            self.is_unix = is_unix
-            self.payload_fds = payload_fds and is_unix
-            boundary = self._drop_partial_frame()
-            if (buf_append(&fresh, prologue, len(prologue)) < 0
-                    or self._carry_over(&self.sending, boundary, &self.sending_fds,
-                                        &fresh, &fresh_fds) < 0
-                    or self._carry_over(&self.out, self.out.start, &self.out_fds, &fresh, &fresh_fds) < 0):
-                buf_free(&fresh)
-                fdq_free(&fresh_fds)
-                raise MemoryError()
-            buf_free(&self.sending)
-            fdq_free(&self.sending_fds)
-            self.sending, self.sending_fds = fresh, fresh_fds
-            self.out.start = self.out.end = 0
-            # Memfds in flight on the old connection are gone with it.
-            self.fd_bytes_unacked = self.sending_fds.held
-            pthread_cond_broadcast(&self.room_cond)     # `out` has room again
-            buf_free(&self.rbuf)
-            fdq_close_all(&self.recv_fds)
-            self.fd = fd
-            self.direct_result = -1
-            self.max_frame = max_frame
-            self.want_out = True
-            self.reading_paused = False
-            self.state = CL_ATTACHED
-            self._signal_events()
-            ev.events = EPOLLIN | EPOLLOUT
-            ev.data.u64 = TAG_LISTEN
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                raise_os_error("epoll_ctl")
-        finally:
-            pthread_mutex_unlock(&self.lock)
+        self.is_unix = is_unix
+        self.payload_fds = payload_fds and is_unix
+        boundary = self._drop_partial_frame()
+        if (buf_append(&fresh, prologue, prologue_len) < 0
+                or self._carry_over(&self.sending, boundary, &self.sending_fds,
+                                    &fresh, &fresh_fds) < 0
+                or self._carry_over(&self.out, self.out.start, &self.out_fds,
+                                    &fresh, &fresh_fds) < 0):
+            buf_free(&fresh)
+            fdq_free(&fresh_fds)
+            return -1
+        buf_free(&self.sending)
+        fdq_free(&self.sending_fds)
+        self.sending, self.sending_fds = fresh, fresh_fds
+        self.out.start = self.out.end = 0
+        # Memfds in flight on the old connection are gone with it.
+        self.fd_bytes_unacked = self.sending_fds.held
+        pthread_cond_broadcast(&self.room_cond)     # `out` has room again
+        buf_free(&self.rbuf)
+        fdq_close_all(&self.recv_fds)
+        self.fd = fd
+        self.direct_result = -1
+        self.max_frame = max_frame
+        self.want_out = True
+        self.reading_paused = False
+        self.state = CL_ATTACHED
+        self._signal_events()
+        ev.events = EPOLLIN | EPOLLOUT
+        ev.data.u64 = TAG_LISTEN
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            return -errno
+        return 0
 
     cdef int _carry_over(self, Buffer *frames, size_t at, FdQueue *fds,
                          Buffer *into, FdQueue *into_fds) noexcept nogil:
@@ -313,7 +324,7 @@ cdef class ClientIO:
         buf_free(&payload)
         return status
 
-    cdef size_t _drop_partial_frame(self) noexcept:
+    cdef size_t _drop_partial_frame(self) noexcept nogil:
         """Index in sending.data of the first frame not yet begun on the wire.
         Frames in `sending` start at index 0 (it was swapped in whole), so
         walking their lengths finds it."""
@@ -334,15 +345,15 @@ cdef class ClientIO:
             if self.state == CL_ATTACHED:
                 self.state = CL_DETACHED
             self._stop_direct_reader()
-        if self.fd >= 0:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.fd, NULL)
-            close(self.fd)
-            self.fd = -1
-        buf_free(&self.rbuf)
-        fdq_close_all(&self.recv_fds)
-        self._signal_events()
-        pthread_cond_broadcast(&self.room_cond)
-        pthread_mutex_unlock(&self.lock)
+            if self.fd >= 0:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+                close(self.fd)
+                self.fd = -1
+            buf_free(&self.rbuf)
+            fdq_close_all(&self.recv_fds)
+            self._signal_events()
+            pthread_cond_broadcast(&self.room_cond)
+            pthread_mutex_unlock(&self.lock)
 
     def forget_in_child(self):
         """After fork(), in the child: close this copy's fds without touching
@@ -358,10 +369,14 @@ cdef class ClientIO:
 
     def request_close(self):
         """Make run() return RUN_CLOSED and later calls raise Closed."""
-        cdef uint64_t one = 1
         self._set_state(CL_CLOSED)
-        self.close_requested = 1
-        write(self.wake_fd, &one, 8)
+        if self.forked:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.close_requested = 1
+            self._wake_io()
+            pthread_mutex_unlock(&self.lock)
 
     cdef void _set_state(self, int state):
         if self.forked:
@@ -451,8 +466,7 @@ cdef class ClientIO:
             chasing = True
             while buf_len(&self.sending):
                 n = send_with_fds(self.fd, self.sending.data + self.sending.start,
-                                  min(buf_len(&self.sending), <size_t>WRITE_CHUNK),
-                                  self.sending.start, &self.sending_fds)
+                                  self._send_length(), self.sending.start, &self.sending_fds)
                 self.write_calls += 1
                 if n < 0:
                     if errno == EINTR:
@@ -473,6 +487,28 @@ cdef class ClientIO:
             self._set_events()
             pthread_mutex_unlock(&self.lock)
         return -1
+
+    cdef size_t _send_length(self) noexcept nogil:
+        """Bytes of `sending` for the next send: at most WRITE_CHUNK, and a
+        frame that carries fds starts a send of its own that ends before the
+        next such frame. The kernel attaches a send's fds to its first byte,
+        so they arrive with the first byte of the frame that claims them,
+        and the broker can tell a frame's fds from stray ones
+        (docs/protocol.md, fd passing)."""
+        cdef size_t length = min(buf_len(&self.sending), <size_t>WRITE_CHUNK)
+        cdef size_t start = self.sending.start
+        cdef size_t i = self.sending_fds.head
+        cdef unsigned long long first
+        if i == self.sending_fds.tail:
+            return length
+        first = self.sending_fds.items[i].offset
+        if first > start:
+            return min(length, <size_t>(first - start))
+        while i < self.sending_fds.tail and self.sending_fds.items[i].offset == first:
+            i += 1
+        if i < self.sending_fds.tail:
+            length = min(length, <size_t>(self.sending_fds.items[i].offset - start))
+        return length
 
     cdef bint _take_output(self) noexcept nogil:
         """Whether there is something to send: swaps the publishers' buffer
@@ -508,8 +544,7 @@ cdef class ClientIO:
         cdef bint truncated = False
         cdef ssize_t n
         cdef size_t whole
-        cdef size_t fd_bytes = 0, acked = 0
-        cdef uint64_t one = 1
+        cdef size_t fd_bytes = 0, acked = 0, claimed = 0
         cdef bint was_empty
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
             self.last_errno = ENOMEM
@@ -530,14 +565,17 @@ cdef class ClientIO:
         if n == 0:
             return RUN_EOF
         self.rbuf.end += n
-        whole = self._whole_frames(&fd_bytes, &acked)
+        whole = self._whole_frames(&fd_bytes, &acked, &claimed)
         if whole == <size_t>-1:
             return RUN_PROTOCOL
-        if whole == 0 and fdq_len(&self.recv_fds) == 0:
+        if whole == 0:
             return -1
         pthread_mutex_lock(&self.lock)
-        while fdq_len(&self.recv_fds):
+        # Only the fds of whole frames go to Python; those of a frame still
+        # arriving stay in recv_fds, which a lost connection closes.
+        while claimed and fdq_len(&self.recv_fds):
             fdq_push(&self.in_fds, 0, fdq_pop(&self.recv_fds))
+            claimed -= 1
         if whole:
             if acked:
                 self.fd_bytes_unacked -= min(acked, self.fd_bytes_unacked)
@@ -607,14 +645,25 @@ cdef class ClientIO:
 
     cdef void _resume_reading(self) noexcept:
         """Wake the I/O thread if it stopped reading and there is room now."""
+        if self.reading_paused and not self.forked:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                if self.reading_paused and not self._receive_full():
+                    self._wake_io()
+                pthread_mutex_unlock(&self.lock)
+
+    cdef inline void _wake_io(self) noexcept nogil:
+        """Wake the I/O thread. Lock held: release() closes wake_fd under it."""
         cdef uint64_t one = 1
-        if self.reading_paused and not self.forked and not self._receive_full():
+        if self.wake_fd >= 0:
             write(self.wake_fd, &one, 8)
 
-    cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked) noexcept nogil:
+    cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
+                              size_t *claimed) noexcept nogil:
         """Bytes of whole frames at the front of rbuf, adding the payload
-        bytes their memfds hold to fd_bytes and the bytes of our memfds the
-        broker reports taken to acked; (size_t)-1 if malformed."""
+        bytes their memfds hold to fd_bytes, the bytes of our memfds the
+        broker reports taken to acked, and the fds they carry to claimed;
+        (size_t)-1 if malformed."""
         cdef size_t at = 0, avail = buf_len(&self.rbuf)
         cdef FrameView f
         cdef int status
@@ -631,6 +680,7 @@ cdef class ClientIO:
                 fd_bytes[0] += busx_load_u64(f.payload)
             elif f.kind == K_RECEIVED and f.payload_len == 8:
                 acked[0] += busx_load_u64(f.payload)
+            claimed[0] += f.nfds
             at += f.size
             self.frames_in += 1
 
@@ -678,7 +728,7 @@ cdef class ClientIO:
         cdef int fd
         if not (self._memfds_wanted(size) and size <= 0xffffffff):
             return False
-        if frame_size(len(topic), 0 if reply is None else len(reply), 0, size + 5) > self.max_frame:
+        if not self._deliverable(len(topic), 0 if reply is None else len(reply), size + 5):
             return False            # _publish raises PayloadTooLarge before making a memfd
         head[0] = <char>0xc6
         busx_store_be(head + 1, size, 4)
@@ -728,7 +778,7 @@ cdef class ClientIO:
             reply_p = reply
             reply_len = len(reply)
         try:
-            if frame_size(len(topic), reply_len, 0, payload_len) > self.max_frame:
+            if not self._deliverable(len(topic), reply_len, payload_len):
                 self._raise_append(APPEND_TOO_LARGE, len(topic) + reply_len + payload_len)
             if fds:
                 nfds = duplicate_fds(fds, dup_fds, self.is_unix)
@@ -765,7 +815,7 @@ cdef class ClientIO:
         cdef bytes topic, payload
         cdef int status
         for topic, payload in frames:       # all or nothing: check sizes first
-            if frame_size(len(topic), 0, 0, len(payload)) > self.max_frame:
+            if not self._deliverable(len(topic), 0, len(payload)):
                 self._raise_append(APPEND_TOO_LARGE, len(topic) + len(payload))
         for topic, payload in frames:
             status = self._append(K_PUB, 0, 0, topic, len(topic), NULL, 0, payload,
@@ -781,6 +831,13 @@ cdef class ClientIO:
         if status != APPEND_OK:
             self._raise_append(status, len(payload))
 
+    cdef inline bint _deliverable(self, size_t topic_len, size_t reply_len,
+                                  size_t payload_len) noexcept nogil:
+        """Whether a PUB's MSG fits max_frame once the broker stamps it with
+        the sender (at most MAX_NAME bytes): a message every subscriber can
+        take (SPEC.md, Limits)."""
+        return frame_size(topic_len, reply_len, MAX_NAME, payload_len) <= self.max_frame
+
     cdef int _raise_append(self, int status, size_t size) except -1:
         if status == APPEND_CLOSED:
             raise Closed("the bus is closed")
@@ -792,8 +849,10 @@ cdef class ClientIO:
             raise Timeout("publish buffer stayed full until the timeout: the broker is "
                           "not taking messages as fast as they are published")
         if status == APPEND_TOO_LARGE:
-            raise PayloadTooLarge(f"a frame of {size + HEADER_SIZE} bytes exceeds the broker's "
-                                  f"max_frame of {self.max_frame} bytes")
+            raise PayloadTooLarge(
+                f"a message of {size + HEADER_SIZE} bytes, with {MAX_NAME} bytes of room for "
+                f"the broker's sender stamp, exceeds the broker's max_frame of "
+                f"{self.max_frame} bytes: publish a smaller payload or raise max_frame")
         raise MemoryError()
 
     cdef int _append(self, uint8_t kind, uint8_t flags, uint32_t id, const char *topic,
@@ -807,7 +866,7 @@ cdef class ClientIO:
         cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len) + held
         cdef timespec deadline
         cdef int status
-        if size > self.max_frame:
+        if not self._deliverable(topic_len, reply_len, payload_len + held):
             return APPEND_TOO_LARGE
         if timeout >= 0:
             deadline_after(&deadline, timeout)
@@ -829,8 +888,7 @@ cdef class ClientIO:
         held cannot deadlock."""
         cdef int status = APPEND_OK
         cdef bint wake = False
-        cdef uint64_t one = 1
-        cdef int i
+        cdef int i, queued = 0
         if self.forked:
             return APPEND_FORKED
         pthread_mutex_lock(&self.lock)
@@ -844,23 +902,24 @@ cdef class ClientIO:
                                                payload, payload_len, &wake):
             pass
         else:
-            for i in range(nfds):
-                if fdq_push(&self.out_fds, self.out.end, fds[i],
-                            held if i == nfds - 1 else 0) < 0:
-                    status = APPEND_NOMEM
-            if status == APPEND_OK and write_frame(
+            while queued < nfds and fdq_push(&self.out_fds, self.out.end, fds[queued],
+                                             held if queued == nfds - 1 else 0) == 0:
+                queued += 1
+            if queued < nfds or write_frame(
                     &self.out, kind, flags, id, topic, topic_len, reply, reply_len,
                     NULL, 0, payload, payload_len, nfds, 0) < 0:
+                # The caller closes every fd on failure: none may stay queued.
+                fdq_drop_last(&self.out_fds, queued)
                 status = APPEND_NOMEM
-            if status == APPEND_OK:
+            else:
                 self.frames_out += 1
                 self.fd_bytes_unacked += held
                 if not self.wake_pending:
                     self.wake_pending = 1
                     wake = True
-        pthread_mutex_unlock(&self.lock)
         if wake:
-            write(self.wake_fd, &one, 8)
+            self._wake_io()
+        pthread_mutex_unlock(&self.lock)
         return status
 
     cdef inline bint _has_room(self, size_t size) noexcept nogil:
@@ -1020,7 +1079,7 @@ cdef class ClientIO:
             self._set_events()
         if result >= 0 or buf_len(&self.out):
             # The I/O thread ends the connection, or sends what _read queued.
-            write(self.wake_fd, &one, 8)
+            self._wake_io()
         pthread_cond_broadcast(&self.event_cond)    # for _stop_direct_reader
         return n > 0        # else timed out, or a signal (EINTR) for Python to handle
 
@@ -1040,7 +1099,7 @@ cdef class ClientIO:
         busx.protocol.Frame. Returns the number of frames taken."""
         cdef FrameView f
         cdef size_t count = 0
-        cdef size_t taken_bytes
+        cdef size_t taken_bytes, taken_fd_bytes
         if self.forked:
             return 0
         if buf_len(&self.taken) == 0:
@@ -1056,33 +1115,39 @@ cdef class ClientIO:
             while buf_len(&self.taken):
                 parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
                             <size_t>-1, &f)
+                # Consumed before it is handled: whatever handling raises, a
+                # frame is taken once, so it can never wedge the queue. The
+                # view stays valid: nothing writes `taken` meanwhile.
+                buf_consume(&self.taken, f.size)
+                count += 1
                 if f.kind == K_MSG:
                     self._dispatch(&f, queues)
                 elif f.kind != K_RECEIVED:     # the I/O thread has counted it
                     control.append(view_to_frame(&f))
-                buf_consume(&self.taken, f.size)
-                count += 1
         finally:
             buf_shrink(&self.taken, READ_CHUNK * 2)
             self.last_queue = None
             self.held -= taken_bytes
             if self.taken_fd_bytes:
+                taken_fd_bytes = self.taken_fd_bytes
+                self.taken_fd_bytes = 0
                 with nogil:
                     pthread_mutex_lock(&self.lock)
-                self.inbox_fd_bytes -= self.taken_fd_bytes
-                pthread_mutex_unlock(&self.lock)
-                self.taken_fd_bytes = 0
+                    self.inbox_fd_bytes -= taken_fd_bytes
+                    pthread_mutex_unlock(&self.lock)
             self._resume_reading()
         return count
 
     cdef void _dispatch(self, FrameView *f, dict queues) except *:
+        """One MSG frame into its subscription's queue. A frame this client
+        cannot decode is dropped and counted (malformed), its fds closed:
+        it must cost the subscription nothing but itself."""
         cdef Message msg
         cdef MessageQueue queue
-        cdef tuple fds = ()
+        cdef tuple fds = self._take_fds(f.nfds) if f.nfds else ()
         cdef const char *mapped = NULL
         cdef size_t size = 0
-        if f.nfds:
-            fds = self._take_fds(f.nfds)
+        cdef object topic, reply_to
         if f.flags & F_PAYLOAD_FD:
             size = busx_load_u64(f.payload)
             self.taken_fd_bytes += size
@@ -1094,31 +1159,46 @@ cdef class ClientIO:
                 return
             self.last_queue = queue
             self.last_sid = f.id
+        topic = self._decode_topic(f)
+        reply_to = decode_name(f.reply, f.reply_len) if f.reply_len else None
+        if topic is None or reply_to is False:
+            self.malformed += 1
+            close_fd_tuple(fds)
+            return
         if f.flags & F_PAYLOAD_FD:
             mapped = self._map_payload_fd(f, fds, size)
             fds = fds[:max(len(fds) - 1, 0)]
             if mapped == NULL:
-                self.discarded += 1
+                self.malformed += 1
                 close_fd_tuple(fds)
                 return
             msg = new_message(None, mapped, size)
             self.fd_payloads_in += 1
         else:
             msg = new_message(f.payload[:f.payload_len], NULL, f.payload_len)
-        if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len
-                or memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) != 0):
-            self.last_topic_b = f.topic[:f.topic_len]
-            self.last_topic = self.last_topic_b.decode("utf-8")
-        msg.topic = self.last_topic
+        msg.topic = topic
         if (self.last_stamp is None or len(self.last_stamp) != f.stamp_len
                 or memcmp(<char *>self.last_stamp, f.stamp, f.stamp_len) != 0):
             self.last_stamp = f.stamp[:f.stamp_len]
         msg.stamp = self.last_stamp
-        msg.reply_to = f.reply[:f.reply_len].decode("utf-8") if f.reply_len else None
+        msg.reply_to = reply_to
         msg.fds = fds
         msg.fds_lost = f.fds_lost
         msg.bus_ref = self.bus_ref
         self.last_queue.push(msg)
+
+    cdef object _decode_topic(self, FrameView *f):
+        """The frame's topic as str, remembering the last one (publishers
+        repeat topics); None if it is not UTF-8."""
+        cdef object topic
+        if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len
+                or memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) != 0):
+            topic = decode_name(f.topic, f.topic_len)
+            if topic is False:
+                return None
+            self.last_topic_b = f.topic[:f.topic_len]
+            self.last_topic = topic
+        return self.last_topic
 
     cdef const char *_map_payload_fd(self, FrameView *f, tuple fds, size_t size):
         """Map the payload a F_PAYLOAD_FD frame carries in its last fd, which
@@ -1130,7 +1210,7 @@ cdef class ClientIO:
         if not fds:
             return NULL
         fd = fds[len(fds) - 1]
-        if len(fds) == f.nfds and size and payload_fd_ok(fd, size):
+        if len(fds) == f.nfds and f.payload_len == 8 and size and payload_fd_ok(fd, size):
             mapped = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0)
         close(fd)
         if mapped == MAP_FAILED:
@@ -1138,16 +1218,28 @@ cdef class ClientIO:
         return <const char *>mapped
 
     cdef tuple _take_fds(self, int count):
-        cdef list fds = []
-        cdef int fd
+        """The next count received fds (fewer if fewer arrived). Popped under
+        the lock without the GIL, turned into Python ints after: the lock is
+        never held while the GIL is taken (the lock order, docs/development.md)."""
+        cdef int fds[MAX_FDS_ON_WIRE]
+        cdef int i, taken = 0
+        count = min(count, <int>MAX_FDS_ON_WIRE)
         with nogil:
             pthread_mutex_lock(&self.lock)
-        for _ in range(count):
-            fd = fdq_pop(&self.in_fds)
-            if fd >= 0:
-                fds.append(fd)
-        pthread_mutex_unlock(&self.lock)
-        return tuple(fds)
+            for i in range(count):
+                fds[taken] = fdq_pop(&self.in_fds)
+                if fds[taken] >= 0:
+                    taken += 1
+            pthread_mutex_unlock(&self.lock)
+        return tuple([fds[i] for i in range(taken)])
+
+
+cdef object decode_name(const char *p, size_t n):
+    """A topic or reply field as str; False if it is not UTF-8."""
+    try:
+        return p[:n].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
 
 
 cdef inline void fdq_swap(FdQueue *a, FdQueue *b) noexcept nogil:
@@ -1157,24 +1249,29 @@ cdef inline void fdq_swap(FdQueue *a, FdQueue *b) noexcept nogil:
 
 
 cdef int duplicate_fds(object fds, int *out, bint is_unix) except -1:
-    """dup() the caller's fds so it may close its own at once (SPEC.md)."""
-    cdef int n = 0, fd, copy
+    """dup() the caller's fds so it may close its own at once (SPEC.md).
+    All or nothing: if any item is not an open fd, the copies already made
+    are closed before the error propagates."""
+    cdef int n = 0, fd, copy, err
     if not is_unix:
         raise FdError("file descriptors can only be passed over the UNIX transport; "
                       "this connection uses TCP")
     fds = list(fds)
     if len(fds) > MAX_FDS_PER_FRAME:
         raise FdError(f"at most {MAX_FDS_PER_FRAME} fds per message, not {len(fds)}")
-    for item in fds:
-        fd = item if isinstance(item, int) else item.fileno()
-        copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
-        if copy < 0:
-            err = errno
-            for i in range(n):
-                close(out[i])
-            raise_os_error(f"cannot duplicate fd {fd} for sending", err)
-        out[n] = copy
-        n += 1
+    try:
+        for item in fds:
+            fd = item if isinstance(item, int) else item.fileno()
+            copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+            if copy < 0:
+                err = errno
+                raise_os_error(f"cannot duplicate fd {fd} for sending", err)
+            out[n] = copy
+            n += 1
+    except BaseException:
+        for i in range(n):
+            close(out[i])
+        raise
     return n
 
 

@@ -91,6 +91,7 @@ class ClientIO:
     fd_payloads_out: int
     fd_payloads_in: int
     discarded: int
+    malformed: int
     frames_in: int
     read_calls: int
     def __init__(self, max_buffer: int, max_frame: int) -> None: ...
@@ -181,6 +182,9 @@ class BrokerLoop:
     busy_polls: int
     busy_poll_hits: int
     busy_poll_ms: float       # the longest poll; the broker adapts below it
+    refused: int              # connections refused past max_connections
+    limits_hit: int           # SUBs refused past max_subscriptions
+    handshake_timeouts: int   # connections closed by handshake_timeout
     def __init__(
         self,
         handler: _BrokerHandler,
@@ -188,6 +192,10 @@ class BrokerLoop:
         max_frame: int,
         disconnect_slow: bool,
         check_publish: bool,
+        max_connections: int = ...,
+        max_subscriptions: int = ...,
+        max_pending_fds: int = ...,
+        handshake_timeout: float = ...,
     ) -> None: ...
     def add_listener(self, fd: int, is_unix: bool) -> None: ...
     def watch_signal_fd(self, fd: int) -> None: ...

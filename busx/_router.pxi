@@ -1,6 +1,17 @@
-# Topic routing in C: a trie of tokens ("*" and ">" are ordinary children
-# matched specially), fronted by a cache from topic to matching subscriptions
-# so a steady stream on one topic costs one hash lookup per message.
+# Topic routing in C. Subscriptions live in a trie of tokens; each node finds
+# a literal child by hashing the token (an open-addressing table), and keeps
+# its "*" and ">" children apart, so matching a topic costs one probe per
+# token and level, whatever the number of subscriptions. In front of the
+# trie, a bounded set-associative cache maps a topic to its matching
+# subscriptions: a steady stream on one topic costs one hash lookup per
+# message. A subscription change invalidates only the cache entry of its own
+# topic when its pattern is literal; a wildcard pattern may match any topic,
+# so it makes every entry stale at once by bumping an epoch, and entries are
+# recomputed as they are next used (nats-server's sublist does the same job
+# with a generation counter).
+#
+# Owned by the broker's loop thread (under BrokerLoop.state_lock); nothing
+# here takes a lock or the GIL.
 
 
 cdef struct Subscription:
@@ -10,35 +21,52 @@ cdef struct Subscription:
     char *queue_name      # the group's name (owned), NULL for none
     uint8_t queue_len
     void *node            # TrieNode holding it
+    size_t node_index     # its index in node.subs: O(1) removal
+    size_t conn_index     # its index in its Conn's subs: O(1) removal
     unsigned long long dropped_unreported   # slow-consumer drops not yet told to the client
     unsigned long long dropped
 
 
 cdef struct TrieNode:
     TrieNode *parent
-    TrieNode *children
-    TrieNode *sibling
     char *token
     size_t token_len
+    uint64_t token_hash
+    TrieNode **children   # literal children, open addressing by token_hash; NULL: none yet
+    size_t children_cap   # a power of two
+    size_t nchildren
+    TrieNode *star        # the "*" child
+    TrieNode *rest        # the ">" child
     Subscription **subs
     size_t nsubs
     size_t subs_cap
 
 
+cdef enum:
+    CACHE_WAYS = 4        # entries per cache set: a hot topic is evicted only by
+                          # three hotter ones that hash to its set
+
+
 cdef struct RouteSlot:
-    char *topic           # NULL: empty slot
+    char *topic           # NULL: empty
     size_t topic_len
     uint64_t hash
-    Subscription **subs   # queue members grouped together (see route_collect)
+    Subscription **subs   # queue members grouped together (see group_queues)
     size_t nsubs
+    unsigned long long epoch      # Router.wild_epoch when filled: older is stale
+    unsigned long long version    # unique per fill: a Conn's remembered slot is
+                                  # still its topic's while the version holds
+    unsigned long long used       # Router.tick at the last hit: the set evicts the oldest
 
 
 cdef struct Router:
     TrieNode root
-    RouteSlot *cache
-    size_t cached
-    unsigned long long generation   # bumped whenever cached slots are freed
+    RouteSlot *cache      # ROUTE_CACHE_SETS * CACHE_WAYS entries
+    unsigned long long wild_epoch   # bumped by every wildcard subscribe/unsubscribe
+    unsigned long long next_version
+    unsigned long long tick
     size_t subscriptions
+    size_t nodes
     Subscription **scratch   # match results under construction
     size_t scratch_len
     size_t scratch_cap
@@ -46,53 +74,139 @@ cdef struct Router:
 
 cdef int router_init(Router *r) noexcept nogil:
     memset(r, 0, sizeof(Router))
-    r.cache = <RouteSlot *>calloc(ROUTE_CACHE_SLOTS, sizeof(RouteSlot))
+    r.next_version = 1
+    r.cache = <RouteSlot *>calloc(ROUTE_CACHE_SETS * CACHE_WAYS, sizeof(RouteSlot))
     return 0 if r.cache != NULL else -1
 
 
-cdef void cache_clear(Router *r) noexcept nogil:
-    cdef size_t i
-    r.generation += 1
-    if not r.cached:
-        return
-    for i in range(<size_t>ROUTE_CACHE_SLOTS):
-        if r.cache[i].topic != NULL:
-            free(r.cache[i].topic)
-            free(r.cache[i].subs)
-            r.cache[i].topic = NULL
-    r.cached = 0
+cdef void slot_clear(RouteSlot *slot) noexcept nogil:
+    free(slot.topic)
+    free(slot.subs)
+    slot.topic = NULL
+    slot.subs = NULL
+    slot.nsubs = 0
+    slot.version = 0
 
 
 cdef void node_free(TrieNode *n) noexcept nogil:
-    cdef TrieNode *child = n.children
-    cdef TrieNode *next_child
-    while child != NULL:
-        next_child = child.sibling
-        node_free(child)
-        free(child)
-        child = next_child
+    """Free n's subtree and its own tables (not n itself)."""
+    cdef size_t i
+    for i in range(n.children_cap):
+        if n.children[i] != NULL:
+            node_free(n.children[i])
+            free(n.children[i])
+    if n.star != NULL:
+        node_free(n.star)
+        free(n.star)
+    if n.rest != NULL:
+        node_free(n.rest)
+        free(n.rest)
+    free(n.children)
     free(n.token)
     free(n.subs)
 
 
 cdef void router_free(Router *r) noexcept nogil:
-    cache_clear(r)
-    free(r.cache)
-    r.cache = NULL
+    cdef size_t i
+    if r.cache != NULL:
+        for i in range(<size_t>(ROUTE_CACHE_SETS * CACHE_WAYS)):
+            slot_clear(&r.cache[i])
+        free(r.cache)
+        r.cache = NULL
     node_free(&r.root)
+    memset(&r.root, 0, sizeof(TrieNode))
     free(r.scratch)
     r.scratch = NULL
 
 
-cdef TrieNode *child_for(TrieNode *n, const char *token, size_t token_len,
-                         bint create) noexcept nogil:
-    cdef TrieNode *child = n.children
-    while child != NULL:
-        if child.token_len == token_len and memcmp(child.token, token, token_len) == 0:
-            return child
-        child = child.sibling
-    if not create:
+# ---- a node's literal children: linear probing, backward-shift deletion ----
+
+cdef inline bint is_wild(const char *token, size_t token_len) noexcept nogil:
+    return token_len == 1 and (token[0] == b'*' or token[0] == b'>')
+
+
+cdef TrieNode *child_lookup(TrieNode *n, const char *token, size_t token_len,
+                            uint64_t h) noexcept nogil:
+    cdef size_t mask, i
+    cdef TrieNode *child
+    if n.children == NULL:
         return NULL
+    mask = n.children_cap - 1
+    i = h & mask
+    while True:
+        child = n.children[i]
+        if child == NULL:
+            return NULL
+        if (child.token_hash == h and child.token_len == token_len
+                and memcmp(child.token, token, token_len) == 0):
+            return child
+        i = (i + 1) & mask
+
+
+cdef void child_place(TrieNode **table, size_t cap, TrieNode *child) noexcept nogil:
+    cdef size_t i = child.token_hash & (cap - 1)
+    while table[i] != NULL:
+        i = (i + 1) & (cap - 1)
+    table[i] = child
+
+
+cdef int child_insert(TrieNode *n, TrieNode *child) noexcept nogil:
+    """Add child to n's table, growing it to stay at most half full."""
+    cdef size_t cap, i
+    cdef TrieNode **grown
+    if (n.nchildren + 1) * 2 > n.children_cap:
+        cap = n.children_cap * 2 if n.children_cap else 4
+        grown = <TrieNode **>calloc(cap, sizeof(TrieNode *))
+        if grown == NULL:
+            return -1
+        for i in range(n.children_cap):
+            if n.children[i] != NULL:
+                child_place(grown, cap, n.children[i])
+        free(n.children)
+        n.children = grown
+        n.children_cap = cap
+    child_place(n.children, n.children_cap, child)
+    n.nchildren += 1
+    return 0
+
+
+cdef void child_delete(TrieNode *n, TrieNode *child) noexcept nogil:
+    """Take child out of n's table, shifting later entries of its probe run
+    back so lookups never meet a hole before their entry."""
+    cdef size_t mask = n.children_cap - 1
+    cdef size_t i = child.token_hash & mask
+    cdef size_t j, home
+    while n.children[i] != child:
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if n.children[j] == NULL:
+            break
+        home = n.children[j].token_hash & mask
+        # Entry j may move to the hole at i unless its home lies in (i, j].
+        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            n.children[i] = n.children[j]
+            i = j
+    n.children[i] = NULL
+    n.nchildren -= 1
+    if n.nchildren == 0:
+        free(n.children)
+        n.children = NULL
+        n.children_cap = 0
+
+
+cdef TrieNode *child_for(Router *r, TrieNode *n, const char *token,
+                         size_t token_len) noexcept nogil:
+    """n's child for token, created if missing; NULL when memory runs out."""
+    cdef uint64_t h = busx_hash(token, token_len)
+    cdef TrieNode *child
+    if is_wild(token, token_len):
+        child = n.star if token[0] == b'*' else n.rest
+    else:
+        child = child_lookup(n, token, token_len, h)
+    if child != NULL:
+        return child
     child = <TrieNode *>calloc(1, sizeof(TrieNode))
     if child == NULL:
         return NULL
@@ -102,10 +216,61 @@ cdef TrieNode *child_for(TrieNode *n, const char *token, size_t token_len,
         return NULL
     memcpy(child.token, token, token_len)
     child.token_len = token_len
+    child.token_hash = h
     child.parent = n
-    child.sibling = n.children
-    n.children = child
+    if is_wild(token, token_len):
+        if token[0] == b'*':
+            n.star = child
+        else:
+            n.rest = child
+    elif child_insert(n, child) < 0:
+        free(child.token)
+        free(child)
+        return NULL
+    r.nodes += 1
     return child
+
+
+cdef void prune(Router *r, TrieNode *node) noexcept nogil:
+    """Free node and its ancestors while they hold nothing."""
+    cdef TrieNode *parent
+    while (node.parent != NULL and node.nsubs == 0 and node.nchildren == 0
+           and node.star == NULL and node.rest == NULL):
+        parent = node.parent
+        if node == parent.star:
+            parent.star = NULL
+        elif node == parent.rest:
+            parent.rest = NULL
+        else:
+            child_delete(parent, node)
+        free(node.token)
+        free(node.subs)
+        free(node)
+        r.nodes -= 1
+        node = parent
+
+
+# ---- subscriptions ----
+
+cdef bint pattern_is_literal(const char *pattern, size_t length) noexcept nogil:
+    cdef size_t i
+    for i in range(length):
+        if (pattern[i] == b'*' or pattern[i] == b'>') and (
+                i == 0 or pattern[i - 1] == b'.') and (i + 1 == length or pattern[i + 1] == b'.'):
+            return False
+    return True
+
+
+cdef void invalidate(Router *r, const char *pattern, size_t length) noexcept nogil:
+    """Make the cache forget what a subscription change to pattern alters: the
+    one entry of a literal pattern, or (lazily) every entry for a wildcard."""
+    cdef RouteSlot *slot
+    if not pattern_is_literal(pattern, length):
+        r.wild_epoch += 1
+        return
+    slot = cache_find(r, pattern, length, busx_hash(pattern, length))
+    if slot != NULL:
+        slot_clear(slot)
 
 
 cdef int router_add(Router *r, Subscription *s, const char *pattern,
@@ -118,54 +283,71 @@ cdef int router_add(Router *r, Subscription *s, const char *pattern,
         end = start
         while end < length and pattern[end] != b'.':
             end += 1
-        node = child_for(node, pattern + start, end - start, True)
+        node = child_for(r, node, pattern + start, end - start)
         if node == NULL:
             return -1
         start = end + 1
     if node.nsubs == node.subs_cap:
         grown = <Subscription **>realloc(node.subs, (node.subs_cap * 2 + 4) * sizeof(void *))
         if grown == NULL:
+            prune(r, node)
             return -1
         node.subs = grown
         node.subs_cap = node.subs_cap * 2 + 4
+    s.node_index = node.nsubs
     node.subs[node.nsubs] = s
     node.nsubs += 1
     s.node = node
     r.subscriptions += 1
-    cache_clear(r)
+    invalidate(r, pattern, length)
     return 0
 
 
+cdef size_t node_pattern(TrieNode *node, char *out) noexcept nogil:
+    """Write the pattern node stands for into out (at least 255 bytes)."""
+    cdef TrieNode *n = node
+    cdef size_t length = 0, at
+    while n.parent != NULL:
+        length += n.token_len + (1 if n.parent.parent != NULL else 0)
+        n = n.parent
+    at = length
+    n = node
+    while n.parent != NULL:
+        at -= n.token_len
+        memcpy(out + at, n.token, n.token_len)
+        if n.parent.parent != NULL:
+            at -= 1
+            out[at] = b'.'
+        n = n.parent
+    return length
+
+
 cdef void router_remove(Router *r, Subscription *s) noexcept nogil:
-    """Take s out of the trie and prune the branch it leaves empty."""
+    """Take s out of the trie (O(1)) and prune the branch it leaves empty."""
     cdef TrieNode *node = <TrieNode *>s.node
-    cdef TrieNode *parent
-    cdef TrieNode **link
-    cdef size_t i
+    cdef Subscription *moved
+    cdef char pattern[MAX_NAME + 1]
+    cdef size_t length
     if node == NULL:
         return
-    for i in range(node.nsubs):
-        if node.subs[i] == s:
-            node.nsubs -= 1
-            node.subs[i] = node.subs[node.nsubs]
-            break
+    pattern[0] = 0
+    node.nsubs -= 1
+    moved = node.subs[node.nsubs]
+    node.subs[s.node_index] = moved
+    moved.node_index = s.node_index
     s.node = NULL
     r.subscriptions -= 1
-    cache_clear(r)
-    while node.parent != NULL and node.nsubs == 0 and node.children == NULL:
-        parent = node.parent
-        link = &parent.children
-        while link[0] != node:
-            link = &link[0].sibling
-        link[0] = node.sibling
-        free(node.token)
-        free(node.subs)
-        free(node)
-        node = parent
+    length = node_pattern(node, pattern)
+    invalidate(r, pattern, length)
+    prune(r, node)
 
+
+# ---- matching ----
 
 cdef int scratch_add(Router *r, Subscription **subs, size_t n) noexcept nogil:
     cdef Subscription **grown
+    if n == 0:
+        return 0
     if r.scratch_len + n > r.scratch_cap:
         grown = <Subscription **>realloc(r.scratch, (r.scratch_len + n) * 2 * sizeof(void *))
         if grown == NULL:
@@ -182,24 +364,28 @@ cdef int match_tokens(Router *r, TrieNode *node, const char *topic, size_t lengt
     """Collect the subscriptions under node matching topic[start:]. A wildcard
     in the first token never matches a reserved topic (SPEC.md, Topics)."""
     cdef size_t end = start
-    cdef TrieNode *child = node.children
     cdef bint wild_ok = not (first and reserved)
+    cdef TrieNode *child
     while end < length and topic[end] != b'.':
         end += 1
-    while child != NULL:
-        if child.token_len == 1 and child.token[0] == b'>':
-            if wild_ok and scratch_add(r, child.subs, child.nsubs) < 0:
-                return -1
-        elif (child.token_len == 1 and child.token[0] == b'*' and wild_ok) or (
-                child.token_len == end - start
-                and memcmp(child.token, topic + start, end - start) == 0):
-            if end == length:
-                if scratch_add(r, child.subs, child.nsubs) < 0:
-                    return -1
-            elif match_tokens(r, child, topic, length, end + 1, False, reserved) < 0:
-                return -1
-        child = child.sibling
+    if wild_ok and node.rest != NULL and scratch_add(r, node.rest.subs, node.rest.nsubs) < 0:
+        return -1
+    if wild_ok and node.star != NULL and match_next(r, node.star, topic, length, end,
+                                                    reserved) < 0:
+        return -1
+    child = child_lookup(node, topic + start, end - start, busx_hash(topic + start, end - start))
+    if child != NULL and match_next(r, child, topic, length, end, reserved) < 0:
+        return -1
     return 0
+
+
+cdef inline int match_next(Router *r, TrieNode *child, const char *topic, size_t length,
+                           size_t end, bint reserved) noexcept nogil:
+    """child matched the token ending at end: take its subscriptions if that
+    was the last token, else match the rest below it."""
+    if end == length:
+        return scratch_add(r, child.subs, child.nsubs)
+    return match_tokens(r, child, topic, length, end + 1, False, reserved)
 
 
 cdef inline int queue_order(const Subscription *a, const Subscription *b) noexcept nogil:
@@ -218,7 +404,8 @@ cdef inline bint same_queue(const Subscription *a, const Subscription *b) noexce
 
 
 cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
-    """Stable insertion sort by queue group so each group's members are adjacent."""
+    """Stable insertion sort by queue group so each group's members are
+    adjacent (members of no group, queue 0, first). Runs on a cache miss."""
     cdef size_t i, j
     cdef Subscription *s
     for i in range(1, n):
@@ -230,41 +417,167 @@ cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
         subs[j] = s
 
 
+cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
+                                   size_t queue_len) noexcept nogil:
+    """A subscription of conn's, in the queue group named queue (none when
+    queue_len is 0); NULL when memory runs out."""
+    cdef Subscription *s = <Subscription *>calloc(1, sizeof(Subscription))
+    if s == NULL:
+        return NULL
+    s.conn = conn
+    s.sid = sid
+    if queue_len:
+        s.queue_name = <char *>malloc(queue_len)
+        if s.queue_name == NULL:
+            free(s)
+            return NULL
+        memcpy(s.queue_name, queue, queue_len)
+        s.queue_len = queue_len
+        s.queue = busx_hash(queue, queue_len) | 1     # never 0: 0 means none
+    return s
+
+
 cdef void subscription_free(Subscription *s) noexcept nogil:
     free(s.queue_name)
     free(s)
 
 
+# ---- the cache ----
+
+cdef inline RouteSlot *cache_set(Router *r, uint64_t h) noexcept nogil:
+    return &r.cache[(h & (ROUTE_CACHE_SETS - 1)) * CACHE_WAYS]
+
+
+cdef RouteSlot *cache_find(Router *r, const char *topic, size_t length,
+                           uint64_t h) noexcept nogil:
+    cdef RouteSlot *ways = cache_set(r, h)
+    cdef int k
+    for k in range(CACHE_WAYS):
+        if (ways[k].topic != NULL and ways[k].hash == h and ways[k].topic_len == length
+                and memcmp(ways[k].topic, topic, length) == 0):
+            return &ways[k]
+    return NULL
+
+
+cdef inline bint slot_current(Router *r, RouteSlot *slot, unsigned long long version) noexcept nogil:
+    """Whether a slot remembered with version still holds its topic's
+    current matches."""
+    return slot.version == version and slot.epoch == r.wild_epoch
+
+
 cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexcept nogil:
-    """The subscriptions matching topic, from the cache or freshly matched.
-    NULL when memory runs out. Valid until the next add/remove."""
+    """The subscriptions matching topic, from the cache or freshly matched
+    into it. NULL when memory runs out. Valid until the next add/remove."""
     cdef uint64_t h = busx_hash(topic, length)
-    cdef size_t i = h & (ROUTE_CACHE_SLOTS - 1)
-    cdef RouteSlot *slot
-    while r.cache[i].topic != NULL:
-        slot = &r.cache[i]
-        if slot.hash == h and slot.topic_len == length and memcmp(slot.topic, topic, length) == 0:
-            return slot
-        i = (i + 1) & (ROUTE_CACHE_SLOTS - 1)
-    if r.cached >= <size_t>ROUTE_CACHE_SLOTS // 2:
-        cache_clear(r)
-        return router_lookup(r, topic, length)
+    cdef RouteSlot *slot = cache_find(r, topic, length, h)
+    cdef RouteSlot *ways
+    cdef int k
+    r.tick += 1
+    if slot != NULL and slot.epoch == r.wild_epoch:
+        slot.used = r.tick
+        return slot
+    if slot == NULL:
+        ways = cache_set(r, h)
+        slot = &ways[0]
+        for k in range(CACHE_WAYS):
+            if ways[k].topic == NULL:
+                slot = &ways[k]
+                break
+            if ways[k].used < slot.used:
+                slot = &ways[k]
+    slot_clear(slot)
     r.scratch_len = 0
     if match_tokens(r, &r.root, topic, length, 0, True, topic[0] == b'_') < 0:
         return NULL
     group_queues(r.scratch, r.scratch_len)
-    slot = &r.cache[i]
     slot.topic = <char *>malloc(length)
     slot.subs = <Subscription **>malloc(r.scratch_len * sizeof(void *) + 1)
     if slot.topic == NULL or slot.subs == NULL:
-        free(slot.topic)
-        free(slot.subs)
-        slot.topic = NULL
+        slot_clear(slot)
         return NULL
     memcpy(slot.topic, topic, length)
     memcpy(slot.subs, r.scratch, r.scratch_len * sizeof(void *))
     slot.topic_len = length
     slot.hash = h
     slot.nsubs = r.scratch_len
-    r.cached += 1
+    slot.epoch = r.wild_epoch
+    slot.version = r.next_version
+    r.next_version += 1
+    slot.used = r.tick
     return slot
+
+
+# ---- a connection's subscriptions by id: linear probing, backward-shift deletion ----
+
+cdef struct SidTable:
+    Subscription **slots   # NULL: empty
+    size_t cap             # a power of two, or 0
+    size_t count
+
+
+cdef inline size_t sid_home(uint32_t sid, size_t cap) noexcept nogil:
+    return <size_t>((<uint64_t>sid * 0x9E3779B97F4A7C15ULL) >> 32) & (cap - 1)
+
+
+cdef Subscription *sid_find(SidTable *t, uint32_t sid) noexcept nogil:
+    cdef size_t i
+    if t.cap == 0:
+        return NULL
+    i = sid_home(sid, t.cap)
+    while t.slots[i] != NULL:
+        if t.slots[i].sid == sid:
+            return t.slots[i]
+        i = (i + 1) & (t.cap - 1)
+    return NULL
+
+
+cdef void sid_place(Subscription **slots, size_t cap, Subscription *s) noexcept nogil:
+    cdef size_t i = sid_home(s.sid, cap)
+    while slots[i] != NULL:
+        i = (i + 1) & (cap - 1)
+    slots[i] = s
+
+
+cdef int sid_insert(SidTable *t, Subscription *s) noexcept nogil:
+    cdef size_t cap, i
+    cdef Subscription **grown
+    if (t.count + 1) * 2 > t.cap:
+        cap = t.cap * 2 if t.cap else 8
+        grown = <Subscription **>calloc(cap, sizeof(void *))
+        if grown == NULL:
+            return -1
+        for i in range(t.cap):
+            if t.slots[i] != NULL:
+                sid_place(grown, cap, t.slots[i])
+        free(t.slots)
+        t.slots = grown
+        t.cap = cap
+    sid_place(t.slots, t.cap, s)
+    t.count += 1
+    return 0
+
+
+cdef void sid_delete(SidTable *t, Subscription *s) noexcept nogil:
+    cdef size_t mask = t.cap - 1
+    cdef size_t i = sid_home(s.sid, t.cap)
+    cdef size_t j, home
+    while t.slots[i] != s:
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if t.slots[j] == NULL:
+            break
+        home = sid_home(t.slots[j].sid, t.cap)
+        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            t.slots[i] = t.slots[j]
+            i = j
+    t.slots[i] = NULL
+    t.count -= 1
+
+
+cdef void sid_free(SidTable *t) noexcept nogil:
+    free(t.slots)
+    t.slots = NULL
+    t.cap = 0
+    t.count = 0

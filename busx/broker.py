@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import hmac
+import base64
 import ipaddress
 import logging
 import os
@@ -20,16 +21,21 @@ from typing import Any, Mapping, Optional, Union
 from . import __version__, protocol
 from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop
 from .errors import BusError
-from .handshake import error_frame, pack, token_proof, unpack
+from .handshake import error_frame, pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity
 from .policy import Policy, Rights, load_policy
-from .topics import is_valid_topic, pattern_bytes, InvalidTopic
+from .topics import INBOX_PREFIX, is_valid_topic, pattern_bytes, InvalidTopic
 
 log = logging.getLogger("busx.broker")
 
 LOOP_STOP, LOOP_SIGNAL = 0, 1
 DRAIN_SECONDS = 5.0     # how long stop() waits to deliver what the broker holds
 AF_UNIX_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, with its terminating NUL
+MAX_FRAME_LIMIT = 2 << 30   # SPEC.md: max_frame is at most 2 GiB
+# The sender stamp (msgpack [pid, uid, gid, identity, host, port]) travels in
+# a 255-byte field: an identity of up to 128 bytes always fits beside the rest.
+MAX_IDENTITY = 128
+MAX_STAMP = protocol.MAX_NAME
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Peer:
     name: Optional[str] = None
     identity: Optional[str] = None
     rights: Optional[Rights] = None     # None: no policy, everything allowed
+    inbox: Optional[str] = None         # _INBOX.<name>: its private reply prefix
 
     def stamp(self) -> bytes:
         host, port = self.address if self.address else (None, None)
@@ -85,7 +92,11 @@ class Broker:
       allow_anonymous_tcp: allow a non-loopback TCP address without tokens.
       max_pending: bytes queued per subscriber before the slow-consumer policy.
       slow_consumer: "drop" (newest, counted and reported) or "disconnect".
-      max_frame: largest frame accepted, announced to clients.
+      max_frame: largest frame accepted, announced to clients (at most 2 GiB).
+      max_connections: clients served at once; more are refused.
+      max_subscriptions: subscriptions one connection may hold.
+      max_pending_fds: fds queued per subscriber before the slow-consumer policy.
+      handshake_timeout: seconds a new connection has to complete its handshake.
       busy_poll_us: after routing a trickle of frames (request/reply
         traffic), poll up to this many microseconds for the next before
         sleeping: waking a sleeping thread costs tens of microseconds. The
@@ -100,11 +111,22 @@ class Broker:
                  policy: Union[str, Mapping[str, Any], None] = None,
                  tokens: Optional[Mapping[str, str]] = None, allow_anonymous_tcp: bool = False,
                  max_pending: int = 64 << 20, slow_consumer: str = "drop",
-                 max_frame: int = protocol.DEFAULT_MAX_FRAME, busy_poll_us: int = 200) -> None:
+                 max_frame: int = protocol.DEFAULT_MAX_FRAME, max_connections: int = 65536,
+                 max_subscriptions: int = 1_000_000, max_pending_fds: int = 1024,
+                 handshake_timeout: float = 5.0, busy_poll_us: int = 200) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
-        if not protocol.HEADER_SIZE < max_frame < 1 << 32:
-            raise BusError(f"max_frame must be between {protocol.HEADER_SIZE} and 4 GiB")
+        if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:
+            raise BusError(f"max_frame must be between {protocol.HEADER_SIZE + MAX_STAMP + 1} "
+                           f"and 2 GiB, not {max_frame}")
+        for name, value in (("max_connections", max_connections),
+                            ("max_subscriptions", max_subscriptions),
+                            ("max_pending_fds", max_pending_fds)):
+            if not 0 < value < 1 << 32:
+                raise BusError(f"{name} must be a positive count, not {value}")
+        if not 0 < handshake_timeout <= 3600:
+            raise BusError(f"handshake_timeout must be between 0 and 3600 seconds, "
+                           f"not {handshake_timeout}")
         if max_pending < 1:
             raise BusError("max_pending must be positive")
         if not 0 <= busy_poll_us <= 1_000_000:
@@ -112,6 +134,10 @@ class Broker:
         if not 0 <= socket_mode <= 0o777:
             raise BusError(f"socket_mode {socket_mode:o} is not a permission mode")
         self.tokens = dict(tokens or {})
+        for identity in self.tokens:
+            if not isinstance(identity, str) or not 0 < len(identity.encode()) <= MAX_IDENTITY:
+                raise BusError(f"token identity {identity!r} must be 1-{MAX_IDENTITY} bytes of "
+                               f"text (it is stamped on every message the client sends)")
         if tcp is not None and not self.tokens and not allow_anonymous_tcp and not _is_loopback(tcp[0]):
             raise BusError(
                 f"refusing to accept anonymous TCP clients on {tcp[0]}: anyone who can reach "
@@ -125,6 +151,10 @@ class Broker:
         self.max_pending = max_pending
         self.slow_consumer = slow_consumer
         self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions
+        self.max_pending_fds = max_pending_fds
+        self.handshake_timeout = handshake_timeout
         self.busy_poll_us = busy_poll_us
         self.tcp_address: Optional[tuple[str, int]] = None
         self._instance = os.urandom(8).hex()
@@ -226,7 +256,11 @@ class Broker:
         if self._loop is not None:
             raise BusError("this broker was already started")
         self._loop = BrokerLoop(self, self.max_pending, self.max_frame,
-                                self.slow_consumer == "disconnect", self.policy is not None)
+                                self.slow_consumer == "disconnect", self.policy is not None,
+                                max_connections=self.max_connections,
+                                max_subscriptions=self.max_subscriptions,
+                                max_pending_fds=self.max_pending_fds,
+                                handshake_timeout=self.handshake_timeout)
         self._loop.payload_fd_budget = payload_fd_budget()
         self._loop.busy_poll_ms = self.busy_poll_us / 1000
         try:
@@ -396,11 +430,12 @@ class Broker:
     def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes, bool]:
         peer = self._peers[conn_id]
         try:
-            request = unpack(payload)
+            request = unpack_limited(payload)
             if not isinstance(request, dict):
                 raise ValueError("CONNECT payload is not a map")
         except Exception:
-            return False, error_frame("protocol", "CONNECT payload is not valid msgpack"), b"", False
+            return False, error_frame("protocol", "CONNECT payload is not a msgpack map of "
+                                      "the documented size"), b"", False
         name = request.get("name")
         peer.name = name if isinstance(name, str) else None
         if peer.transport == "tcp" and self.tokens:
@@ -410,14 +445,21 @@ class Broker:
                 return False, error_frame("auth", refusal), b"", False
         if self.policy is not None:
             peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
-        ready = protocol.encode_frame(protocol.READY, payload=pack({"id": conn_id}))
+        stamp = peer.stamp()
+        if len(stamp) > MAX_STAMP:      # cannot happen with MAX_IDENTITY; never truncate
+            return False, error_frame("internal", "sender stamp too long"), b"", False
+        peer.inbox = new_inbox()
+        ready = protocol.encode_frame(protocol.READY,
+                                      payload=pack({"id": conn_id, "inbox": peer.inbox}))
         payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
-        return True, ready, peer.stamp(), payload_fds
+        return True, ready, stamp, payload_fds
 
     def _authenticate(self, peer: Peer, request: dict) -> Optional[str]:
         identity, proof = request.get("identity"), request.get("proof")
         if not isinstance(identity, str) or not isinstance(proof, bytes):
             return "this broker requires a token: connect with token=(identity, secret)"
+        if len(identity.encode()) > MAX_IDENTITY:
+            return "token rejected: unknown identity or wrong secret"
         secret = self.tokens.get(identity)
         expected = token_proof(secret if secret is not None else "", peer.nonce, identity)
         if not hmac.compare_digest(expected, proof) or secret is None:
@@ -432,7 +474,11 @@ class Broker:
             pattern_bytes(text)
         except (UnicodeDecodeError, InvalidTopic) as exc:
             return ("invalid", f"invalid pattern: {exc}")
-        if peer.rights is not None and not peer.rights.may_subscribe(text):
+        if peer.rights is not None and not peer.rights.may_subscribe(text, peer.inbox):
+            if text.startswith(INBOX_PREFIX):
+                return ("denied", f"policy denies subscribing to {text!r}: a connection may "
+                                  f"read only its own inbox ({peer.inbox}) unless a rule "
+                                  f"grants _INBOX patterns")
             return ("denied", f"policy denies subscribing to {text!r}")
         try:
             queue.decode("utf-8")
@@ -483,6 +529,12 @@ class Broker:
                             uid=peer.uid, gid=peer.gid, identity=peer.identity,
                             address=list(peer.address) if peer.address else None)
         return snapshot
+
+
+def new_inbox() -> str:
+    """A connection's private reply prefix: 128 random bits, unguessable."""
+    name = base64.b32encode(os.urandom(16)).decode("ascii").rstrip("=").lower()
+    return f"{INBOX_PREFIX}{name}"
 
 
 def payload_fd_budget() -> int:

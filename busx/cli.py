@@ -142,6 +142,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokens=read_tokens(args.tokens) if args.tokens else None,
         allow_anonymous_tcp=args.allow_anonymous_tcp, max_pending=args.max_pending,
         slow_consumer=args.slow_consumer, max_frame=args.max_frame,
+        max_connections=args.max_connections, max_subscriptions=args.max_subscriptions,
+        max_pending_fds=args.max_pending_fds, handshake_timeout=args.handshake_timeout,
         busy_poll_us=args.busy_poll_us)
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
@@ -534,6 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what happens past --max-pending (default drop)")
     serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
                        help="largest frame accepted (default 64M)")
+    serve.add_argument("--max-connections", metavar="N", type=int, default=65536,
+                       help="clients served at once; more are refused (default 65536)")
+    serve.add_argument("--max-subscriptions", metavar="N", type=int, default=1_000_000,
+                       help="subscriptions one connection may hold (default 1000000)")
+    serve.add_argument("--max-pending-fds", metavar="N", type=int, default=1024,
+                       help="fds queued per subscriber before the slow-consumer policy "
+                            "(default 1024)")
+    serve.add_argument("--handshake-timeout", metavar="S", type=float, default=5.0,
+                       help="seconds a new connection has to complete its handshake "
+                            "(default 5)")
     serve.add_argument("--busy-poll-us", metavar="US", type=int, default=200,
                        help="poll up to this long after a trickle of traffic before "
                             "sleeping, adapting to the traffic: faster round trips for "

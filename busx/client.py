@@ -17,7 +17,8 @@ from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Opt
 
 from . import protocol
 from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue
-from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, PermissionDenied, Timeout)
+from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, LimitExceeded,
+                     PermissionDenied, Timeout)
 from .handshake import client_handshake, unpack
 from .paths import Target, host_identity, resolve_targets
 from .topics import INBOX_PREFIX, pattern_bytes
@@ -54,6 +55,8 @@ def _refusal(error: dict) -> BusError:
         return PermissionDenied(message)
     if code == "invalid":
         return InvalidTopic(message)
+    if code == "limit":
+        return LimitExceeded(message)
     return BusError(message)
 
 
@@ -157,6 +160,8 @@ class Bus:
         self._replies: dict[int, protocol.Frame] = {}
         self._denied: list[str] = []
         self._inbox: Optional[Subscription] = None
+        # For a broker too old to assign inboxes.
+        self._own_inbox = f"{INBOX_PREFIX}{os.urandom(16).hex()}"
         self._inbox_pending: Optional[Subscription] = None
         self._requests: dict[str, Optional[Message]] = {}
         self._lost_reason: Optional[str] = None
@@ -308,8 +313,11 @@ class Bus:
                 self._closing_event.wait(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RECONNECT_BACKOFF[1])
                 continue
-            self.transport, self.server = transport, server
-            self._attach(sock, self._resubscribe_frames())
+            with self._pump_lock:
+                self.transport, self.server = transport, server
+                self._drop_inbox()      # the new connection has an inbox of its own
+                prologue = self._resubscribe_frames()
+            self._attach(sock, prologue)
             return True
         return False
 
@@ -499,7 +507,9 @@ class Bus:
     def _request_steps(self, topic: str, data: Any, timeout: float) -> Generator["Step", Any, Message]:
         deadline = _deadline(timeout)
         inbox = yield from self._inbox_steps(deadline)
-        token = f"{inbox.pattern[:-1]}{next(self._ids)}"
+        # Unguessable, never a counter: whoever sees one reply_to learns
+        # nothing of the next (SPEC.md, Inboxes).
+        token = f"{inbox.pattern[:-1]}{os.urandom(8).hex()}"
         self._requests[token] = None
         try:
             self._io.publish_data(topic, data, reply=token)
@@ -514,7 +524,7 @@ class Bus:
         installs it the moment its OK arrives."""
         while self._inbox is None:
             if self._inbox_pending is None:
-                pattern = f"{INBOX_PREFIX}{os.urandom(8).hex()}.>"
+                pattern = f"{self.inbox}.>"
                 try:
                     yield from self._subscribe_steps(pattern, None, registered=self._await_inbox)
                 finally:
@@ -526,6 +536,22 @@ class Bus:
 
     def _await_inbox(self, sub: Subscription) -> None:
         self._inbox_pending = sub
+
+    @property
+    def inbox(self) -> str:
+        """This connection's private reply prefix (_INBOX.<name>), given by
+        the broker at the handshake; only this connection may read it."""
+        return self.server.get("inbox") or self._own_inbox
+
+    def _drop_inbox(self) -> None:
+        """After a reconnect: the old inbox prefix is gone with the old
+        connection; the next request subscribes to the new one. Requests
+        still waiting for a reply on the old one time out."""
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None:
+            self._subs.pop(inbox.sid, None)
+            self._queues.pop(inbox.sid, None)
+            inbox._close()
 
     def stats(self, timeout: Optional[float] = None) -> dict:
         """The broker's stats (what `busx stat` shows)."""
@@ -554,13 +580,15 @@ class Bus:
         by the calling thread instead of the I/O thread), payloads sent and
         received as memfds, and messages
         discarded because their subscription had ended (queued at
-        unsubscribe, or routed to it before the broker saw it)."""
+        unsubscribe, or routed to it before the broker saw it), and frames
+        dropped because their fields did not decode (malformed)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
                 "read_calls": io.read_calls, "direct_reads": io.direct_reads,
                 "fd_payloads_out": io.fd_payloads_out,
-                "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded}
+                "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded,
+                "malformed": io.malformed}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""
@@ -584,12 +612,12 @@ class Bus:
         self._io.request_close()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        with self._pump_lock:
+        with self._pump_lock:       # a recv() on another thread may be inside take()
             for sub in list(self._subs.values()):
                 sub._close()
             self._subs.clear()
             self._queues.clear()
-        self._io.release()
+            self._io.release()
 
     def _forget_in_child(self) -> None:
         """fork() copied this Bus into a child: the connection is the

@@ -42,5 +42,10 @@ class ProtocolError(BusError):
     """The peer broke the wire protocol."""
 
 
+class LimitExceeded(BusError):
+    """A broker limit refused the operation (max_subscriptions, ...); the
+    connection stays usable."""
+
+
 class FdError(BusError, ValueError):
     """File descriptors cannot be sent this way (too many, or not over TCP)."""

@@ -33,6 +33,17 @@ def unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
+# What a handshake map may hold: a few short fields. An unauthenticated peer
+# cannot make the decoder build large objects (SPEC.md, Limits).
+HANDSHAKE_LIMITS = {"max_str_len": 4096, "max_bin_len": 4096, "max_array_len": 64,
+                    "max_map_len": 64, "max_ext_len": 0}
+
+
+def unpack_limited(raw: bytes) -> Any:
+    """Decode a handshake map within HANDSHAKE_LIMITS; ValueError past them."""
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False, **HANDSHAKE_LIMITS)
+
+
 def error_frame(code: str, message: str, *, fatal: bool = True, ref: int = 0) -> bytes:
     return protocol.encode_frame(protocol.ERROR, payload=pack({"code": code, "message": message}),
                                  id=ref, flags=protocol.FATAL if fatal else 0)
@@ -95,6 +106,9 @@ def client_handshake(sock: socket.socket, where: str, deadline: float, name: Opt
         raise ConnectError(f"{where} speaks busx protocol version {preamble[4]}, this client "
                            f"speaks {protocol.VERSION}: upgrade one of them")
     hello_frame = reader.read_frame()
+    if hello_frame.kind == protocol.ERROR:      # e.g. too many connections
+        error = unpack_limited(hello_frame.payload)
+        raise ConnectError(f"{where} refused the connection: {error.get('message')}")
     if hello_frame.kind != protocol.HELLO:
         raise ProtocolError(f"{where} sent frame kind {hello_frame.kind} instead of HELLO")
     hello = unpack(hello_frame.payload)

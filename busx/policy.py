@@ -8,7 +8,11 @@
 A rule's selectors must all match a peer; a peer's rights are the union of
 the rules that match it. A peer no rule matches may connect but do nothing.
 Replies are always allowed: publishing to an _INBOX. topic (its name is an
-unguessable capability), and subscribing to one inbox by name.
+unguessable capability), and subscribing under the connection's own inbox
+prefix, which the broker gives it at the handshake. Another connection's
+inbox is readable only through a rule that names _INBOX patterns itself
+(a monitoring tool granted "_INBOX.>"): a first-token wildcard never covers
+reserved topics.
 """
 
 from __future__ import annotations
@@ -41,13 +45,10 @@ def pattern_contains(outer: str, inner: str) -> bool:
     return len(outer_tokens) == len(inner_tokens)
 
 
-def is_own_inbox(pattern: str) -> bool:
-    """_INBOX.<name>.… with a concrete name: one client's reply inbox, never a
-    wildcard over everyone's."""
-    if not pattern.startswith(INBOX_PREFIX):
-        return False
-    name = pattern.split(".")[1]
-    return name not in ("*", ">")
+def is_under(pattern: str, prefix: Optional[str]) -> bool:
+    """Whether pattern stays within prefix (a connection's inbox): the
+    prefix itself or topics below it."""
+    return prefix is not None and (pattern == prefix or pattern.startswith(prefix + "."))
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ class Rights:
     def may_publish(self, topic: str) -> bool:
         return topic.startswith(INBOX_PREFIX) or any(matches(p, topic) for p in self.publish)
 
-    def may_subscribe(self, pattern: str) -> bool:
-        return is_own_inbox(pattern) or any(pattern_contains(p, pattern) for p in self.subscribe)
+    def may_subscribe(self, pattern: str, inbox: Optional[str] = None) -> bool:
+        """inbox: the connection's own inbox prefix, always allowed."""
+        return is_under(pattern, inbox) or any(pattern_contains(p, pattern) for p in self.subscribe)
 
 
 @dataclass(frozen=True)

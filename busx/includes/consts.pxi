@@ -24,7 +24,9 @@ cdef enum:
     # The client's writer yields the CPU once before sending less than this
     # while publishers keep appending (benchmarks/compare.py).
     YIELD_BELOW = 16 * 1024
-    ROUTE_CACHE_SLOTS = 4096      # topics remembered by the router; cleared when full
+    # Sets of the router's topic cache (CACHE_WAYS entries each, the least
+    # recently used evicted): 8,192 hot topics (benchmarks/test_routing.py).
+    ROUTE_CACHE_SETS = 2048
     TOPIC_CACHE_SIZE = 4096       # validated topics a client remembers
     # Bytes of publish's packing buffer kept between calls; a larger payload
     # gives its memory back.
