@@ -28,6 +28,7 @@ cdef enum:
     # Copies one connection's turn may route before the loop serves others
     # (tests/test_load.py: a ping among 1,000 subscribers).
     DELIVERY_BUDGET = 65536
+    CONTROL_COST = 64          # copies a SUB or STATS counts for in that budget
     ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
     # Frames before READY (preamble, CONNECT): an unauthenticated peer costs
     # at most this much buffer (SPEC.md, Limits).
@@ -199,7 +200,18 @@ cdef void verdicts_free(Conn *c) noexcept nogil:
 
 cdef class BrokerLoop:
     """The broker's connections, router and epoll loop. busx.Broker owns one
-    and runs it on a thread (or the main thread for serve_forever)."""
+    and runs it on a thread (or the main thread for serve_forever).
+
+    Threads: every field below belongs to the loop thread, which holds
+    state_lock for each turn of the loop (without the GIL). Other threads
+    (snapshot() for stats; drain() and close_all() once the loop has
+    ended) take state_lock as well; request_stop() only sets
+    stop_requested and writes wake_fd.
+
+    Lock order: state_lock, then the GIL. The loop calls into Python (the
+    control path: accept, handshake, SUB, stats) while holding state_lock,
+    which is safe because no thread ever takes state_lock while holding
+    the GIL: every caller releases the GIL first (`with nogil:`)."""
     cdef int epfd
     cdef int wake_fd
     cdef int listen_fds[MAX_LISTENERS]
@@ -247,6 +259,7 @@ cdef class BrokerLoop:
     cdef public unsigned long long limits_hit          # SUBs past max_subscriptions
     cdef public unsigned long long handshake_timeouts
     cdef object handler
+    cdef object snapshot_taken   # snapshot()'s result, handed across its nogil block
 
     def __cinit__(self):
         self.epfd = -1
@@ -617,7 +630,10 @@ cdef class BrokerLoop:
             if self._must_wait_for_room(c, &f):
                 self._pause_input(c)
                 break
-            self.budget -= 1
+            # A frame that calls into Python (SUB, STATS) costs as much as
+            # CONTROL_COST copies: one client's burst of SUBs must not hold
+            # everyone's messages for long (tests/test_hardening.py).
+            self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
         if c.state == CS_READY:
@@ -1427,11 +1443,17 @@ cdef class BrokerLoop:
         cdef object result
         with nogil:
             pthread_mutex_lock(&self.state_lock)
-        try:
-            result = self._snapshot()
-        finally:
+            self._take_snapshot()       # takes the GIL under state_lock: the lock order
             pthread_mutex_unlock(&self.state_lock)
+        result, self.snapshot_taken = self.snapshot_taken, None
         return result
+
+    cdef void _take_snapshot(self) noexcept with gil:
+        try:
+            self.snapshot_taken = self._snapshot()
+        except BaseException as exc:
+            self._report(exc)
+            self.snapshot_taken = {}
 
     cdef object _snapshot(self):
         cdef size_t i

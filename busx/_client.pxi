@@ -62,11 +62,24 @@ FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
 
 cdef class ClientIO:
     """One connection's buffers and I/O loop. busx.client.Bus owns it and
-    runs run() on a daemon thread."""
-    cdef int fd
-    cdef int epfd
-    cdef int wake_fd
-    cdef int notify_fd
+    runs run() on a daemon thread.
+
+    Threads: the I/O thread (run(), no GIL); publishers (any Python thread,
+    holding the GIL); the Python side (take() and friends, under the Bus's
+    pump lock, holding the GIL); a thread waiting for messages, which may
+    read the socket itself (_read_directly, no GIL).
+
+    Lock order: read_lock, then lock; the GIL is never acquired while
+    either is held. Publishers take `lock` while holding the GIL
+    (_try_append), so a thread holding `lock` and waiting for the GIL
+    would deadlock the process: every lock/unlock pair sits inside one
+    `with nogil:` block or one nogil function, and no code under `lock`
+    calls into Python. read_lock is only ever taken without the GIL.
+    Beside each field: who owns it, or which lock guards it."""
+    cdef int fd                 # lock (closed by detach/release)
+    cdef int epfd               # lock
+    cdef int wake_fd            # lock: written to under it, closed by release under it
+    cdef int notify_fd          # lock
     # A Python thread waiting for messages reads the socket itself while
     # the I/O thread is idle (see _read_directly): one thread wake-up per
     # message instead of two. read_lock: held by whoever runs _read.
@@ -75,10 +88,10 @@ cdef class ClientIO:
     cdef bint direct_reading    # ... and is inside _read (read_lock held)
     cdef int direct_result      # a RunResult it found, for the I/O thread to return
     cdef int direct_wake_fd     # wakes that thread when events happen meanwhile
-    cdef bint is_unix
-    cdef bint payload_fds       # the broker takes large payloads as memfds
-    cdef size_t max_buffer
-    cdef size_t max_frame
+    cdef bint is_unix           # lock (set by attach)
+    cdef bint payload_fds       # lock: the broker takes large payloads as memfds
+    cdef size_t max_buffer      # fixed at construction
+    cdef size_t max_frame       # lock (set by attach)
     cdef pthread_mutex_t lock
     cdef pthread_cond_t room_cond
     cdef pthread_cond_t event_cond
@@ -88,23 +101,29 @@ cdef class ClientIO:
     # Shared under lock: whole frames for Python, and the fds they announce.
     cdef Buffer inbox
     cdef FdQueue in_fds
-    cdef unsigned long long events_seq
-    cdef bint reading_paused    # I/O thread stopped reading: inbox + held reached max_buffer
-    cdef size_t held            # bytes of messages waiting in MessageQueues (Python side)
+    cdef unsigned long long events_seq      # lock
+    cdef bint reading_paused    # lock: I/O thread stopped reading: inbox + held reached max_buffer
+    # Python side: bytes of messages waiting in MessageQueues. Read without
+    # the lock by the I/O thread to decide whether to read on: a stale
+    # value only delays that decision to its next look.
+    cdef size_t held
     cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
     cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
     # Payload bytes of memfds published and not yet reported taken by the
     # broker (K_RECEIVED): they count against max_buffer (lock held).
     cdef size_t fd_bytes_unacked
-    cdef int round_trips        # answers awaited: read on past max_buffer to reach them
-    cdef double last_append     # CLOCK_MONOTONIC ms of the last frame queued
-    cdef bint forked            # this is a fork()ed child's copy: touch nothing shared
-    cdef int wake_pending
-    cdef int state
-    cdef int close_requested
-    # I/O thread only.
+    cdef int round_trips        # Python side: answers awaited: read on past max_buffer
+    cdef double last_append     # lock: CLOCK_MONOTONIC ms of the last frame queued
+    cdef bint forked            # set once in a fork()ed child: touch nothing shared
+    cdef int wake_pending       # lock
+    cdef int state              # lock: a ClientState
+    cdef int close_requested    # lock (read by the I/O thread after each wake-up)
+    # The I/O thread's, except that a publisher may send a lone frame from
+    # `sending` under the lock while it is empty and the I/O thread idle
+    # (_send_directly), and the I/O thread consumes it under the lock.
     cdef Buffer sending
     cdef FdQueue sending_fds
+    # I/O thread only (or the direct reader, holding read_lock).
     cdef bint want_out
     cdef Buffer rbuf
     cdef FdQueue recv_fds
