@@ -28,7 +28,7 @@ cdef enum:
     # Copies one connection's turn may route before the loop serves others
     # (tests/test_load.py: a ping among 1,000 subscribers).
     DELIVERY_BUDGET = 65536
-    CONTROL_COST = 64          # copies a SUB or STATS counts for in that budget
+    CONTROL_COST = 512         # copies a SUB or STATS counts for in that budget: ~1 ms a turn
     ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
     # Frames before READY (preamble, CONNECT): an unauthenticated peer costs
     # at most this much buffer (SPEC.md, Limits).
