@@ -5,7 +5,7 @@ busx.broker and busx.client are the Python faces over it."""
 
 from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, malloc, realloc, free
+from libc.stdlib cimport calloc, malloc, realloc, free, qsort
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 
 from cpython.exc cimport PyErr_CheckSignals

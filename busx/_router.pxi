@@ -65,6 +65,7 @@ cdef struct Router:
     unsigned long long wild_epoch   # bumped by every wildcard subscribe/unsubscribe
     unsigned long long next_version
     unsigned long long tick
+    size_t cached_refs    # subscription pointers held by cache entries (CACHE_MAX_REFS)
     size_t subscriptions
     size_t nodes
     Subscription **scratch   # match results under construction
@@ -79,13 +80,20 @@ cdef int router_init(Router *r) noexcept nogil:
     return 0 if r.cache != NULL else -1
 
 
-cdef void slot_clear(RouteSlot *slot) noexcept nogil:
+cdef void slot_clear(Router *r, RouteSlot *slot) noexcept nogil:
+    r.cached_refs -= slot.nsubs
     free(slot.topic)
     free(slot.subs)
     slot.topic = NULL
     slot.subs = NULL
     slot.nsubs = 0
     slot.version = 0
+
+
+cdef void cache_clear(Router *r) noexcept nogil:
+    cdef size_t i
+    for i in range(<size_t>(ROUTE_CACHE_SETS * CACHE_WAYS)):
+        slot_clear(r, &r.cache[i])
 
 
 cdef void node_free(TrieNode *n) noexcept nogil:
@@ -109,8 +117,7 @@ cdef void node_free(TrieNode *n) noexcept nogil:
 cdef void router_free(Router *r) noexcept nogil:
     cdef size_t i
     if r.cache != NULL:
-        for i in range(<size_t>(ROUTE_CACHE_SETS * CACHE_WAYS)):
-            slot_clear(&r.cache[i])
+        cache_clear(r)
         free(r.cache)
         r.cache = NULL
     node_free(&r.root)
@@ -270,7 +277,7 @@ cdef void invalidate(Router *r, const char *pattern, size_t length) noexcept nog
         return
     slot = cache_find(r, pattern, length, busx_hash(pattern, length))
     if slot != NULL:
-        slot_clear(slot)
+        slot_clear(r, slot)
 
 
 cdef int router_add(Router *r, Subscription *s, const char *pattern,
@@ -403,18 +410,25 @@ cdef inline bint same_queue(const Subscription *a, const Subscription *b) noexce
     return a.queue != 0 and queue_order(a, b) == 0
 
 
+cdef int compare_queues(const void *a, const void *b) noexcept nogil:
+    cdef const Subscription *x = (<const Subscription **>a)[0]
+    cdef const Subscription *y = (<const Subscription **>b)[0]
+    cdef int order = queue_order(x, y)
+    if order:
+        return order
+    return (x > y) - (x < y)        # a total order: qsort is not stable
+
+
 cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
-    """Stable insertion sort by queue group so each group's members are
-    adjacent (members of no group, queue 0, first). Runs on a cache miss."""
-    cdef size_t i, j
-    cdef Subscription *s
-    for i in range(1, n):
-        s = subs[i]
-        j = i
-        while j > 0 and queue_order(subs[j - 1], s) > 0:
-            subs[j] = subs[j - 1]
-            j -= 1
-        subs[j] = s
+    """Sort by queue group so each group's members are adjacent (members of
+    no group, queue 0, first). Runs on a cache miss; O(n log n), so a client
+    holding many groups on one topic cannot stall the loop. Skipped when no
+    match belongs to a group, the common case."""
+    cdef size_t i
+    for i in range(n):
+        if subs[i].queue != 0:
+            qsort(subs, n, sizeof(void *), compare_queues)
+            return
 
 
 cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
@@ -485,21 +499,24 @@ cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexc
                 break
             if ways[k].used < slot.used:
                 slot = &ways[k]
-    slot_clear(slot)
+    slot_clear(r, slot)
     r.scratch_len = 0
     if match_tokens(r, &r.root, topic, length, 0, True, topic[0] == b'_') < 0:
         return NULL
     group_queues(r.scratch, r.scratch_len)
+    if r.cached_refs + r.scratch_len > CACHE_MAX_REFS:
+        cache_clear(r)      # topics matching very many subscriptions: memory stays bounded
     slot.topic = <char *>malloc(length)
     slot.subs = <Subscription **>malloc(r.scratch_len * sizeof(void *) + 1)
     if slot.topic == NULL or slot.subs == NULL:
-        slot_clear(slot)
+        slot_clear(r, slot)
         return NULL
     memcpy(slot.topic, topic, length)
     memcpy(slot.subs, r.scratch, r.scratch_len * sizeof(void *))
     slot.topic_len = length
     slot.hash = h
     slot.nsubs = r.scratch_len
+    r.cached_refs += slot.nsubs
     slot.epoch = r.wild_epoch
     slot.version = r.next_version
     r.next_version += 1

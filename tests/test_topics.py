@@ -2,7 +2,7 @@
 real broker held against busx.topics.matches (the reference semantics)."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import busx
@@ -171,3 +171,54 @@ def test_broker_routing_equals_reference(shared_bus, patterns, published):
     got = deliveries(shared_bus, patterns, published)
     expected = [[i for i, t in enumerate(published) if topics.matches(p, t)] for p in patterns]
     assert got == expected
+
+
+# ---- the route cache under subscription churn ----
+# The broker caches each topic's matches and remembers, per publisher, the
+# last topic's; a subscription change must reach both at once (a literal
+# pattern's own entry, or every entry for a wildcard). Publish, change,
+# publish the same topics again: each message reaches exactly the
+# subscriptions active when it was published.
+
+@pytest.fixture(scope="module")
+def churn_pair(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("churn") / "bus.sock")
+    with busx.Broker(unix_path=path) as broker, busx.connect(broker.url) as subscriber, \
+            busx.connect(broker.url) as publisher:
+        yield subscriber, publisher
+
+
+churn_steps = st.lists(st.one_of(
+    st.tuples(st.just("sub"), st.one_of(random_patterns, random_topics)),
+    st.tuples(st.just("unsub"), st.integers(0, 7)),
+    st.tuples(st.just("pub"), st.lists(random_topics, min_size=1, max_size=4))),
+    min_size=1, max_size=25)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=churn_steps)
+@example(steps=[("pub", ["a.b"]), ("sub", "a.b"), ("pub", ["a.b"]), ("unsub", 0),
+                ("pub", ["a.b"])])                                  # a literal's own entry
+@example(steps=[("pub", ["a.b", "a.c"]), ("sub", "a.*"), ("pub", ["a.c", "a.b"]),
+                ("unsub", 0), ("pub", ["a.b"])])                    # every entry, lazily
+def test_routing_follows_subscription_churn(churn_pair, steps):
+    subscriber, publisher = churn_pair
+    active = []             # (pattern, Subscription) in subscription order
+    try:
+        for action, argument in steps:
+            if action == "sub":
+                active.append((argument, subscriber.subscribe(argument)))
+            elif action == "unsub" and active:
+                _, sub = active.pop(argument % len(active))
+                sub.unsubscribe()
+            elif action == "pub":
+                for topic in argument:
+                    publisher.publish(topic, topic)
+                publisher.flush(timeout=5)
+                subscriber.flush(timeout=5)
+                for pattern, sub in active:
+                    got = [m.topic for m in drain(sub)]
+                    assert got == [t for t in argument if topics.matches(pattern, t)], pattern
+    finally:
+        for _, sub in active:
+            sub.unsubscribe()

@@ -27,6 +27,9 @@ cdef enum:
     # Sets of the router's topic cache (CACHE_WAYS entries each, the least
     # recently used evicted): 8,192 hot topics (benchmarks/test_routing.py).
     ROUTE_CACHE_SETS = 2048
+    # Subscription pointers all cache entries together may hold (32 MiB): a
+    # topic matching a million subscriptions must not be cached 8,192 times.
+    CACHE_MAX_REFS = 4 * 1024 * 1024
     TOPIC_CACHE_SIZE = 4096       # validated topics a client remembers
     # Bytes of publish's packing buffer kept between calls; a larger payload
     # gives its memory back.
