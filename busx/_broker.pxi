@@ -132,10 +132,6 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
     return rc
 
 
-cdef inline bint is_inbox_topic(const char *topic, size_t length) noexcept nogil:
-    return length > 7 and memcmp(topic, b"_INBOX.", 7) == 0
-
-
 cdef inline size_t pending_bytes(const Conn *c) noexcept nogil:
     """What c's subscriber has yet to take: queued bytes and memfd payloads."""
     return buf_len(&c.wbuf) + c.fd_bytes_unreceived
@@ -714,6 +710,9 @@ cdef class BrokerLoop:
         if f.nfds > fdq_len(&c.in_fds):
             self._fail(c, b"protocol", b"frame announces more fds than arrived with it")
             return
+        if f.nfds and f.kind != K_PUB:
+            self._fail(c, b"protocol", b"only PUB frames carry file descriptors")
+            return
         if f.kind == K_PUB:
             self._route(c, f)
         elif f.kind == K_PING:
@@ -879,22 +878,10 @@ cdef class BrokerLoop:
 
     cdef bint _topic_ok(self, const char *topic, size_t length) noexcept nogil:
         """The PUB topic rules in C for ASCII topics; others ask Python."""
-        cdef size_t i
-        cdef unsigned char ch
-        cdef bint ascii = True
-        if length == 0 or topic[0] == b'.' or topic[length - 1] == b'.':
-            return False
-        for i in range(length):
-            ch = <unsigned char>topic[i]
-            if ch >= 0x80:
-                ascii = False
-            elif ch <= 0x20 or ch == 0x7f or ch == b'*' or ch == b'>':
-                return False
-            elif ch == b'.' and topic[i + 1] == b'.':
-                return False
-        if topic[0] == b'_' and not is_inbox_topic(topic, length):
-            return False
-        return ascii or self._py_topic_ok(topic, length)
+        cdef int verdict = check_publish_topic(topic, length)
+        if verdict == TOPIC_ASK_PYTHON:
+            return self._py_topic_ok(topic, length)
+        return verdict == TOPIC_VALID
 
     cdef bint _reply_ok(self, FrameView *f) noexcept nogil:
         """A reply field names an inbox: a valid topic under _INBOX. (SPEC.md,

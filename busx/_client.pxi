@@ -764,13 +764,22 @@ cdef class ClientIO:
         self.publish_batch([(self._topic(topic), encode(data)) for topic, data in items])
 
     cdef bytes _topic(self, topic):
+        """topic validated and encoded. Remembered, but not reply topics:
+        each is used once, and they would crowd out the topics that repeat."""
         cdef object cached
-        if type(topic) is str:
-            cached = self.topic_cache.get(topic)
-            if cached is not None:
-                return <bytes>cached
-        encoded = validate_topic(topic)
-        if type(topic) is str and len(self.topic_cache) < TOPIC_CACHE_SIZE:
+        cdef bytes encoded
+        if type(topic) is not str:
+            return validate_topic(topic)        # raises, or takes a str subclass's value
+        cached = self.topic_cache.get(topic)
+        if cached is not None:
+            return <bytes>cached
+        if (<str>topic).isascii():
+            encoded = (<str>topic).encode("ascii")
+            if check_publish_topic(encoded, len(encoded)) != TOPIC_VALID:
+                validate_topic(topic)           # raises InvalidTopic saying why
+        else:
+            encoded = validate_topic(topic)
+        if len(self.topic_cache) < TOPIC_CACHE_SIZE and not is_inbox_topic(encoded, len(encoded)):
             self.topic_cache[topic] = encoded
         return encoded
 

@@ -62,6 +62,10 @@ cdef struct RouteSlot:
 cdef struct Router:
     TrieNode root
     RouteSlot *cache      # ROUTE_CACHE_SETS * CACHE_WAYS entries
+    # The matches of the last _INBOX. topic, kept out of the cache: a reply
+    # topic is used once, and caching it would only evict topics that repeat.
+    # Its subs are `scratch`; any lookup or subscription change retires it.
+    RouteSlot transient
     unsigned long long wild_epoch   # bumped by every wildcard subscribe/unsubscribe
     unsigned long long next_version
     unsigned long long tick
@@ -272,6 +276,7 @@ cdef void invalidate(Router *r, const char *pattern, size_t length) noexcept nog
     """Make the cache forget what a subscription change to pattern alters: the
     one entry of a literal pattern, or (lazily) every entry for a wildcard."""
     cdef RouteSlot *slot
+    r.transient.version = 0
     if not pattern_is_literal(pattern, length):
         r.wild_epoch += 1
         return
@@ -482,10 +487,15 @@ cdef inline bint slot_current(Router *r, RouteSlot *slot, unsigned long long ver
 cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexcept nogil:
     """The subscriptions matching topic, from the cache or freshly matched
     into it. NULL when memory runs out. Valid until the next add/remove."""
-    cdef uint64_t h = busx_hash(topic, length)
-    cdef RouteSlot *slot = cache_find(r, topic, length, h)
+    cdef uint64_t h
+    cdef RouteSlot *slot
     cdef RouteSlot *ways
     cdef int k
+    r.transient.version = 0         # its subs (scratch) are about to change
+    if is_inbox_topic(topic, length):
+        return transient_lookup(r, topic, length)
+    h = busx_hash(topic, length)
+    slot = cache_find(r, topic, length, h)
     r.tick += 1
     if slot != NULL and slot.epoch == r.wild_epoch:
         slot.used = r.tick
@@ -521,6 +531,21 @@ cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexc
     slot.version = r.next_version
     r.next_version += 1
     slot.used = r.tick
+    return slot
+
+
+cdef RouteSlot *transient_lookup(Router *r, const char *topic, size_t length) noexcept nogil:
+    """An _INBOX. topic's matches, in the transient slot (see Router)."""
+    cdef RouteSlot *slot = &r.transient
+    r.scratch_len = 0
+    if match_tokens(r, &r.root, topic, length, 0, True, True) < 0:
+        return NULL
+    group_queues(r.scratch, r.scratch_len)
+    slot.subs = r.scratch
+    slot.nsubs = r.scratch_len
+    slot.epoch = r.wild_epoch
+    slot.version = r.next_version
+    r.next_version += 1
     return slot
 
 

@@ -3,9 +3,9 @@ event loop, routing and framing in busx._core (BrokerLoop)."""
 
 from __future__ import annotations
 
+import base64
 import grp
 import hmac
-import base64
 import ipaddress
 import logging
 import os
@@ -532,8 +532,9 @@ class Broker:
 
 
 def new_inbox() -> str:
-    """A connection's private reply prefix: 128 random bits, unguessable."""
-    name = base64.b32encode(os.urandom(16)).decode("ascii").rstrip("=").lower()
+    """A connection's private reply prefix: 80 random bits, unguessable, in
+    16 characters (every reply topic carries it)."""
+    name = base64.b32encode(os.urandom(10)).decode("ascii").lower()
     return f"{INBOX_PREFIX}{name}"
 
 
