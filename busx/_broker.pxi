@@ -68,7 +68,9 @@ cdef struct Conn:
     Buffer wbuf
     unsigned long long wbuf_sent    # bytes ever sent: wbuf.data[wbuf.start] is byte wbuf_sent
     unsigned long long next_frame   # stream offset of the first frame not yet begun on the wire
-    FdQueue in_fds          # received, waiting for their PUB frame
+    FdQueue in_fds          # received, waiting for their PUB frame; offset: where the
+                            # recv that brought each began (see _fds_declared)
+    unsigned long long stream_in    # bytes received: rbuf's end is this stream offset
     FdQueue out_fds         # duplicates waiting to travel with their MSG frame
     char stamp[255]
     uint8_t stamp_len
@@ -557,7 +559,7 @@ cdef class BrokerLoop:
             self._fail(c, b"internal", b"broker out of memory")
             return
         n = recv_with_fds(c.fd, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end,
-                          &c.in_fds if c.is_unix else NULL, &truncated)
+                          &c.in_fds if c.is_unix else NULL, &truncated, c.stream_in)
         self.read_calls += 1
         if n < 0:
             if errno != EAGAIN:
@@ -573,6 +575,7 @@ cdef class BrokerLoop:
             self._close_conn(c)
             return
         c.rbuf.end += n
+        c.stream_in += n
         c.bytes_in += n
         self.bytes_in += n
         if c.state != CS_READY and fdq_len(&c.in_fds):
@@ -682,12 +685,34 @@ cdef class BrokerLoop:
         ev.data.ptr = c
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
+    cdef size_t _fds_with(self, Conn *c, unsigned long long start) noexcept nogil:
+        """How many of c's received fds came with bytes up to stream offset
+        start (the first byte of the frame at the head of rbuf), or -1 if
+        any came later. A client sends a frame's fds with the frame's first
+        byte, in a sendmsg carrying no other frame's fds (docs/protocol.md),
+        and one recvmsg never returns two sendmsgs' fds: so those that came
+        no later than the frame are exactly the frame's."""
+        cdef size_t i
+        for i in range(c.in_fds.head, c.in_fds.tail):
+            if c.in_fds.items[i].offset > start:
+                return i - c.in_fds.head
+        return fdq_len(&c.in_fds)
+
+    cdef bint _fds_declared(self, Conn *c, FrameView *f) noexcept nogil:
+        """Whether the frame at the head of rbuf came with exactly the fds it
+        declares (closing c if not): fds no frame declares, or declared fds
+        that never came, are malformed input."""
+        cdef size_t came = self._fds_with(c, c.stream_in - buf_len(&c.rbuf))
+        if came == f.nfds:
+            return True
+        self._fail(c, b"protocol", b"frame announces more fds than arrived with it"
+                   if came < f.nfds else b"file descriptors arrived that no frame declares")
+        return False
+
     cdef void _check_unclaimed_fds(self, Conn *c) noexcept nogil:
-        """A frame carries exactly the fds it declares, and a client sends a
-        frame's fds with its first byte (docs/protocol.md): fds held with no
-        partial frame left to claim them, or more than the partial frame
-        declares, are malformed input. This bounds what a peer's stray fds
-        cost the broker."""
+        """After a turn: fds held with no frame left to claim them, or more
+        than the partial frame at the head of rbuf declares, are malformed
+        input. A peer's stray fds cost the broker at most one frame's."""
         cdef size_t held = fdq_len(&c.in_fds)
         cdef size_t partial = buf_len(&c.rbuf)
         cdef size_t declared = MAX_FDS_AHEAD
@@ -695,7 +720,8 @@ cdef class BrokerLoop:
             return
         if partial >= HEADER_SIZE:
             declared = <uint8_t>c.rbuf.data[c.rbuf.start + 9]
-        if partial == 0 or held > declared:
+        if (partial == 0 or held > declared
+                or self._fds_with(c, c.stream_in - partial) != held):
             self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
 
     cdef void _handle(self, Conn *c, FrameView *f) noexcept nogil:
@@ -707,8 +733,7 @@ cdef class BrokerLoop:
             else:
                 self._on_connect(c, f)
             return
-        if f.nfds > fdq_len(&c.in_fds):
-            self._fail(c, b"protocol", b"frame announces more fds than arrived with it")
+        if not self._fds_declared(c, f):
             return
         if f.nfds and f.kind != K_PUB:
             self._fail(c, b"protocol", b"only PUB frames carry file descriptors")
@@ -798,6 +823,12 @@ cdef class BrokerLoop:
         big.loaded = False
         if f.flags & F_PAYLOAD_FD and not self._take_payload_fd(src, f, fds, &big):
             pass
+        elif big.fd < 0 and frame_size(f.topic_len, f.reply_len, src.stamp_len,
+                                       f.payload_len) > self.max_frame:
+            # Stamped, it would be too large for every subscriber: refused
+            # here, so no accepted message is ever one a subscriber refuses.
+            self._fail(src, b"too-large", b"this message with the broker's sender stamp "
+                       b"exceeds max_frame; busx clients keep 255 bytes of room for it")
         elif f.reply_len and not self._reply_ok(f):
             self._fail(src, b"protocol", b"a PUB's reply field must be empty or a valid "
                        b"_INBOX. topic")
@@ -833,8 +864,9 @@ cdef class BrokerLoop:
             self._fail(src, b"protocol", b"a payload-fd frame carries an 8-byte size and the fd")
             return False
         big.size = busx_load_u64(f.payload)
-        if frame_size(f.topic_len, f.reply_len, 0, big.size) > self.max_frame:
-            self._fail(src, b"too-large", b"payload fd larger than max_frame")
+        if frame_size(f.topic_len, f.reply_len, src.stamp_len, big.size) > self.max_frame:
+            self._fail(src, b"too-large", b"payload fd larger than max_frame (with the "
+                       b"broker's sender stamp)")
             return False
         if not payload_fd_ok(fds[f.nfds - 1], big.size):
             self._fail(src, b"protocol", b"a payload fd must be a memfd of the announced size, "
@@ -1092,10 +1124,15 @@ cdef class BrokerLoop:
     # ---- subscriptions ----
 
     cdef void _subscribe(self, Conn *c, FrameView *f) noexcept nogil:
-        """SUB: O(1) apart from the trie walk of its pattern's tokens."""
-        cdef Subscription *s
-        if sid_find(&c.sids, f.id) != NULL:
-            self._send_error(c, f.id, b"invalid", b"subscription id already in use")
+        """SUB: O(1) apart from the trie walk of its pattern's tokens. A SUB
+        repeating an active subscription (same id, pattern and queue group)
+        is answered OK: a client that reconnects may send one twice."""
+        cdef Subscription *s = sid_find(&c.sids, f.id)
+        if s != NULL:
+            if same_subscription(s, f.topic, f.topic_len, f.reply, f.reply_len):
+                self._send_simple(c, K_OK, f.id)
+            else:
+                self._send_error(c, f.id, b"invalid", b"subscription id already in use")
             return
         if c.nsubs >= self.max_subscriptions:
             self.limits_hit += 1

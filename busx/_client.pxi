@@ -28,6 +28,12 @@ cdef enum AppendStatus:
     APPEND_TOO_LARGE = -7
 
 
+cdef struct Room:
+    # What a frame needs of the output buffer (ClientIO._has_room).
+    size_t bytes
+    int fds
+
+
 cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
     cdef double whole
     clock_gettime(CLOCK_MONOTONIC, ts)
@@ -891,26 +897,29 @@ cdef class ClientIO:
         payload bytes its last fd carries (a payload memfd), which count
         against the buffer like queued bytes do.
         timeout: < 0 waits forever; -2 never waits (control frames)."""
-        cdef size_t size = frame_size(topic_len, reply_len, 0, payload_len) + held
+        cdef Room room
         cdef timespec deadline
         cdef int status
-        if not self._deliverable(topic_len, reply_len, payload_len + held):
+        room.bytes = frame_size(topic_len, reply_len, 0, payload_len) + held
+        room.fds = nfds
+        # A memfd payload (held bytes) stands for the same bytes inline.
+        if not self._deliverable(topic_len, reply_len, held if held else payload_len):
             return APPEND_TOO_LARGE
         if timeout >= 0:
             deadline_after(&deadline, timeout)
         while True:
             status = self._try_append(kind, flags, id, topic, topic_len, reply, reply_len,
-                                      payload, payload_len, fds, nfds, held, size,
+                                      payload, payload_len, fds, nfds, held, &room,
                                       timeout == -2.0)
             if status != APPEND_NO_ROOM:
                 return status
-            if not self._sliced(0, &size, &deadline if timeout >= 0 else NULL):
+            if not self._sliced(0, &room, &deadline if timeout >= 0 else NULL):
                 return APPEND_TIMEOUT
 
     cdef int _try_append(self, uint8_t kind, uint8_t flags, uint32_t id, const char *topic,
                          size_t topic_len, const char *reply, size_t reply_len,
                          const char *payload, size_t payload_len, int *fds, int nfds,
-                         size_t held, size_t size, bint ignore_limit) noexcept nogil:
+                         size_t held, Room *room, bint ignore_limit) noexcept nogil:
         """Queue the frame if there is room (or ignore_limit); the mutex is
         never held while waiting for the GIL, so taking it here with the GIL
         held cannot deadlock."""
@@ -924,7 +933,7 @@ cdef class ClientIO:
             status = APPEND_CLOSED
         elif self.state == CL_FAILED:
             status = APPEND_FAILED
-        elif not (ignore_limit or self._has_room(size)):
+        elif not (ignore_limit or self._has_room(room)):
             status = APPEND_NO_ROOM
         elif nfds == 0 and self._send_directly(kind, id, topic, topic_len, reply, reply_len,
                                                payload, payload_len, &wake):
@@ -950,17 +959,21 @@ cdef class ClientIO:
         pthread_mutex_unlock(&self.lock)
         return status
 
-    cdef inline bint _has_room(self, size_t size) noexcept nogil:
-        """Whether a frame of size bytes fits the output buffer. An empty
-        buffer takes any frame; memfds the broker has not yet taken count
-        too, else they could pile up in the socket - except while reading is
-        paused, when their acks cannot arrive: then new payloads go inline
-        (_memfds_wanted) and only the socket's own back-pressure applies.
-        Lock held."""
+    cdef inline bint _has_room(self, Room *room) noexcept nogil:
+        """Whether a frame fits the output buffer: its bytes within
+        max_buffer, its fds within MAX_QUEUED_FDS (each queued fd is one of
+        this process's open files). An empty buffer takes any frame; memfds
+        the broker has not yet taken count too, else they could pile up in
+        the socket - except while reading is paused, when their acks cannot
+        arrive: then new payloads go inline (_memfds_wanted) and only the
+        socket's own back-pressure applies. Lock held."""
         cdef size_t used = buf_len(&self.out)
+        cdef size_t queued_fds = fdq_len(&self.out_fds)
         if not self.reading_paused:
             used += self.fd_bytes_unacked
-        return used == 0 or used + size <= self.max_buffer
+        if used == 0:
+            return True
+        return used + room.bytes <= self.max_buffer and queued_fds + room.fds <= MAX_QUEUED_FDS
 
     cdef inline bint _memfds_wanted(self, size_t payload_len) noexcept nogil:
         """Whether a payload travels in a memfd: over UNIX, large, and
@@ -1019,10 +1032,10 @@ cdef class ClientIO:
             deadline_after(&deadline, timeout)
         return self._sliced(seen, NULL, &deadline if timeout >= 0 else NULL)
 
-    cdef bint _sliced(self, unsigned long long seen, size_t *room_for,
+    cdef bint _sliced(self, unsigned long long seen, Room *room_for,
                       timespec *deadline) except -1:
-        """Wait for events (room_for NULL) or for output room for room_for[0]
-        bytes, until deadline (NULL: forever). The main thread waits in
+        """Wait for events (room_for NULL) or for output room for a frame,
+        until deadline (NULL: forever). The main thread waits in
         slices so Python can run signal handlers, like Ctrl-C, in between.
         Returns whether the condition came true."""
         cdef timespec until
@@ -1038,11 +1051,11 @@ cdef class ClientIO:
                 return False
             PyErr_CheckSignals()
 
-    cdef bint _wait_until(self, unsigned long long seen, size_t *room_for,
+    cdef bint _wait_until(self, unsigned long long seen, Room *room_for,
                           timespec *until) noexcept:
         """Wait without the GIL, until the absolute time `until` (NULL:
         forever), for events_seq to move past seen or, with room_for, for the
-        output buffer to take room_for[0] bytes (or the state to change)."""
+        output buffer to take room_for's frame (or the state to change)."""
         cdef bint ready
         cdef pthread_cond_t *cond = &self.room_cond if room_for != NULL else &self.event_cond
         if self.forked:
@@ -1051,7 +1064,7 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.lock)
             while True:
                 if room_for != NULL:
-                    ready = self.state >= CL_FAILED or self._has_room(room_for[0])
+                    ready = self.state >= CL_FAILED or self._has_room(room_for)
                 else:
                     ready = self.events_seq != seen
                 if ready:

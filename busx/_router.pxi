@@ -456,6 +456,16 @@ cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
     return s
 
 
+cdef bint same_subscription(Subscription *s, const char *pattern, size_t length,
+                            const char *queue, size_t queue_len) noexcept nogil:
+    """Whether s is a subscription to pattern in the queue group named queue."""
+    cdef char own[MAX_NAME + 1]
+    if s.queue_len != queue_len or (queue_len and memcmp(s.queue_name, queue, queue_len) != 0):
+        return False
+    return (node_pattern(<TrieNode *>s.node, own) == length
+            and memcmp(own, pattern, length) == 0)
+
+
 cdef void subscription_free(Subscription *s) noexcept nogil:
     free(s.queue_name)
     free(s)

@@ -339,7 +339,8 @@ class Bus:
     def _on_control(self, frame: protocol.Frame) -> None:
         kind = frame.kind
         if kind in (protocol.OK, protocol.PONG, protocol.STATS):
-            self._replies[frame.id] = frame
+            if frame.id in self._awaited:   # else a repeat answer, after a reconnect
+                self._replies[frame.id] = frame
             pending = self._inbox_pending
             if kind == protocol.OK and pending is not None and pending.sid == frame.id:
                 self._inbox = pending

@@ -31,6 +31,10 @@ cdef enum:
     # topic matching a million subscriptions must not be cached 8,192 times.
     CACHE_MAX_REFS = 4 * 1024 * 1024
     TOPIC_CACHE_SIZE = 4096       # validated topics a client remembers
+    # fds a client holds in unsent publishes before publish blocks: each is
+    # an open file of the process, and a broker that is away (reconnecting)
+    # must not make a publisher run out of them.
+    MAX_QUEUED_FDS = 512
     # Bytes of publish's packing buffer kept between calls; a larger payload
     # gives its memory back.
     PACKED_KEEP = 1024 * 1024
