@@ -626,7 +626,7 @@ cdef class BrokerLoop:
             if status == PARSE_MALFORMED:
                 self._fail(c, b"protocol", b"malformed frame header")
                 return
-            if self._must_wait_for_room(c, &f):
+            if buf_len(&c.wbuf) > self.max_pending and self._must_wait_for_room(c, &f):
                 self._pause_input(c)
                 break
             # A frame that calls into Python (SUB, STATS) costs as much as
@@ -733,7 +733,7 @@ cdef class BrokerLoop:
             else:
                 self._on_connect(c, f)
             return
-        if not self._fds_declared(c, f):
+        if (f.nfds or fdq_len(&c.in_fds)) and not self._fds_declared(c, f):
             return
         if f.nfds and f.kind != K_PUB:
             self._fail(c, b"protocol", b"only PUB frames carry file descriptors")
@@ -823,8 +823,7 @@ cdef class BrokerLoop:
         big.loaded = False
         if f.flags & F_PAYLOAD_FD and not self._take_payload_fd(src, f, fds, &big):
             pass
-        elif big.fd < 0 and frame_size(f.topic_len, f.reply_len, src.stamp_len,
-                                       f.payload_len) > self.max_frame:
+        elif big.fd < 0 and f.size + src.stamp_len > self.max_frame:
             # Stamped, it would be too large for every subscriber: refused
             # here, so no accepted message is ever one a subscriber refuses.
             self._fail(src, b"too-large", b"this message with the broker's sender stamp "

@@ -1200,7 +1200,11 @@ cdef class ClientIO:
                 return
             self.last_queue = queue
             self.last_sid = f.id
-        topic = self._decode_topic(f)
+        if (self.last_topic_b is not None and len(self.last_topic_b) == f.topic_len
+                and memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) == 0):
+            topic = self.last_topic        # publishers repeat their topics
+        else:
+            topic = self._decode_topic(f)
         reply_to = decode_name(f.reply, f.reply_len) if f.reply_len else None
         if topic is None or reply_to is False:
             self.malformed += 1
@@ -1229,17 +1233,14 @@ cdef class ClientIO:
         self.last_queue.push(msg)
 
     cdef object _decode_topic(self, FrameView *f):
-        """The frame's topic as str, remembering the last one (publishers
-        repeat topics); None if it is not UTF-8."""
-        cdef object topic
-        if (self.last_topic_b is None or len(self.last_topic_b) != f.topic_len
-                or memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) != 0):
-            topic = decode_name(f.topic, f.topic_len)
-            if topic is False:
-                return None
-            self.last_topic_b = f.topic[:f.topic_len]
-            self.last_topic = topic
-        return self.last_topic
+        """The frame's topic as str, remembered as the last one; None if it
+        is not UTF-8."""
+        cdef object topic = decode_name(f.topic, f.topic_len)
+        if topic is False:
+            return None
+        self.last_topic_b = f.topic[:f.topic_len]
+        self.last_topic = topic
+        return topic
 
     cdef const char *_map_payload_fd(self, FrameView *f, tuple fds, size_t size):
         """Map the payload a F_PAYLOAD_FD frame carries in its last fd, which
