@@ -6,7 +6,10 @@ noisy machine, unlike time). Run:
     python benchmarks/profile_message.py --report /tmp/busx.cg 20000
 
 One process: a publisher, the broker's loop and a subscriber decoding every
-message, 100-byte msgpack dicts as in compare.py."""
+message, 100-byte msgpack dicts as in compare.py. With --request first
+(`profile_message.py --request 2000`, and `--report F --request 2000`), the
+workload is request/reply instead: a requester and an echo service on one
+embedded broker, so every stage runs once per request and once per reply."""
 
 import os
 import re
@@ -46,6 +49,28 @@ def workload(count: int) -> None:
                     received += drain(sub)
 
 
+def request_workload(count: int) -> None:
+    import threading
+
+    import busx
+    payload = {"id": 1, "name": "x" * 60}
+    with tempfile.TemporaryDirectory() as directory:
+        with busx.Broker(unix_path=os.path.join(directory, "bus.sock"), busy_poll_us=0) as broker:
+            with busx.connect(broker.url) as requester, busx.connect(broker.url) as service:
+                requests = service.subscribe("echo")
+
+                def serve() -> None:
+                    for _ in range(count):
+                        msg = requests.recv(timeout=30)
+                        msg.respond(msg.data)
+
+                server = threading.Thread(target=serve)
+                server.start()
+                for _ in range(count):
+                    requester.request("echo", payload, timeout=30).data
+                server.join()
+
+
 def drain(sub) -> int:
     batch = sub.recv_many(100_000, timeout=10)
     for msg in batch:
@@ -70,7 +95,11 @@ def report(path: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--report":
-        report(sys.argv[2], int(sys.argv[3]))
+    arguments = sys.argv[1:]
+    request = "--request" in arguments
+    if request:
+        arguments.remove("--request")
+    if arguments[0] == "--report":
+        report(arguments[1], int(arguments[2]))
     else:
-        workload(int(sys.argv[1]))
+        (request_workload if request else workload)(int(arguments[0]))
