@@ -7,7 +7,14 @@ from .errors import (AuthenticationFailed, BusError, Closed, ConnectError, Disco
                      FdError, InvalidTopic, LimitExceeded, PayloadTooLarge, PermissionDenied,
                      ProtocolError, Timeout)
 from .credentials import Credentials  # noqa: E402
-from ._core import Message  # noqa: E402
+
+try:
+    from ._core import Message  # noqa: E402
+except ImportError as exc:      # the source tree, imported instead of the installed busx
+    raise ImportError(
+        f"busx's compiled core (busx._core) is not in {__path__[0]}: build it there with "
+        f"`pip install -e .`, or run `pytest` rather than `python -m pytest`, which puts "
+        f"the source tree ahead of the installed busx") from exc
 from .broker import Broker  # noqa: E402
 from .client import Bus, Subscription, connect  # noqa: E402
 from . import aio  # noqa: E402

@@ -1497,5 +1497,7 @@ cdef class BrokerLoop:
             "bytes_out": self.bytes_out, "dropped": self.dropped,
             "read_calls": self.read_calls, "write_calls": self.write_calls,
             "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
+            "connections_refused": self.refused, "handshake_timeouts": self.handshake_timeouts,
+            "subscriptions_refused": self.limits_hit,
             "busy_poll_window_us": round(self.poll_window_ms * 1000, 1),
         }

@@ -391,6 +391,7 @@ def test_connections_past_max_connections_are_refused_with_a_reason(socket_path)
         try:
             with pytest.raises(busx.ConnectError, match="too many connections"):
                 busx.connect(broker.url, timeout=5)
+            assert broker.stats()["connections_refused"] == 1
             buses.pop().close()
             wait_for(lambda: len(broker.stats()["connections"]) == 2)
             with busx.connect(broker.url) as late:     # room again
@@ -409,6 +410,7 @@ def test_subscribe_past_max_subscriptions_raises_limit_exceeded(socket_path):
         subs = [bus.subscribe(f"lim.{i}") for i in range(5)]
         with pytest.raises(busx.LimitExceeded):
             bus.subscribe("lim.6")
+        assert broker.stats()["subscriptions_refused"] == 1
         # The connection stays usable: publish, flush, the existing subs.
         bus.publish("lim.0", "still here")
         bus.flush(timeout=5)
