@@ -428,6 +428,10 @@ class Peer:
         answer = self._read_frame(deadline)
         if answer is not None and answer.kind == protocol.READY:
             self.ready = self.aligned = True
+        elif answer is not None:
+            # A fatal ERROR (a handshake timeout, when the machine is slow):
+            # keep it for ping_reading, which checks the broker's last word.
+            self.frames.insert(0, answer)
 
     def ping_reading(self) -> str:
         """Read everything, send what is owed and a PING, until the PONG: a
