@@ -685,16 +685,16 @@ cdef class BrokerLoop:
         ev.data.ptr = c
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
-    cdef size_t _fds_with(self, Conn *c, unsigned long long start) noexcept nogil:
-        """How many of c's received fds came with bytes up to stream offset
-        start (the first byte of the frame at the head of rbuf), or -1 if
-        any came later. A client sends a frame's fds with the frame's first
-        byte, in a sendmsg carrying no other frame's fds (docs/protocol.md),
-        and one recvmsg never returns two sendmsgs' fds: so those that came
-        no later than the frame are exactly the frame's."""
+    cdef size_t _fds_until(self, Conn *c, unsigned long long end) noexcept nogil:
+        """How many of c's received fds came with a recv that ended at or
+        before stream offset `end`. A client sends a frame that carries fds
+        in a sendmsg of its own, holding that frame alone, and the kernel
+        hands a sendmsg's fds to the recvmsg that takes its first byte, which
+        then returns: so a frame's fds come with a recv that ends inside the
+        frame (docs/protocol.md, fd passing)."""
         cdef size_t i
         for i in range(c.in_fds.head, c.in_fds.tail):
-            if c.in_fds.items[i].offset > start:
+            if c.in_fds.items[i].offset > end:
                 return i - c.in_fds.head
         return fdq_len(&c.in_fds)
 
@@ -702,7 +702,12 @@ cdef class BrokerLoop:
         """Whether the frame at the head of rbuf came with exactly the fds it
         declares (closing c if not): fds no frame declares, or declared fds
         that never came, are malformed input."""
-        cdef size_t came = self._fds_with(c, c.stream_in - buf_len(&c.rbuf))
+        cdef unsigned long long start = c.stream_in - buf_len(&c.rbuf)
+        cdef size_t came
+        if self._fds_until(c, start):
+            self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
+            return False
+        came = self._fds_until(c, start + f.size)
         if came == f.nfds:
             return True
         self._fail(c, b"protocol", b"frame announces more fds than arrived with it"
@@ -720,8 +725,7 @@ cdef class BrokerLoop:
             return
         if partial >= HEADER_SIZE:
             declared = <uint8_t>c.rbuf.data[c.rbuf.start + 9]
-        if (partial == 0 or held > declared
-                or self._fds_with(c, c.stream_in - partial) != held):
+        if held > declared or self._fds_until(c, c.stream_in - partial):
             self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
 
     cdef void _handle(self, Conn *c, FrameView *f) noexcept nogil:

@@ -515,25 +515,20 @@ cdef class ClientIO:
 
     cdef size_t _send_length(self) noexcept nogil:
         """Bytes of `sending` for the next send: at most WRITE_CHUNK, and a
-        frame that carries fds starts a send of its own that ends before the
-        next such frame. The kernel attaches a send's fds to its first byte,
-        so they arrive with the first byte of the frame that claims them,
-        and the broker can tell a frame's fds from stray ones
-        (docs/protocol.md, fd passing)."""
+        frame that carries fds goes in a send of its own, holding that frame
+        alone. The kernel attaches a send's fds to its first byte and ends
+        the receiver's recvmsg there, so the broker can tell which frame
+        fds came with, and stray ones from a frame's (docs/protocol.md, fd
+        passing). The price: fd-carrying messages are not batched."""
         cdef size_t length = min(buf_len(&self.sending), <size_t>WRITE_CHUNK)
         cdef size_t start = self.sending.start
-        cdef size_t i = self.sending_fds.head
         cdef unsigned long long first
-        if i == self.sending_fds.tail:
+        if self.sending_fds.head == self.sending_fds.tail:
             return length
-        first = self.sending_fds.items[i].offset
+        first = self.sending_fds.items[self.sending_fds.head].offset
         if first > start:
             return min(length, <size_t>(first - start))
-        while i < self.sending_fds.tail and self.sending_fds.items[i].offset == first:
-            i += 1
-        if i < self.sending_fds.tail:
-            length = min(length, <size_t>(self.sending_fds.items[i].offset - start))
-        return length
+        return min(length, <size_t>busx_load_u32(self.sending.data + start) + 4)
 
     cdef bint _take_output(self) noexcept nogil:
         """Whether there is something to send: swaps the publishers' buffer

@@ -59,10 +59,10 @@ cdef ssize_t send_with_fds(int fd, const char *data, size_t length,
 cdef ssize_t recv_with_fds(int fd, char *buf, size_t capacity, FdQueue *fds,
                            bint *truncated, unsigned long long offset=0) noexcept nogil:
     """recv() into buf; with fds given (UNIX sockets), received fds are
-    appended to it in arrival order, each marked with `offset` (the stream
-    offset of buf[0], for a receiver that checks which frame an fd came
-    with). *truncated is set when the kernel dropped fds (MSG_CTRUNC: the
-    receiver ran out of fds)."""
+    appended to it in arrival order, each marked with the stream offset just
+    past the bytes received with it (`offset` being that of buf[0]), for a
+    receiver that checks which frame an fd came with. *truncated is set when
+    the kernel dropped fds (MSG_CTRUNC: the receiver ran out of fds)."""
     cdef uint64_t control[CMSG_WORDS]
     cdef iovec iov
     cdef msghdr msg
@@ -95,7 +95,7 @@ cdef ssize_t recv_with_fds(int fd, char *buf, size_t capacity, FdQueue *fds,
                 received = <int *>CMSG_DATA(cmsg)
                 count = (cmsg.cmsg_len - CMSG_LEN(0)) // sizeof(int)
                 for i in range(count):
-                    if fdq_push(fds, offset, received[i]) < 0:
+                    if fdq_push(fds, offset + <size_t>n, received[i]) < 0:
                         close(received[i])
                         truncated[0] = True
             cmsg = CMSG_NXTHDR(&msg, cmsg)

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import resource
+import signal
 import socket
 import struct
 import threading
@@ -22,7 +23,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import BrokerProcess, RawPeer, open_fds, spawn_python, wait_for
+from conftest import BrokerProcess, RawPeer, open_fds, spawn_python, stop_process, wait_for
 
 import busx
 from busx import protocol
@@ -603,6 +604,33 @@ def test_fds_no_frame_claims_close_the_connection_and_are_closed(start_broker, c
         for read_end, write_end in pipes:
             wait_for(lambda: pipe_is_unread(write_end), message="a sent fd stayed open")
             os.close(write_end)
+
+
+def test_a_frame_with_fds_right_after_one_without_is_not_mistaken_for_strays(start_broker):
+    # The kernel may return a frame without fds and the next one's fds in one
+    # recvmsg: those fds still belong to the next frame. The broker is
+    # stopped while both are sent, so its next read takes them together.
+    broker = start_broker()
+    with busx.connect(broker.url) as bus:
+        sub = bus.subscribe("merged.>")
+        bus.flush()
+        peer = raw_client(broker)
+        read_end, write_end = os.pipe()
+        stop_process(broker.pid)
+        try:
+            peer.send(protocol.encode_frame(protocol.PING, id=7))
+            peer.send_fds(protocol.encode_frame(protocol.PUB, b"merged.one", msgpack.packb(1),
+                                                nfds=1), [read_end])
+            peer.send(protocol.encode_frame(protocol.PING, id=8))
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        os.close(read_end)
+        answers = [peer.next_frame() for _ in range(2)]
+        assert [(f.kind, f.id) for f in answers] == [(protocol.PONG, 7), (protocol.PONG, 8)]
+        msg = sub.recv(timeout=5)
+        assert msg.data == 1 and len(msg.fds) == 1
+        os.close(msg.fds[0])
+        os.close(write_end)
 
 
 # ---- 9. fds queued for one subscriber count against max_pending_fds ----
