@@ -10,7 +10,10 @@ from .credentials import Credentials  # noqa: E402
 
 try:
     from ._core import Message  # noqa: E402
-except ImportError as exc:      # the source tree, imported instead of the installed busx
+except ModuleNotFoundError as exc:
+    if exc.name != f"{__name__}._core":
+        raise
+    # The source tree, imported instead of the installed busx.
     raise ImportError(
         f"busx's compiled core (busx._core) is not in {__path__[0]}: build it there with "
         f"`pip install -e .`, or run `pytest` rather than `python -m pytest`, which puts "

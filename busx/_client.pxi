@@ -97,6 +97,10 @@ cdef class ClientIO:
     cdef bint is_unix           # lock (set by attach)
     cdef bint payload_fds       # lock: the broker takes large payloads as memfds
     cdef size_t max_buffer      # fixed at construction
+    # fds of received messages the application has not taken before the
+    # client stops reading its socket, as for max_buffer bytes: a quarter of
+    # this process's open-file limit. Fixed at construction.
+    cdef size_t max_held_fds
     cdef size_t max_frame       # lock (set by attach)
     cdef pthread_mutex_t lock
     cdef pthread_cond_t room_cond
@@ -109,10 +113,11 @@ cdef class ClientIO:
     cdef FdQueue in_fds
     cdef unsigned long long events_seq      # lock
     cdef bint reading_paused    # lock: I/O thread stopped reading: inbox + held reached max_buffer
-    # Python side: bytes of messages waiting in MessageQueues. Read without
-    # the lock by the I/O thread to decide whether to read on: a stale
-    # value only delays that decision to its next look.
+    # Python side: bytes and fds of messages waiting in MessageQueues. Read
+    # without the lock by the I/O thread to decide whether to read on: a
+    # stale value only delays that decision to its next look.
     cdef size_t held
+    cdef size_t held_fds
     cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
     cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
     # Payload bytes of memfds published and not yet reported taken by the
@@ -169,7 +174,11 @@ cdef class ClientIO:
         pthread_condattr_destroy(&attr)
 
     def __init__(self, size_t max_buffer, size_t max_frame):
+        cdef rlimit files
         self.max_buffer = max_buffer
+        self.max_held_fds = 1024
+        if getrlimit(RLIMIT_NOFILE, &files) == 0 and files.rlim_cur != RLIM_INFINITY:
+            self.max_held_fds = max(64, <size_t>files.rlim_cur // 4)
         self.max_frame = max_frame
         self.topic_cache = {}
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -650,11 +659,14 @@ cdef class ClientIO:
             write(self.direct_wake_fd, &one, 8)
 
     cdef inline bint _receive_full(self) noexcept nogil:
-        """Received, unread bytes (inbox and message queues) reached max_buffer.
-        Never while a round trip waits: its answer may sit behind messages
-        nobody reads yet, and the broker's max_pending still bounds them."""
-        return (self.round_trips == 0
-                and buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer)
+        """Received, unread bytes (inbox and message queues) reached
+        max_buffer, or their fds max_held_fds (each an open file of this
+        process). Never while a round trip waits: its answer may sit behind
+        messages nobody reads yet, and the broker's max_pending and
+        max_pending_fds still bound them."""
+        return self.round_trips == 0 and (
+            buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer
+            or fdq_len(&self.in_fds) + self.held_fds >= self.max_held_fds)
 
     def begin_round_trip(self):
         self.round_trips += 1

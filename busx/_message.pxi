@@ -110,6 +110,7 @@ cdef class MessageQueue:
     cdef void push(self, Message msg) except *:
         self.items.append(msg)
         self.owner.held += msg.size
+        self.owner.held_fds += len(msg.fds)
 
     def __len__(self):
         return len(self.items) - self.head
@@ -122,7 +123,7 @@ cdef class MessageQueue:
         msg = self.items[self.head]
         self.items[self.head] = None
         self.head += 1
-        self._release((<Message>msg).size)
+        self._release((<Message>msg).size, len((<Message>msg).fds))
         self._compact()
         return msg
 
@@ -131,7 +132,7 @@ cdef class MessageQueue:
         cdef Py_ssize_t end = min(len(self.items), self.head + max_count)
         cdef Py_ssize_t i
         cdef list batch
-        cdef size_t size = 0
+        cdef size_t size = 0, fds = 0
         if self.head == 0 and end == len(self.items):
             batch = self.items
             self.items = []
@@ -143,7 +144,9 @@ cdef class MessageQueue:
             self._compact()
         for i in range(len(batch)):
             size += (<Message>batch[i]).size
+            fds += len((<Message>batch[i]).fds)
         self.owner.held -= size
+        self.owner.held_fds -= fds
         self.owner._resume_reading()
         return batch
 
@@ -157,8 +160,9 @@ cdef class MessageQueue:
             del self.items[:self.head]
             self.head = 0
 
-    cdef inline void _release(self, size_t size) noexcept:
+    cdef inline void _release(self, size_t size, size_t fds) noexcept:
         self.owner.held -= size
+        self.owner.held_fds -= fds
         if self.owner.reading_paused:
             self.owner._resume_reading()
 
@@ -169,6 +173,7 @@ cdef class MessageQueue:
         for msg in self.items[self.head:]:
             close_fd_tuple(msg.fds)
             self.owner.held -= msg.size
+            self.owner.held_fds -= len(msg.fds)
             self.owner.discarded += 1
         self.items = []
         self.head = 0

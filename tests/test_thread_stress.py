@@ -31,6 +31,7 @@ import busx
 
 STRESS_SECONDS = float(os.environ.get("BUSX_STRESS_SECONDS", "15"))
 STALL_SECONDS = 10.0
+MAX_FDS_AHEAD = 1000    # fd messages published and not yet received
 RESTART_EVERY = 2.0
 HARD_STOP_MARGIN = 5.0      # faulthandler ends a frozen process this long after a stall
 
@@ -110,14 +111,20 @@ def test_one_bus_shared_by_busy_threads_never_stalls_while_the_broker_restarts(
     big = os.urandom(300 << 10)        # above the memfd threshold (256 KiB)
     padding = b"p" * 4096               # bounds how many fds the 16 MiB buffer can hold
     counter = iter(range(1 << 62))
-    received = {"small": 0, "fd": 0, "fds": 0, "big": 0}
+    received = {"small": 0, "fd": 0, "fds": 0, "big": 0, "sent-fd": 0}
     stop = threading.Event()
 
     def publish_small():
         bus.publish("stress.small", next(counter), timeout=2)
 
     def publish_fd():
-        bus.publish("stress.fd", [next(counter), padding], fds=[read_end], timeout=2)
+        # At most MAX_FDS_AHEAD unread: while flush and churn keep round trips
+        # in flight, the client reads past its receive limits to reach their
+        # answers, so a publisher outrunning recv-fd would exhaust this
+        # process's fds (a known limit, noted in docs/guarantees.md).
+        if received["sent-fd"] - received["fd"] < MAX_FDS_AHEAD:
+            bus.publish("stress.fd", [next(counter), padding], fds=[read_end], timeout=2)
+            received["sent-fd"] += 1
 
     def publish_big():
         bus.publish("stress.big", big, timeout=2)

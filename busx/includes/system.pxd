@@ -154,6 +154,16 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec *ts)
 
 
+cdef extern from "<sys/resource.h>" nogil:
+    ctypedef unsigned long rlim_t
+    struct rlimit:
+        rlim_t rlim_cur
+        rlim_t rlim_max
+    enum: RLIMIT_NOFILE
+    rlim_t RLIM_INFINITY
+    int getrlimit(int resource, rlimit *limits)
+
+
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
