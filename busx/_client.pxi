@@ -178,7 +178,7 @@ cdef class ClientIO:
         self.max_buffer = max_buffer
         self.max_held_fds = 1024
         if getrlimit(RLIMIT_NOFILE, &files) == 0 and files.rlim_cur != RLIM_INFINITY:
-            self.max_held_fds = max(64, <size_t>files.rlim_cur // 4)
+            self.max_held_fds = max(<size_t>64, <size_t>files.rlim_cur // 4)
         self.max_frame = max_frame
         self.topic_cache = {}
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
