@@ -120,6 +120,7 @@ cdef class ClientIO:
     cdef size_t held_fds
     cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
     cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
+    cdef size_t taking          # Python side: bytes of the frames take() is parsing
     # Payload bytes of memfds published and not yet reported taken by the
     # broker (K_RECEIVED): they count against max_buffer (lock held).
     cdef size_t fd_bytes_unacked
@@ -156,6 +157,7 @@ cdef class ClientIO:
     cdef public unsigned long long fd_payloads_out, fd_payloads_in  # payloads sent as memfds
     cdef public unsigned long long discarded        # messages for subscriptions already gone
     cdef public unsigned long long malformed        # frames dropped: fields that do not decode
+    cdef public unsigned long long unread_dropped   # messages dropped: their queue was full
 
     def __cinit__(self):
         cdef pthread_condattr_t attr
@@ -661,12 +663,14 @@ cdef class ClientIO:
     cdef inline bint _receive_full(self) noexcept nogil:
         """Received, unread bytes (inbox and message queues) reached
         max_buffer, or their fds max_held_fds (each an open file of this
-        process). Never while a round trip waits: its answer may sit behind
-        messages nobody reads yet, and the broker's max_pending and
-        max_pending_fds still bound them."""
-        return self.round_trips == 0 and (
-            buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer
-            or fdq_len(&self.in_fds) + self.held_fds >= self.max_held_fds)
+        process). While a round trip waits, only the inbox counts: the answer
+        may sit behind messages nobody reads, so the waiting thread takes on,
+        and _has_room_for drops what its queue cannot hold."""
+        if self.round_trips:
+            return (buf_len(&self.inbox) + self.inbox_fd_bytes >= self.max_buffer
+                    or fdq_len(&self.in_fds) >= self.max_held_fds)
+        return (buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer
+                or fdq_len(&self.in_fds) + self.held_fds >= self.max_held_fds)
 
     def begin_round_trip(self):
         self.round_trips += 1
@@ -1159,6 +1163,7 @@ cdef class ClientIO:
         # thread never sees room that the queues are about to fill.
         taken_bytes = buf_len(&self.taken)
         self.held += taken_bytes
+        self.taking = taken_bytes
         try:
             while buf_len(&self.taken):
                 parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
@@ -1176,6 +1181,7 @@ cdef class ClientIO:
             buf_shrink(&self.taken, READ_CHUNK * 2)
             self.last_queue = None
             self.held -= taken_bytes
+            self.taking = 0
             if self.taken_fd_bytes:
                 taken_fd_bytes = self.taken_fd_bytes
                 self.taken_fd_bytes = 0
@@ -1207,6 +1213,11 @@ cdef class ClientIO:
                 return
             self.last_queue = queue
             self.last_sid = f.id
+        if not self._has_room_for(self.last_queue, f.payload_len + size, len(fds)):
+            self.last_queue.dropped += 1
+            self.unread_dropped += 1
+            close_fd_tuple(fds)
+            return
         if (self.last_topic_b is not None and len(self.last_topic_b) == f.topic_len
                 and memcmp(<char *>self.last_topic_b, f.topic, f.topic_len) == 0):
             topic = self.last_topic        # publishers repeat their topics
@@ -1238,6 +1249,23 @@ cdef class ClientIO:
         msg.fds_lost = f.fds_lost
         msg.bus_ref = self.bus_ref
         self.last_queue.push(msg)
+
+    cdef inline bint _has_room_for(self, MessageQueue queue, size_t size,
+                                   size_t nfds) noexcept:
+        """Whether a message of size payload bytes and nfds fds may join
+        queue. Reading stops at max_buffer (_receive_full), and one read adds
+        at most a chunk or a frame, so a reader never meets this bound; only
+        round trips read on past it (their answer may be behind messages
+        nobody reads), and what they bring beyond it is dropped and counted,
+        as a NATS client drops for a slow consumer. The reply inbox is
+        bounded on its own, so replies never pay for an unread subscription.
+        One read brings at most READ_CHUNK bytes and the frame they complete,
+        whose payload (inline or memfd) is at most max_frame, and at most
+        MAX_FDS_PER_SEND fds."""
+        cdef size_t limit = self.max_buffer + self.max_frame + READ_CHUNK
+        cdef size_t used = queue.bytes if queue.apart else self.held - self.taking
+        return (used + size <= limit
+                and self.held_fds + nfds <= self.max_held_fds + MAX_FDS_PER_SEND)
 
     cdef object _decode_topic(self, FrameView *f):
         """The frame's topic as str, remembered as the last one; None if it

@@ -92,6 +92,7 @@ class ClientIO:
     fd_payloads_in: int
     discarded: int
     malformed: int
+    unread_dropped: int
     frames_in: int
     read_calls: int
     def __init__(self, max_buffer: int, max_frame: int) -> None: ...
@@ -147,6 +148,7 @@ class MessageQueue:
     """FIFO of Messages for one subscription."""
 
     dropped: int
+    apart: bool
     def __new__(cls, owner: ClientIO) -> MessageQueue: ...
     def __len__(self) -> int: ...
     def pop(self) -> Message | None: ...

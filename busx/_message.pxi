@@ -97,11 +97,16 @@ cdef Message new_message(bytes raw, const char *mapped, size_t size):
 
 cdef class MessageQueue:
     """FIFO of Messages for one subscription. push and pop are C calls. Its
-    bytes count against the owning connection's receive limit (max_buffer)."""
+    bytes count against the owning connection's receive limit (max_buffer),
+    except the reply inbox's, which is bounded on its own (`apart`): replies
+    must never be dropped because another subscription is not read.
+    Owned by whichever thread holds the Bus's pump lock (or the event loop)."""
     cdef list items
     cdef Py_ssize_t head
     cdef ClientIO owner
-    cdef public unsigned long long dropped
+    cdef size_t bytes           # payload bytes of the queued messages
+    cdef public bint apart      # the reply inbox: ClientIO.has_room_for checks bytes
+    cdef public unsigned long long dropped   # by the broker, or by has_room_for
 
     def __cinit__(self, ClientIO owner):
         self.items = []
@@ -109,6 +114,7 @@ cdef class MessageQueue:
 
     cdef void push(self, Message msg) except *:
         self.items.append(msg)
+        self.bytes += msg.size
         self.owner.held += msg.size
         self.owner.held_fds += len(msg.fds)
 
@@ -145,6 +151,7 @@ cdef class MessageQueue:
         for i in range(len(batch)):
             size += (<Message>batch[i]).size
             fds += len((<Message>batch[i]).fds)
+        self.bytes -= size
         self.owner.held -= size
         self.owner.held_fds -= fds
         self.owner._resume_reading()
@@ -161,6 +168,7 @@ cdef class MessageQueue:
             self.head = 0
 
     cdef inline void _release(self, size_t size, size_t fds) noexcept:
+        self.bytes -= size
         self.owner.held -= size
         self.owner.held_fds -= fds
         if self.owner.reading_paused:
@@ -177,4 +185,5 @@ cdef class MessageQueue:
             self.owner.discarded += 1
         self.items = []
         self.head = 0
+        self.bytes = 0
         self.owner._resume_reading()

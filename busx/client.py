@@ -74,7 +74,9 @@ class Subscription:
 
     @property
     def dropped(self) -> int:
-        """Messages the broker dropped for this subscription (slow consumer)."""
+        """Messages dropped for this subscription because it was not read:
+        by the broker (slow consumer), or by this client when a round trip
+        (flush, subscribe, request) had to read on past a full max_buffer."""
         return self._queue.dropped
 
     def recv(self, timeout: Optional[float] = None) -> Message:
@@ -536,6 +538,7 @@ class Bus:
         return self._inbox
 
     def _await_inbox(self, sub: Subscription) -> None:
+        sub._queue.apart = True     # replies never wait behind unread subscriptions
         self._inbox_pending = sub
 
     @property
@@ -582,14 +585,16 @@ class Bus:
         received as memfds, and messages
         discarded because their subscription had ended (queued at
         unsubscribe, or routed to it before the broker saw it), and frames
-        dropped because their fields did not decode (malformed)."""
+        dropped because their fields did not decode (malformed), and
+        messages dropped because their subscription was full while a round
+        trip read on (unread_dropped; also in each sub.dropped)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
                 "read_calls": io.read_calls, "direct_reads": io.direct_reads,
                 "fd_payloads_out": io.fd_payloads_out,
                 "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded,
-                "malformed": io.malformed}
+                "malformed": io.malformed, "unread_dropped": io.unread_dropped}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""

@@ -132,3 +132,36 @@ def test_lone_messages_go_direct_and_bursts_are_batched(broker):
         got = 0
         while got < 50_000:
             got += len(sub.recv_many(max_count=50_000, timeout=5))
+
+
+@pytest.mark.timeout(60)
+def test_round_trips_past_a_full_receive_buffer_drop_and_count(tmp_path):
+    # A round trip reads on past max_buffer, since its answer sits behind
+    # messages nobody reads. What the unread subscription cannot hold beyond
+    # max_buffer + one frame + one read is dropped and counted, never held
+    # without bound; the reply inbox is bounded apart, so requests still work.
+    max_buffer, max_frame, size, count = 1 << 20, 1 << 20, 16 << 10, 512
+    limit = max_buffer + max_frame + (256 << 10)
+    broker = busx.Broker(unix_path=str(tmp_path / "bus.sock"), max_frame=max_frame,
+                         max_pending=1 << 30).start()
+    with busx.connect(broker.url, max_buffer=max_buffer) as reader, \
+            busx.connect(broker.url) as pub, busx.connect(broker.url) as responder:
+        unread = reader.subscribe("flood")
+        service = responder.subscribe("svc")
+        for seq in range(count):
+            pub.publish("flood", {"seq": seq, "pad": b"x" * size})
+        pub.flush(timeout=30)   # all of it is queued for reader before its PING
+        reader.flush(timeout=30)
+        kept = len(unread._queue)
+        assert 0 < kept * size <= limit
+        assert unread.dropped == count - kept
+        assert reader.counters["unread_dropped"] == count - kept
+
+        def respond():
+            for msg in service:
+                msg.respond(msg.data * 2)
+
+        threading.Thread(target=respond, daemon=True).start()
+        assert reader.request("svc", 21, timeout=10).data == 42
+        assert [m.data["seq"] for m in unread.recv_many(count, timeout=5)] == list(range(kept))
+    broker.stop()
