@@ -101,7 +101,7 @@ def main() -> None:
     print("| busy_poll_us | p50 µs | p99 µs | CPU µs per round trip: requester + broker + echo |")
     print("| ---: | ---: | ---: | ---: |")
     for value, runs in results.items():
-        def median(key: str) -> float:
+        def median(key: str, runs: list = runs) -> float:
             return statistics.median(run[key] for run in runs)
         total = median("requester") + median("broker") + median("echo")
         print(f"| {value} | {median('p50'):.0f} | {median('p99'):.0f} | "

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
@@ -44,10 +44,10 @@ C_COUNT_FACTOR = 10      # the C program is ~50x faster: give it more messages t
 @dataclass
 class Row:
     system: str
-    msgs_per_s: Optional[float] = None
-    drops: Optional[int] = None
+    msgs_per_s: float | None = None
+    drops: int | None = None
     note: str = ""
-    cpu: Optional[dict] = None      # CPU µs per message: publisher, broker, subscriber
+    cpu: dict | None = None      # CPU µs per message: publisher, broker, subscriber
 
 
 def machine_lines() -> list[str]:
@@ -68,7 +68,7 @@ def machine_lines() -> list[str]:
         libzmq = zmq.zmq_version()
     nproc = len(os.sched_getaffinity(0))     # what `nproc` prints
     return [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         f"- nproc: {nproc}; CPU: {cpu}; kernel: {platform.release()}; "
         f"load average at start: {os.getloadavg()[0]:.2f}",
         f"- Python {platform.python_version()}; busx {version('busx')}; "
@@ -76,7 +76,7 @@ def machine_lines() -> list[str]:
     ]
 
 
-def build_c(directory: str, source: str) -> tuple[Optional[str], str]:
+def build_c(directory: str, source: str) -> tuple[str | None, str]:
     """Compile a C program; (path, "") or (None, why not)."""
     compiler = shutil.which("cc")
     if compiler is None:
@@ -89,7 +89,7 @@ def build_c(directory: str, source: str) -> tuple[Optional[str], str]:
     return binary, ""
 
 
-def run_c(binary: Optional[str], why_not: str, name: str, count: int, batch: int) -> Row:
+def run_c(binary: str | None, why_not: str, name: str, count: int, batch: int) -> Row:
     if binary is None:
         return Row(name, note=f"skipped: {why_not}")
     done = subprocess.run([binary, str(count * C_COUNT_FACTOR), "100", str(batch)],
@@ -267,7 +267,7 @@ def c_round_trip_rows(directory: str, pings: int) -> list[tuple]:
     return rows
 
 
-def ratio(value: Optional[float], base: Optional[float]) -> str:
+def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}" if value and base else "–"
 
 
@@ -286,7 +286,7 @@ def print_throughput(rows: list[Row]) -> None:
               f"{ratio(row.msgs_per_s, plain_batched)} | {row.drops:,} | {cpu_cell(row.cpu)} |")
 
 
-def cpu_cell(cpu: Optional[dict]) -> str:
+def cpu_cell(cpu: dict | None) -> str:
     """'0.41 + 0.12 + 0.55 = 1.08': where a message's CPU time goes."""
     if not cpu:
         return ""
@@ -312,12 +312,12 @@ def print_targets(throughput: list[Row], fanout: list[Row], capacity: Row, large
     rate = {row.system: row.msgs_per_s for row in throughput}
     rtt = {name: (p50, p99) for name, p50, p99, _ in latency}
 
-    def target(what: str, value: Optional[float], goal: float) -> None:
+    def target(what: str, value: float | None, goal: float) -> None:
         verdict = "–" if value is None else ("met" if value >= goal else "not met")
         shown = "–" if value is None else f"{value:.2f}"
         print(f"| {what} | {shown} | ≥ {goal} | {verdict} |")
 
-    def share(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    def share(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
     zmq_rtt = rtt.get("pyzmq REQ/REP ipc:// (direct)", (None, None))[0]

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import msgpack
 
@@ -455,7 +454,7 @@ class Run:
     reported: list = field(default_factory=list)   # drops busx told each subscriber of
     cpu: dict = field(default_factory=dict)        # CPU seconds: publisher, broker, subscriber
 
-    def cpu_per_message(self, who: str) -> Optional[float]:
+    def cpu_per_message(self, who: str) -> float | None:
         """CPU microseconds `who` spent per message delivered, if measured."""
         seconds = self.cpu.get(who)
         return None if seconds is None else seconds / self.count * 1e6
@@ -480,7 +479,7 @@ class Transfer:
     the transfer. Split this way so a benchmark's timed part holds only it."""
 
     def __init__(self, publisher: Peer, subscribers: list, count: int, on_done=None,
-                 broker_pid: Optional[int] = None) -> None:
+                 broker_pid: int | None = None) -> None:
         self.publisher, self.subscribers, self.count = publisher, subscribers, count
         self.on_done = on_done
         self.broker_pid = broker_pid
@@ -518,7 +517,7 @@ class Transfer:
 
 
 def busx_transfer(url: str, count: int, size: int = 100, subscribers: int = 1,
-                  many: bool = False, broker_pid: Optional[int] = None) -> Transfer:
+                  many: bool = False, broker_pid: int | None = None) -> Transfer:
     subs = [Peer("busx-sub", url, count, *(["--many"] if many else []))
             for _ in range(subscribers)]
     return Transfer(Peer("busx-pub", url, count, size), subs, count, broker_pid=broker_pid)

@@ -3,10 +3,21 @@ peers on other hosts. See README.md and SPEC.md."""
 
 __version__ = "0.1.0"
 
-from .errors import (AuthenticationFailed, BusError, Closed, ConnectError, Disconnected,  # noqa: E402
-                     FdError, InvalidTopic, LimitExceeded, PayloadTooLarge, PermissionDenied,
-                     ProtocolError, Timeout)
 from .credentials import Credentials  # noqa: E402
+from .errors import (  # noqa: E402
+    AuthenticationFailed,
+    BusError,
+    Closed,
+    ConnectError,
+    Disconnected,
+    FdError,
+    InvalidTopic,
+    LimitExceeded,
+    PayloadTooLarge,
+    PermissionDenied,
+    ProtocolError,
+    Timeout,
+)
 
 try:
     from ._core import Message  # noqa: E402
@@ -18,9 +29,9 @@ except ModuleNotFoundError as exc:
         f"busx's compiled core (busx._core) is not in {__path__[0]}: build it there with "
         f"`pip install -e .`, or run `pytest` rather than `python -m pytest`, which puts "
         f"the source tree ahead of the installed busx") from exc
+from . import aio  # noqa: E402
 from .broker import Broker  # noqa: E402
 from .client import Bus, Subscription, connect  # noqa: E402
-from . import aio  # noqa: E402
 
 __all__ = [
     "AuthenticationFailed", "aio", "Broker", "Bus", "BusError", "Closed", "ConnectError",

@@ -68,8 +68,9 @@ cdef struct Conn:
     Buffer wbuf
     unsigned long long wbuf_sent    # bytes ever sent: wbuf.data[wbuf.start] is byte wbuf_sent
     unsigned long long next_frame   # stream offset of the first frame not yet begun on the wire
-    FdQueue in_fds          # received, waiting for their PUB frame; offset: where the
-                            # recv that brought each began (see _fds_declared)
+    # in_fds: received, waiting for their PUB frame; each one's offset is the
+    # stream offset where the recv that brought it ended (see _fds_until).
+    FdQueue in_fds
     unsigned long long stream_in    # bytes received: rbuf's end is this stream offset
     FdQueue out_fds         # duplicates waiting to travel with their MSG frame
     char stamp[255]

@@ -43,8 +43,9 @@ cdef struct TrieNode:
 
 
 cdef enum:
-    CACHE_WAYS = 4        # entries per cache set: a hot topic is evicted only by
-                          # three hotter ones that hash to its set
+    # Entries per cache set: a hot topic is evicted only by three hotter ones
+    # that hash to its set.
+    CACHE_WAYS = 4
 
 
 cdef struct RouteSlot:
@@ -54,8 +55,9 @@ cdef struct RouteSlot:
     Subscription **subs   # queue members grouped together (see group_queues)
     size_t nsubs
     unsigned long long epoch      # Router.wild_epoch when filled: older is stale
-    unsigned long long version    # unique per fill: a Conn's remembered slot is
-                                  # still its topic's while the version holds
+    # Unique per fill: a Conn's remembered slot is still its topic's while
+    # the version holds.
+    unsigned long long version
     unsigned long long used       # Router.tick at the last hit: the set evicts the oldest
 
 
@@ -437,7 +439,7 @@ cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
 
 
 cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
-                                   size_t queue_len) noexcept nogil:
+                                    size_t queue_len) noexcept nogil:
     """A subscription of conn's, in the queue group named queue (none when
     queue_len is 0); NULL when memory runs out."""
     cdef Subscription *s = <Subscription *>calloc(1, sizeof(Subscription))

@@ -13,7 +13,8 @@ import asyncio
 import functools
 import os
 import time
-from typing import Any, AsyncIterator, Generator, Iterable, Optional, Sequence, Union
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from typing import Any
 
 from ._core import Message
 from .client import Bus, Step, Subscription, _deadline
@@ -25,7 +26,7 @@ __all__ = ["AsyncBus", "AsyncSubscription", "connect"]
 class AsyncSubscription:
     """Messages matching one pattern: `async for msg in sub`, or recv()."""
 
-    def __init__(self, bus: "AsyncBus", sub: Subscription) -> None:
+    def __init__(self, bus: AsyncBus, sub: Subscription) -> None:
         self._bus = bus
         self._sub = sub
         self.pattern = sub.pattern
@@ -38,7 +39,7 @@ class AsyncSubscription:
     def closed(self) -> bool:
         return self._sub.closed
 
-    async def recv(self, timeout: Optional[float] = None) -> Message:
+    async def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises Timeout when timeout seconds pass first."""
         msg = self._sub._queue.pop()
         if msg is not None:
@@ -47,7 +48,7 @@ class AsyncSubscription:
                                           "no message arrived within the timeout"))
 
     async def recv_many(self, max_count: int = 1024,
-                        timeout: Optional[float] = None) -> list[Message]:
+                        timeout: float | None = None) -> list[Message]:
         """Up to max_count queued messages; waits for one; [] on timeout."""
         if len(self._sub._queue):
             return self._sub._queue.pop_many(max_count)
@@ -120,7 +121,7 @@ class AsyncBus:
             self._waiters.add(waiter)
             try:
                 await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Timeout(step.timeout_message or "timed out") from None
             finally:
                 self._waiters.discard(waiter)
@@ -154,11 +155,11 @@ class AsyncBus:
         async with self._publish_lock:
             await self._loop.run_in_executor(None, self._bus.publish_many, items)
 
-    async def flush(self, timeout: Optional[float] = None) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Return once the broker has routed everything published before."""
         await self._drive(self._bus._flush_steps(timeout))
 
-    async def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> AsyncSubscription:
+    async def subscribe(self, pattern: str, *, queue: str | None = None) -> AsyncSubscription:
         """Subscribe; active when it returns."""
         self._bus._check_open()
         sub = await self._drive(self._bus._subscribe_steps(pattern, queue))
@@ -169,7 +170,7 @@ class AsyncBus:
         self._bus._check_open()
         return await self._drive(self._bus._request_steps(topic, data, timeout))
 
-    async def stats(self, timeout: Optional[float] = None) -> dict:
+    async def stats(self, timeout: float | None = None) -> dict:
         self._bus._check_open()
         return await self._drive(self._bus._stats_steps(timeout))
 
@@ -185,15 +186,15 @@ class AsyncBus:
         self._bus._close_now()
         self._wake_waiters()    # they see Closed
 
-    async def __aenter__(self) -> "AsyncBus":
+    async def __aenter__(self) -> AsyncBus:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
 
-async def connect(url: Union[None, str, Sequence[str]] = None, *,
-                  token: Optional[tuple[str, str]] = None, name: Optional[str] = None,
+async def connect(url: None | str | Sequence[str] = None, *,
+                  token: tuple[str, str] | None = None, name: str | None = None,
                   timeout: float = 5.0, reconnect: bool = True,
                   max_buffer: int = 16 << 20) -> AsyncBus:
     """Connect to a broker; the same parameters as busx.connect."""

@@ -27,9 +27,10 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain, pairwise
-from typing import IO, Iterator, NamedTuple, Optional, Sequence
+from typing import IO, NamedTuple
 
 import msgpack
 
@@ -69,7 +70,7 @@ class BenchError(Exception):
 
 
 class Target(NamedTuple):
-    transport: Optional[str]    # the transport the run must use; None: whatever url gives
+    transport: str | None    # the transport the run must use; None: whatever url gives
     url: str
 
 
@@ -179,8 +180,8 @@ def write_json(result_prefix: str, summary: dict) -> None:
 
 # ---- the coordinator ----
 
-def run(url: Optional[str], transport: Optional[str], size: int, count: int, subscribers: int,
-        as_json: bool, plot_path: Optional[str]) -> int:
+def run(url: str | None, transport: str | None, size: int, count: int, subscribers: int,
+        as_json: bool, plot_path: str | None) -> int:
     """`busx bench`: run the benchmark and print the results; returns the exit status."""
     payload_tail(size)              # a bad size fails before anything starts
     if plot_path is not None:
@@ -220,7 +221,7 @@ def embedded_targets(broker: busx.Broker, wanted: Sequence[str]) -> list[Target]
     return targets
 
 
-def url_targets(url: str, transport: Optional[str]) -> list[Target]:
+def url_targets(url: str, transport: str | None) -> list[Target]:
     """A unix:// or tcp:// URL runs over its own transport only; HOST:PORT
     runs over TCP (as tcp://HOST:PORT) or UNIX (the automatic move to the
     broker's socket, which must happen) or, by default, whatever it gives."""
@@ -438,7 +439,7 @@ def throughput(messages: int, elapsed_ns: float, size: int) -> dict:
             "mb_per_s": round(rate * size / MEGABYTE, 3)}
 
 
-def percentiles(ordered: Sequence[int]) -> Optional[dict]:
+def percentiles(ordered: Sequence[int]) -> dict | None:
     """Nearest-rank percentiles of sorted latencies; None without any."""
     if not ordered:
         return None
@@ -564,7 +565,7 @@ def plot_rates(axes, samples: list, label: str, style: str) -> None:
 
 # ---- the child processes' command line ----
 
-def child_main(argv: Optional[Sequence[str]] = None) -> int:
+def child_main(argv: Sequence[str] | None = None) -> int:
     """`python -m busx.bench publisher|subscriber ...`: what `busx bench` spawns."""
     parser = argparse.ArgumentParser(prog="python -m busx.bench")
     roles = parser.add_subparsers(dest="role", required=True)

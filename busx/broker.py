@@ -15,8 +15,9 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from . import __version__, protocol
 from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop
@@ -24,7 +25,7 @@ from .errors import BusError
 from .handshake import error_frame, pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity
 from .policy import Policy, Rights, load_policy
-from .topics import INBOX_PREFIX, is_valid_topic, pattern_bytes, InvalidTopic
+from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
 
 log = logging.getLogger("busx.broker")
 
@@ -45,15 +46,15 @@ class Peer:
 
     id: int
     transport: str
-    pid: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    address: Optional[tuple[str, int]] = None
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    address: tuple[str, int] | None = None
     nonce: bytes = b""
-    name: Optional[str] = None
-    identity: Optional[str] = None
-    rights: Optional[Rights] = None     # None: no policy, everything allowed
-    inbox: Optional[str] = None         # _INBOX.<name>: its private reply prefix
+    name: str | None = None
+    identity: str | None = None
+    rights: Rights | None = None     # None: no policy, everything allowed
+    inbox: str | None = None         # _INBOX.<name>: its private reply prefix
 
     def stamp(self) -> bytes:
         host, port = self.address if self.address else (None, None)
@@ -69,7 +70,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _group_id(group: Union[str, int]) -> int:
+def _group_id(group: str | int) -> int:
     if isinstance(group, int):
         return group
     try:
@@ -106,10 +107,10 @@ class Broker:
     start() runs it on a background thread; serve_forever() in this one.
     """
 
-    def __init__(self, unix_path: Optional[str] = None, tcp: Optional[tuple[str, int]] = None,
-                 socket_mode: int = 0o600, socket_group: Union[str, int, None] = None,
-                 policy: Union[str, Mapping[str, Any], None] = None,
-                 tokens: Optional[Mapping[str, str]] = None, allow_anonymous_tcp: bool = False,
+    def __init__(self, unix_path: str | None = None, tcp: tuple[str, int] | None = None,
+                 socket_mode: int = 0o600, socket_group: str | int | None = None,
+                 policy: str | Mapping[str, Any] | None = None,
+                 tokens: Mapping[str, str] | None = None, allow_anonymous_tcp: bool = False,
                  max_pending: int = 64 << 20, slow_consumer: str = "drop",
                  max_frame: int = protocol.DEFAULT_MAX_FRAME, max_connections: int = 65536,
                  max_subscriptions: int = 1_000_000, max_pending_fds: int = 1024,
@@ -147,7 +148,7 @@ class Broker:
         self.tcp = tcp
         self.socket_mode = socket_mode
         self.socket_gid = None if socket_group is None else _group_id(socket_group)
-        self.policy: Optional[Policy] = load_policy(policy) if policy is not None else None
+        self.policy: Policy | None = load_policy(policy) if policy is not None else None
         self.max_pending = max_pending
         self.slow_consumer = slow_consumer
         self.max_frame = max_frame
@@ -156,14 +157,14 @@ class Broker:
         self.max_pending_fds = max_pending_fds
         self.handshake_timeout = handshake_timeout
         self.busy_poll_us = busy_poll_us
-        self.tcp_address: Optional[tuple[str, int]] = None
+        self.tcp_address: tuple[str, int] | None = None
         self._instance = os.urandom(8).hex()
         self._peers: dict[int, Peer] = {}
-        self._loop: Optional[BrokerLoop] = None
+        self._loop: BrokerLoop | None = None
         self._listeners: list[socket.socket] = []
-        self._socket_inode: Optional[tuple[int, int]] = None
-        self._created_dir: Optional[str] = None
-        self._thread: Optional[threading.Thread] = None
+        self._socket_inode: tuple[int, int] | None = None
+        self._created_dir: str | None = None
+        self._thread: threading.Thread | None = None
         self._stop_requested = False
         self._stopped = False
         self._lock = threading.Lock()
@@ -174,7 +175,7 @@ class Broker:
     def url(self) -> str:
         return f"unix://{self.unix_path}"
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         """Listen, then serve on a background thread; returns once listening."""
         self._listen()
         self._thread = threading.Thread(target=self._serve, name="busx-broker", daemon=True)
@@ -202,7 +203,7 @@ class Broker:
         log.info("signal %d: stopping", signum)
         self._stop_requested = True
 
-    def _serve(self, signal_fd: Optional[int] = None) -> None:
+    def _serve(self, signal_fd: int | None = None) -> None:
         assert self._loop is not None
         try:
             while not self._stop_requested:
@@ -242,7 +243,7 @@ class Broker:
         self._listeners = []
         self._remove_socket_file()
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         if self._loop is None:
             self.start()
         return self
@@ -454,7 +455,7 @@ class Broker:
         payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
         return True, ready, stamp, payload_fds
 
-    def _authenticate(self, peer: Peer, request: dict) -> Optional[str]:
+    def _authenticate(self, peer: Peer, request: dict) -> str | None:
         identity, proof = request.get("identity"), request.get("proof")
         if not isinstance(identity, str) or not isinstance(proof, bytes):
             return "this broker requires a token: connect with token=(identity, secret)"
@@ -503,7 +504,7 @@ class Broker:
     def on_close(self, conn_id: int) -> None:
         self._peers.pop(conn_id, None)
 
-    def on_stats_request(self, conn_id: int, snapshot: dict) -> Optional[bytes]:
+    def on_stats_request(self, conn_id: int, snapshot: dict) -> bytes | None:
         rights = self._peers[conn_id].rights
         if rights is not None and not rights.may_subscribe("_SYS.stats"):
             return None

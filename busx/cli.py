@@ -19,11 +19,13 @@ import sys
 import tempfile
 import time
 import tomllib
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 
 import busx
+
 from . import bench
 from .errors import BusError
 from .topics import pattern_bytes, topic_bytes
@@ -213,7 +215,7 @@ class Pacer:
     that sleep()'s overshoot at high rates is made up by the next calls. After
     a pause (slow stdin) it catches up by at most PACER_SLACK seconds' worth."""
 
-    def __init__(self, rate: Optional[float]) -> None:
+    def __init__(self, rate: float | None) -> None:
         self.interval = 1.0 / rate if rate else 0.0
         self.next_time = time.monotonic()
 
@@ -303,7 +305,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
             stats = bus.stats()
             print(dumps(stats) if args.json else format_stats(stats))
             return 0
-        previous: Optional[tuple[float, dict]] = None
+        previous: tuple[float, dict] | None = None
         clear_screen = sys.stdout.isatty() and not args.json
         try:
             while True:
@@ -322,7 +324,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 RATE_KEYS = ("msgs_in", "msgs_out", "bytes_in", "bytes_out")
 
 
-def rates(previous: Optional[tuple[float, dict]], current: tuple[float, dict]) -> dict:
+def rates(previous: tuple[float, dict] | None, current: tuple[float, dict]) -> dict:
     """Per second since the previous snapshot, msgs and bytes in and out
     (RATE_KEYS): per connection id, and under the key None for the broker as
     a whole. Empty for the first snapshot."""
@@ -341,7 +343,7 @@ def rates(previous: Optional[tuple[float, dict]], current: tuple[float, dict]) -
     return result
 
 
-def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
+def format_stats(stats: dict, rate_table: dict | None = None) -> str:
     rate_columns = ("in/s", "out/s", "B in/s", "B out/s")
     columns = TABLE_COLUMNS + (rate_columns if rate_table is not None else ())
     rows = [columns]
@@ -363,7 +365,7 @@ def format_stats(stats: dict, rate_table: Optional[dict] = None) -> str:
     return "\n".join(lines + [totals])
 
 
-def peer_of(conn: dict) -> Optional[str]:
+def peer_of(conn: dict) -> str | None:
     """For TCP connections: identity@host:port (UNIX ones are told by pid/uid)."""
     if not conn.get("address"):
         return None
@@ -430,7 +432,7 @@ def spawn_demo_child(role: str, command: str, url: str, workdir: str) -> DemoChi
 
 
 def read_reports(reports: busx.Subscription, children: list[DemoChild], until: float,
-                 stop_at_first: bool = False) -> Optional[dict]:
+                 stop_at_first: bool = False) -> dict | None:
     """The newest count report from the subscriber by `until` (None if none
     came); raises CommandError if a child process died."""
     latest = None
@@ -446,7 +448,7 @@ def read_reports(reports: busx.Subscription, children: list[DemoChild], until: f
 
 
 def show_demo(reports: busx.Subscription, children: list[DemoChild], first: dict,
-              seconds: Optional[float]) -> None:
+              seconds: float | None) -> None:
     """A line a second with the subscriber's receive rate, from its own
     reports (counts with CLOCK_MONOTONIC times, comparable across processes)."""
     start = time.monotonic()
@@ -618,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the busx command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:

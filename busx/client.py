@@ -12,13 +12,25 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
-
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from functools import partial
+from typing import (
+    Any,
+    NamedTuple,
+)
 
 from . import protocol
 from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue
-from .errors import (BusError, Closed, ConnectError, Disconnected, InvalidTopic, LimitExceeded,
-                     PermissionDenied, Timeout)
+from .errors import (
+    BusError,
+    Closed,
+    ConnectError,
+    Disconnected,
+    InvalidTopic,
+    LimitExceeded,
+    PermissionDenied,
+    Timeout,
+)
 from .handshake import client_handshake, unpack
 from .paths import Target, host_identity, resolve_targets
 from .topics import INBOX_PREFIX, pattern_bytes
@@ -30,11 +42,11 @@ RECONNECT_BACKOFF = (0.02, 2.0)     # first and longest pause between reconnect 
 CLOSE_FLUSH_SECONDS = 5.0
 
 
-def _deadline(timeout: Optional[float]) -> Optional[float]:
+def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + max(0.0, timeout)
 
 
-def _remaining(deadline: Optional[float]) -> float:
+def _remaining(deadline: float | None) -> float:
     """Seconds left, -1 for no deadline (ClientIO's convention)."""
     return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -43,7 +55,7 @@ class Step(NamedTuple):
     """What a round trip waits for: ready() returns non-None when done."""
 
     ready: Callable[[], Any]
-    deadline: Optional[float]
+    deadline: float | None
     timeout_message: str
 
 
@@ -63,13 +75,13 @@ def _refusal(error: dict) -> BusError:
 class Subscription:
     """Messages matching one pattern. Iterate it, or call recv()/recv_many()."""
 
-    def __init__(self, bus: "Bus", sid: int, pattern: str, queue: Optional[str]) -> None:
+    def __init__(self, bus: Bus, sid: int, pattern: str, queue: str | None) -> None:
         self.bus = bus
         self.sid = sid
         self.pattern = pattern
         self.queue_group = queue
         self._queue = MessageQueue(bus._io)
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self.closed = False
 
     @property
@@ -79,7 +91,7 @@ class Subscription:
         (flush, subscribe, request) had to read on past a full max_buffer."""
         return self._queue.dropped
 
-    def recv(self, timeout: Optional[float] = None) -> Message:
+    def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises Timeout when timeout seconds pass first."""
         msg = self._queue.pop()
         if msg is not None:
@@ -87,7 +99,7 @@ class Subscription:
         return self.bus._wait(self._next_message, _deadline(timeout),
                               "no message arrived within the timeout")
 
-    def recv_many(self, max_count: int = 1024, timeout: Optional[float] = None) -> list[Message]:
+    def recv_many(self, max_count: int = 1024, timeout: float | None = None) -> list[Message]:
         """Up to max_count queued messages; waits for at least one; [] on timeout."""
         if len(self._queue):
             return self._queue.pop_many(max_count)
@@ -97,7 +109,7 @@ class Subscription:
             return []
         return [first] + self._queue.pop_many(max_count - 1)
 
-    def _next_message(self) -> Optional[Message]:
+    def _next_message(self) -> Message | None:
         msg = self._queue.pop()
         if msg is not None:
             return msg
@@ -131,7 +143,7 @@ class Subscription:
         self.closed = True
         self._queue.discard()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -145,8 +157,8 @@ class Subscription:
 class Bus:
     """A connection to a broker. Use busx.connect() to make one."""
 
-    def __init__(self, url: Union[None, str, Sequence[str]] = None,
-                 token: Optional[tuple[str, str]] = None, name: Optional[str] = None,
+    def __init__(self, url: None | str | Sequence[str] = None,
+                 token: tuple[str, str] | None = None, name: str | None = None,
                  timeout: float = 5.0, reconnect: bool = True,
                  max_buffer: int = 16 << 20) -> None:
         self._targets = resolve_targets(url)
@@ -161,12 +173,12 @@ class Bus:
         self._awaited: set[int] = set()       # ids of control frames awaiting an answer
         self._replies: dict[int, protocol.Frame] = {}
         self._denied: list[str] = []
-        self._inbox: Optional[Subscription] = None
+        self._inbox: Subscription | None = None
         # For a broker too old to assign inboxes.
         self._own_inbox = f"{INBOX_PREFIX}{os.urandom(16).hex()}"
-        self._inbox_pending: Optional[Subscription] = None
-        self._requests: dict[str, Optional[Message]] = {}
-        self._lost_reason: Optional[str] = None
+        self._inbox_pending: Subscription | None = None
+        self._requests: dict[str, Message | None] = {}
+        self._lost_reason: str | None = None
         self._loss_reported = False
         self.closed = False
         self._closing = False
@@ -183,7 +195,7 @@ class Bus:
 
     # ---- connecting ----
 
-    def _dial_any(self, deadline: Optional[float]) -> tuple[socket.socket, str, dict]:
+    def _dial_any(self, deadline: float | None) -> tuple[socket.socket, str, dict]:
         errors = []
         for target in self._targets:
             try:
@@ -194,7 +206,7 @@ class Bus:
             raise errors[0]
         raise ConnectError("no broker reachable: " + "; ".join(str(e) for e in errors))
 
-    def _dial(self, target: Target, deadline: Optional[float]) -> tuple[socket.socket, str, dict]:
+    def _dial(self, target: Target, deadline: float | None) -> tuple[socket.socket, str, dict]:
         if target.transport == "unix":
             assert target.path is not None
             sock = self._open_unix(target.path, deadline)
@@ -208,7 +220,7 @@ class Bus:
                 return moved
         return sock, "tcp", hello
 
-    def _try_unix(self, tcp_hello: dict, deadline: Optional[float]):
+    def _try_unix(self, tcp_hello: dict, deadline: float | None):
         """Move to the broker's UNIX socket when this host can reach it and it
         is the same broker (same instance) as over TCP."""
         path = tcp_hello["unix_path"]
@@ -228,7 +240,7 @@ class Bus:
             return None
         return sock, "unix", hello
 
-    def _open_unix(self, path: str, deadline: Optional[float]) -> socket.socket:
+    def _open_unix(self, path: str, deadline: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(_remaining(deadline) if deadline is not None else None)
         try:
@@ -246,7 +258,7 @@ class Bus:
             raise ConnectError(f"cannot connect to unix://{path}: {exc.strerror or exc}") from None
         return sock
 
-    def _open_tcp(self, target: Target, deadline: Optional[float]) -> socket.socket:
+    def _open_tcp(self, target: Target, deadline: float | None) -> socket.socket:
         try:
             sock = socket.create_connection((target.host, target.port),
                                             timeout=_remaining(deadline) if deadline else None)
@@ -257,7 +269,7 @@ class Bus:
         return sock
 
     def _handshake(self, sock: socket.socket, target: Target, transport: str,
-                   deadline: Optional[float]) -> dict:
+                   deadline: float | None) -> dict:
         try:
             return client_handshake(sock, target.url, deadline or time.monotonic() + 3600,
                                     self.name, self._token, transport)
@@ -365,7 +377,7 @@ class Bus:
             else:
                 log.warning("busx broker error: %s", error.get("message"))
 
-    def _wait(self, ready, deadline: Optional[float], timeout_message: str):
+    def _wait(self, ready, deadline: float | None, timeout_message: str):
         """Pump and test ready() until it returns non-None; Timeout at the deadline."""
         self._check_open()
         while True:
@@ -398,7 +410,7 @@ class Bus:
             self._loss_reported = True
             raise Disconnected(f"connection to the broker lost: {reason}")
 
-    def _drive(self, steps: Generator["Step", Any, Any]) -> Any:
+    def _drive(self, steps: Generator[Step, Any, Any]) -> Any:
         """Run a round-trip generator, blocking for each Step it yields
         (busx.aio drives the same generators with await)."""
         try:
@@ -410,8 +422,12 @@ class Bus:
         finally:
             steps.close()
 
+    def _answer(self, id: int, generation: int) -> protocol.Frame | bool | None:
+        """The broker's answer to id; False once a reconnect asks to send again."""
+        return self._replies.pop(id, None) or (False if self.generation != generation else None)
+
     def _round_trip_steps(self, kind: int, id: int, topic: bytes = b"", reply: bytes = b"",
-                          deadline: Optional[float] = None) -> Generator["Step", Any, protocol.Frame]:
+                          deadline: float | None = None) -> Generator[Step, Any, protocol.Frame]:
         """Send a control frame and wait for the broker's answer to id. A
         reconnect in between sends it again on the new connection."""
         self._awaited.add(id)
@@ -420,9 +436,8 @@ class Bus:
             while True:
                 generation = self.generation
                 self._io.send_control(kind, id, topic, reply)
-                frame = yield Step(
-                    lambda: self._replies.pop(id, None) or (False if self.generation != generation else None),
-                    deadline, "the broker did not answer within the timeout")
+                frame = yield Step(partial(self._answer, id, generation),
+                                   deadline, "the broker did not answer within the timeout")
                 if frame is not False:
                     break
         finally:
@@ -436,7 +451,7 @@ class Bus:
     # ---- public API ----
 
     def publish(self, topic: str, data: Any, *, fds: Iterable[int] = (),
-                timeout: Optional[float] = None) -> None:
+                timeout: float | None = None) -> None:
         """Publish data (any msgpack-able object) to topic. Returns at once
         while buffer room remains; blocks (up to timeout) when it is full.
         fds (UNIX only): open files passed to each subscriber."""
@@ -446,26 +461,26 @@ class Bus:
         """Publish (topic, data) pairs in order, as one batch."""
         self._io.publish_many_data(items)
 
-    def flush(self, timeout: Optional[float] = None) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         """Return once the broker has routed everything published before;
         raises PermissionDenied for publishes denied since the last flush."""
         self._check_open()
         self._drive(self._flush_steps(timeout))
 
-    def _flush_steps(self, timeout: Optional[float]) -> Generator["Step", Any, None]:
+    def _flush_steps(self, timeout: float | None) -> Generator[Step, Any, None]:
         yield from self._round_trip_steps(protocol.PING, next(self._ids), deadline=_deadline(timeout))
         if self._denied:
             denied, self._denied = self._denied, []
             raise PermissionDenied("; ".join(denied))
 
-    def subscribe(self, pattern: str, *, queue: Optional[str] = None) -> Subscription:
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> Subscription:
         """Subscribe; active when it returns. queue: a load-balanced group name."""
         self._check_open()
         return self._drive(self._subscribe_steps(pattern, queue))
 
-    def _subscribe_steps(self, pattern: str, queue: Optional[str],
-                         registered: Optional[Callable[[Subscription], None]] = None,
-                         ) -> Generator["Step", Any, Subscription]:
+    def _subscribe_steps(self, pattern: str, queue: str | None,
+                         registered: Callable[[Subscription], None] | None = None,
+                         ) -> Generator[Step, Any, Subscription]:
         encoded = pattern_bytes(pattern)
         queue_b = b""
         if queue is not None:
@@ -496,7 +511,7 @@ class Bus:
     def _unsubscribe(self, sub: Subscription) -> None:
         self._drive(self._unsubscribe_steps(sub))
 
-    def _unsubscribe_steps(self, sub: Subscription) -> Generator["Step", Any, None]:
+    def _unsubscribe_steps(self, sub: Subscription) -> Generator[Step, Any, None]:
         self._forget(sub)
         if not self.closed:
             yield from self._round_trip_steps(protocol.UNSUB, sub.sid,
@@ -507,7 +522,7 @@ class Bus:
         self._check_open()
         return self._drive(self._request_steps(topic, data, timeout))
 
-    def _request_steps(self, topic: str, data: Any, timeout: float) -> Generator["Step", Any, Message]:
+    def _request_steps(self, topic: str, data: Any, timeout: float) -> Generator[Step, Any, Message]:
         deadline = _deadline(timeout)
         inbox = yield from self._inbox_steps(deadline)
         # Unguessable, never a counter: whoever sees one reply_to learns
@@ -521,7 +536,7 @@ class Bus:
         finally:
             self._requests.pop(token, None)
 
-    def _inbox_steps(self, deadline: Optional[float]) -> Generator["Step", Any, Subscription]:
+    def _inbox_steps(self, deadline: float | None) -> Generator[Step, Any, Subscription]:
         """The one reply inbox every request shares, subscribed on first use.
         Concurrent first requests wait for the one being made: _on_control
         installs it the moment its OK arrives."""
@@ -557,18 +572,18 @@ class Bus:
             self._queues.pop(inbox.sid, None)
             inbox._close()
 
-    def stats(self, timeout: Optional[float] = None) -> dict:
+    def stats(self, timeout: float | None = None) -> dict:
         """The broker's stats (what `busx stat` shows)."""
         self._check_open()
         return self._drive(self._stats_steps(timeout))
 
-    def _stats_steps(self, timeout: Optional[float]) -> Generator["Step", Any, dict]:
+    def _stats_steps(self, timeout: float | None) -> Generator[Step, Any, dict]:
         frame = yield from self._round_trip_steps(
             protocol.STATS, next(self._ids),
             deadline=_deadline(self.timeout if timeout is None else timeout))
         return unpack(frame.payload)
 
-    def _take_reply(self, inbox: Subscription, token: str) -> Optional[Message]:
+    def _take_reply(self, inbox: Subscription, token: str) -> Message | None:
         while True:
             msg = inbox._queue.pop()
             if msg is None:
@@ -636,7 +651,7 @@ class Bus:
             sub.closed = True
             sub._queue.discard()
 
-    def __enter__(self) -> "Bus":
+    def __enter__(self) -> Bus:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -652,7 +667,7 @@ class Bus:
         return f"<busx.Bus {self._targets[0].url} {state}>"
 
 
-_live_buses: "weakref.WeakSet[Bus]" = weakref.WeakSet()
+_live_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
 
 
 def _forget_buses_in_child() -> None:
@@ -663,8 +678,8 @@ def _forget_buses_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_buses_in_child)
 
 
-def connect(url: Union[None, str, Sequence[str]] = None, *, token: Optional[tuple[str, str]] = None,
-            name: Optional[str] = None, timeout: float = 5.0, reconnect: bool = True,
+def connect(url: None | str | Sequence[str] = None, *, token: tuple[str, str] | None = None,
+            name: str | None = None, timeout: float = 5.0, reconnect: bool = True,
             max_buffer: int = 16 << 20) -> Bus:
     """Connect to a broker.
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 
 class Credentials(NamedTuple):
     """pid/uid/gid come from SO_PEERCRED for UNIX publishers; identity (the
     token's name) and address (host, port) describe TCP publishers."""
 
-    pid: Optional[int]
-    uid: Optional[int]
-    gid: Optional[int]
-    identity: Optional[str]
-    address: Optional[Tuple[str, int]]
+    pid: int | None
+    uid: int | None
+    gid: int | None
+    identity: str | None
+    address: tuple[str, int] | None

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import socket
 import time
-from typing import Any, Optional
+from typing import Any
 
 import msgpack
 
@@ -85,7 +85,7 @@ class FrameReader:
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectError(f"handshake with {self.where} timed out: is it a busx broker?") from None
         except OSError as exc:
             raise ConnectError(f"connection to {self.where} failed during the handshake: {exc}") from None
@@ -94,8 +94,8 @@ class FrameReader:
         return chunk
 
 
-def client_handshake(sock: socket.socket, where: str, deadline: float, name: Optional[str],
-                     token: Optional[tuple[str, str]], transport: str) -> dict:
+def client_handshake(sock: socket.socket, where: str, deadline: float, name: str | None,
+                     token: tuple[str, str] | None, transport: str) -> dict:
     """Run the client side; returns the broker's HELLO facts. Leftover bytes
     cannot exist: the broker sends nothing after READY until asked."""
     reader = FrameReader(sock, deadline, where)

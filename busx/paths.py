@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 from .errors import BusError
 
@@ -24,9 +25,9 @@ class Target(NamedTuple):
     """One place to connect: transport "unix", "tcp" or "auto" (host:port)."""
 
     transport: str
-    path: Optional[str] = None
-    host: Optional[str] = None
-    port: Optional[int] = None
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
 
     @property
     def url(self) -> str:
@@ -62,7 +63,7 @@ def parse_url(url: str) -> Target:
     return Target(transport, host=host, port=int(port))
 
 
-def resolve_targets(url: Union[None, str, Sequence[str]]) -> list[Target]:
+def resolve_targets(url: None | str | Sequence[str]) -> list[Target]:
     if url is None:
         url = os.environ.get("BUSX_URL") or f"unix://{default_socket_path()}"
     if isinstance(url, str):

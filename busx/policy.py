@@ -21,8 +21,9 @@ import grp
 import os
 import pwd
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from .errors import BusError, InvalidTopic
 from .topics import INBOX_PREFIX, matches, pattern_bytes
@@ -45,7 +46,7 @@ def pattern_contains(outer: str, inner: str) -> bool:
     return len(outer_tokens) == len(inner_tokens)
 
 
-def is_under(pattern: str, prefix: Optional[str]) -> bool:
+def is_under(pattern: str, prefix: str | None) -> bool:
     """Whether pattern stays within prefix (a connection's inbox): the
     prefix itself or topics below it."""
     return prefix is not None and (pattern == prefix or pattern.startswith(prefix + "."))
@@ -61,20 +62,20 @@ class Rights:
     def may_publish(self, topic: str) -> bool:
         return topic.startswith(INBOX_PREFIX) or any(matches(p, topic) for p in self.publish)
 
-    def may_subscribe(self, pattern: str, inbox: Optional[str] = None) -> bool:
+    def may_subscribe(self, pattern: str, inbox: str | None = None) -> bool:
         """inbox: the connection's own inbox prefix, always allowed."""
         return is_under(pattern, inbox) or any(pattern_contains(p, pattern) for p in self.subscribe)
 
 
 @dataclass(frozen=True)
 class Rule:
-    uid: Optional[int]
-    gid: Optional[int]
-    identity: Optional[str]
+    uid: int | None
+    gid: int | None
+    identity: str | None
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
 
-    def applies_to(self, uid: Optional[int], gids: frozenset[int], identity: Optional[str]) -> bool:
+    def applies_to(self, uid: int | None, gids: frozenset[int], identity: str | None) -> bool:
         return ((self.uid is None or self.uid == uid)
                 and (self.gid is None or self.gid in gids)
                 and (self.identity is None or self.identity == identity))
@@ -86,8 +87,8 @@ class Policy:
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
 
-    def rights_for(self, uid: Optional[int], gid: Optional[int],
-                   identity: Optional[str]) -> Rights:
+    def rights_for(self, uid: int | None, gid: int | None,
+                   identity: str | None) -> Rights:
         gids = _groups_of(uid, gid)
         publish: list[str] = []
         subscribe: list[str] = []
@@ -98,7 +99,7 @@ class Policy:
         return Rights(tuple(publish), tuple(subscribe))
 
 
-def _groups_of(uid: Optional[int], gid: Optional[int]) -> frozenset[int]:
+def _groups_of(uid: int | None, gid: int | None) -> frozenset[int]:
     """The peer's primary gid (from SO_PEERCRED) and its user's supplementary groups."""
     if uid is None:
         return frozenset()
@@ -111,7 +112,7 @@ def _groups_of(uid: Optional[int], gid: Optional[int]) -> frozenset[int]:
     return frozenset(groups)
 
 
-def load_policy(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Policy:
+def load_policy(source: str | os.PathLike | Mapping[str, Any]) -> Policy:
     """Read a policy from a TOML file path or a dict of the same shape."""
     if isinstance(source, Mapping):
         document, where = source, "policy"
@@ -153,7 +154,7 @@ def _parse_rule(rule: Any, where: str) -> Rule:
                 _patterns(rule, "subscribe", where))
 
 
-def _resolve(rule: Mapping, number_key: str, name_key: str, lookup, where: str) -> Optional[int]:
+def _resolve(rule: Mapping, number_key: str, name_key: str, lookup, where: str) -> int | None:
     if number_key in rule and name_key in rule:
         raise BusError(f"{where}: give {number_key} or {name_key}, not both")
     if number_key in rule:

@@ -69,6 +69,7 @@ def test_threads_publishing_into_a_full_buffer_keep_their_payloads_intact(broker
 @pytest.mark.parametrize("size", [1000, 1 << 20], ids=["inline", "memfd"])
 def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path, size):
     import socket
+
     # A fake broker that completes the handshake and then never reads: the
     # publisher's buffer fills, and publish(timeout=) raises Timeout. Payload
     # memfds count against the buffer until the broker says it took them,

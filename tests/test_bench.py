@@ -17,9 +17,9 @@ import time
 
 import msgpack
 import pytest
+from conftest import wait_for
 
 import busx
-from conftest import wait_for
 
 CLI = [sys.executable, "-m", "busx.cli", "bench"]
 COUNT = 20_000      # 2.6 MB on the wire: far below max_pending, so nothing may be dropped

@@ -15,9 +15,9 @@ import tempfile
 import time
 
 import pytest
+from conftest import spawn_python, wait_for
 
 import busx
-from conftest import spawn_python, wait_for
 
 CLI = [sys.executable, "-m", "busx.cli"]
 

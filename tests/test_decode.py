@@ -5,7 +5,8 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from busx._core import decode
 

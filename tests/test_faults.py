@@ -12,8 +12,7 @@ import time
 import zlib
 
 import pytest
-from conftest import open_fds, spawn_python, wait_for
-from conftest import BrokerProcess, stop_process
+from conftest import BrokerProcess, open_fds, spawn_python, stop_process, wait_for
 
 import busx
 
@@ -106,7 +105,7 @@ def test_peers_killed_mid_frame_leave_only_whole_messages_in_order(broker, tcp_u
             wait_for(lambda: any(c["name"] == "doomed-sub" and c["pending_bytes"] > BIG
                                  for c in broker.stats()["connections"]))
             kill(doomed_sub)
-            for name, process in publishers.items():
+            for process in publishers.values():
                 kill(process)
                 every_publisher_delivered(0)   # receive while the others go on
         finally:

@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+from functools import partial
 
 import msgpack
 import pytest
@@ -71,7 +72,7 @@ def closed_within(peer: RawPeer, seconds: float) -> list:
             chunk = peer.sock.recv(65536)
         except (ConnectionResetError, BrokenPipeError):
             chunk = b""
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not chunk:
             frames, peer.frames = peer.frames, []
@@ -166,7 +167,7 @@ class PeakSampler:
                 return
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
@@ -474,7 +475,7 @@ def read_oks(peer: RawPeer, count: int, deadline: float) -> int:
         peer.sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = peer.sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             break
         assert chunk, "the broker closed the subscribing connection"
         for frame in peer.decoder.feed(chunk):
@@ -501,7 +502,7 @@ class RoundTripProbe:
             self._since = None
             self._stop.wait(0.02)
 
-    def __enter__(self) -> "RoundTripProbe":
+    def __enter__(self) -> RoundTripProbe:
         self._thread.start()
         return self
 
@@ -534,7 +535,7 @@ def test_client_that_sends_ping_and_stats_and_never_reads_is_no_longer_read(star
         while view:
             try:
                 n = peer.sock.send(view)
-            except socket.timeout:      # the broker stopped reading us
+            except TimeoutError:      # the broker stopped reading us
                 blocked = True
                 break
             sent += n
@@ -601,8 +602,8 @@ def test_fds_no_frame_claims_close_the_connection_and_are_closed(start_broker, c
             for fd in msg.fds:
                 os.close(fd)
         # No other read end survives anywhere: not in the broker, not delivered.
-        for read_end, write_end in pipes:
-            wait_for(lambda: pipe_is_unread(write_end), message="a sent fd stayed open")
+        for _, write_end in pipes:
+            wait_for(partial(pipe_is_unread, write_end), message="a sent fd stayed open")
             os.close(write_end)
 
 
@@ -648,7 +649,7 @@ def test_fds_queued_for_a_subscriber_that_never_reads_stay_bounded(start_broker)
         # 1,000-byte payloads fill the subscriber's socket after a few hundred
         # messages; from then on every message waits in the broker with its fd.
         with PeakSampler(lambda: open_fds(broker.pid), interval=0.005) as broker_fds:
-            for i in range(count):
+            for _ in range(count):
                 publisher.publish("fds.x", b"p" * 1000, fds=[read_end])
             publisher.flush(timeout=30)
         assert broker_fds.peak <= baseline + max_pending_fds + 16, (

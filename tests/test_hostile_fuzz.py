@@ -17,10 +17,9 @@ import time
 
 import msgpack
 import pytest
-from conftest import open_fds, wait_for
+from conftest import BrokerProcess, RawPeer, open_fds, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import BrokerProcess, RawPeer
 
 import busx
 from busx import protocol

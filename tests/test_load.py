@@ -8,8 +8,7 @@ import resource
 import time
 
 import pytest
-from conftest import spawn_python
-from conftest import BrokerProcess
+from conftest import BrokerProcess, spawn_python
 
 import busx
 

@@ -8,7 +8,8 @@ import math
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from busx._core import encode
 

@@ -4,10 +4,10 @@ import os
 import textwrap
 
 import pytest
+from conftest import run_python
 
 import busx
 from busx.policy import load_policy, pattern_contains
-from conftest import run_python
 
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to run peers as other uids")
 NOBODY = 65534

@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 
-import busx
 from conftest import spawn_python, wait_for
+
+import busx
 
 COUNT = 20_000      # ~2.6 MB of frames: far more than a UNIX socket buffer holds
 

@@ -4,9 +4,9 @@ import math
 
 import msgpack
 import pytest
+from conftest import run_python, wait_for
 
 import busx
-from conftest import run_python, wait_for
 
 VALUES = [
     None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, math.inf, "", "héllo ✓",
@@ -281,6 +281,7 @@ def test_a_waiting_thread_reads_the_socket_itself(broker):
 @pytest.mark.timeout(30)
 def test_close_wakes_a_thread_blocked_in_recv(broker):
     import threading
+
     from conftest import open_fds
     baseline = open_fds()
     bus = busx.connect(broker.url)

@@ -71,7 +71,7 @@ def test_valid_topics_and_patterns_are_accepted(bus):
     got = deliveries(bus, patterns, GOOD_PUBLISH)
     for pattern, indices in zip(patterns, got):
         assert indices == [i for i, t in enumerate(GOOD_PUBLISH) if topics.matches(pattern, t)]
-    for index, topic in enumerate(GOOD_PUBLISH):
+    for index in range(len(GOOD_PUBLISH)):
         assert got[len(GOOD_PATTERN) + index] == [index]
     # ">" sees every published topic except the reserved _INBOX ones.
     assert [GOOD_PUBLISH[i] for i in got[GOOD_PATTERN.index(">")]] == [

@@ -56,4 +56,3 @@ cdef double SIGNAL_CHECK_SECONDS = 0.05
 # from the publishing thread when the I/O thread is idle (see _send_directly);
 # closer frames are a burst, batched by the I/O thread.
 cdef double DIRECT_SEND_GAP_MS = 0.005
-
