@@ -15,7 +15,7 @@ cdef enum LoopTag:
     TAG_SIGNAL = 2
     TAG_LISTEN = 8      # TAG_LISTEN + listener index
 
-cdef enum LoopStatus:
+cpdef enum LoopStatus:         # BrokerLoop.run() returns these
     LOOP_STOP = 0
     LOOP_SIGNAL = 1
 

@@ -4,7 +4,7 @@
 # the Python side's inbox. Python parses the inbox into Message objects in
 # batches (take), so per-message Python work stays tiny.
 
-cdef enum RunResult:
+cpdef enum RunResult:          # busx.client acts on these
     RUN_CLOSED = 0        # request_close() ended the loop
     RUN_EOF = 1           # the broker closed the connection
     RUN_ERROR = 2         # socket error: last_errno says which

@@ -3,6 +3,7 @@
 attributes and methods are invisible to Python and so are absent."""
 
 from collections.abc import Iterable
+from enum import IntEnum
 from typing import Any, Protocol, final
 
 from _typeshed import FileDescriptorLike, ReadableBuffer
@@ -28,6 +29,39 @@ def encode_frame(
     """Encode one frame (the same API as busx.protocol.encode_frame)."""
 
 PAYLOAD_FD_THRESHOLD: int
+WIRE: dict[str, Any]
+
+class RunResult(IntEnum):
+    RUN_CLOSED = 0
+    RUN_EOF = 1
+    RUN_ERROR = 2
+    RUN_PROTOCOL = 3
+    RUN_FDS_LOST = 4
+
+class LoopStatus(IntEnum):
+    LOOP_STOP = 0
+    LOOP_SIGNAL = 1
+
+class FrameKind(IntEnum):
+    K_HELLO = 1
+    K_CONNECT = 2
+    K_READY = 3
+    K_PUB = 4
+    K_MSG = 5
+    K_SUB = 6
+    K_UNSUB = 7
+    K_PING = 8
+    K_PONG = 9
+    K_OK = 10
+    K_ERROR = 11
+    K_DROPPED = 12
+    K_STATS = 13
+    K_RECEIVED = 14
+    KIND_LIMIT = 15
+
+class FrameFlag(IntEnum):
+    F_FATAL = 1
+    F_PAYLOAD_FD = 2
 
 def decode(raw: bytes) -> Any:
     """What msg.data returns: msgpack.unpackb(raw, strict_map_key=False)."""

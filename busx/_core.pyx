@@ -38,3 +38,9 @@ include "_client.pxi"
 
 # Payloads of at least this many bytes travel in a sealed memfd over UNIX.
 PAYLOAD_FD_THRESHOLD = PAYLOAD_FD_MIN
+
+# The wire facts the C level is built on. busx.protocol, the tests' oracle,
+# states them independently; tests/test_frames.py holds the two equal.
+WIRE = {"preamble": PREAMBLE_BYTES[:PREAMBLE_SIZE], "header_size": HEADER_SIZE,
+        "max_name": MAX_NAME, "max_fds_per_frame": MAX_FDS_PER_FRAME,
+        "max_fds_on_wire": MAX_FDS_ON_WIRE}

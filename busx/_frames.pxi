@@ -6,7 +6,7 @@
 #  12 u32 id         subscription id, sequence number or 0
 #  16 topic, reply, stamp, payload
 
-cdef enum FrameKind:
+cpdef enum FrameKind:      # busx.protocol names the same (tests/test_frames.py)
     K_HELLO = 1      # broker -> client, first frame: msgpack map of broker facts
     K_CONNECT = 2    # client -> broker: msgpack map (name, token proof)
     K_READY = 3      # broker -> client: handshake accepted
@@ -23,7 +23,7 @@ cdef enum FrameKind:
     K_RECEIVED = 14  # either way: payload u64, bytes of payload memfds received
     KIND_LIMIT = 15
 
-cdef enum FrameFlag:
+cpdef enum FrameFlag:
     F_FATAL = 1      # on ERROR: the broker closes the connection after it
     # On PUB and MSG: the payload is in a sealed memfd, the frame's last fd;
     # the inline payload is its size, u64 (docs/protocol.md, large payloads).

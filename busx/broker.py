@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, protocol
-from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop
+from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus
 from .errors import BusError
 from .handshake import error_frame, pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity
@@ -29,10 +29,17 @@ from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
 
 log = logging.getLogger("busx.broker")
 
-LOOP_STOP, LOOP_SIGNAL = 0, 1
+LOOP_STOP, LOOP_SIGNAL = LoopStatus.LOOP_STOP, LoopStatus.LOOP_SIGNAL
 DRAIN_SECONDS = 5.0     # how long stop() waits to deliver what the broker holds
 AF_UNIX_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, with its terminating NUL
 MAX_FRAME_LIMIT = 2 << 30   # SPEC.md: max_frame is at most 2 GiB
+# Broker's defaults (SPEC.md, Limits); `busx serve` takes and shows the same.
+DEFAULT_MAX_PENDING = 64 << 20
+DEFAULT_MAX_CONNECTIONS = 65536
+DEFAULT_MAX_SUBSCRIPTIONS = 1_000_000
+DEFAULT_MAX_PENDING_FDS = 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_BUSY_POLL_US = 200
 # The sender stamp (msgpack [pid, uid, gid, identity, host, port]) travels in
 # a 255-byte field: an identity of up to 128 bytes always fits beside the rest.
 MAX_IDENTITY = 128
@@ -111,10 +118,13 @@ class Broker:
                  socket_mode: int = 0o600, socket_group: str | int | None = None,
                  policy: str | Mapping[str, Any] | None = None,
                  tokens: Mapping[str, str] | None = None, allow_anonymous_tcp: bool = False,
-                 max_pending: int = 64 << 20, slow_consumer: str = "drop",
-                 max_frame: int = protocol.DEFAULT_MAX_FRAME, max_connections: int = 65536,
-                 max_subscriptions: int = 1_000_000, max_pending_fds: int = 1024,
-                 handshake_timeout: float = 5.0, busy_poll_us: int = 200) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, slow_consumer: str = "drop",
+                 max_frame: int = protocol.DEFAULT_MAX_FRAME,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+                 max_pending_fds: int = DEFAULT_MAX_PENDING_FDS,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:

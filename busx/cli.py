@@ -26,7 +26,15 @@ import msgpack
 
 import busx
 
-from . import bench
+from . import bench, protocol
+from .broker import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_FDS,
+    DEFAULT_MAX_SUBSCRIPTIONS,
+)
 from .errors import BusError
 from .topics import pattern_bytes, topic_bytes
 
@@ -531,27 +539,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help='TOML file of identity = "secret" lines; TCP clients must prove one')
     serve.add_argument("--allow-anonymous-tcp", action="store_true",
                        help="accept TCP clients without tokens on a non-loopback address")
-    serve.add_argument("--max-pending", metavar="BYTES", type=byte_count, default=64 << 20,
+    serve.add_argument("--max-pending", metavar="BYTES", type=byte_count,
+                       default=DEFAULT_MAX_PENDING,
                        help="bytes queued per subscriber before the slow-consumer policy "
-                            "(default 64M)")
+                            f"(default {DEFAULT_MAX_PENDING >> 20}M)")
     serve.add_argument("--slow-consumer", choices=("drop", "disconnect"), default="drop",
                        help="what happens past --max-pending (default drop)")
-    serve.add_argument("--max-frame", metavar="BYTES", type=byte_count, default=64 << 20,
-                       help="largest frame accepted (default 64M)")
-    serve.add_argument("--max-connections", metavar="N", type=int, default=65536,
-                       help="clients served at once; more are refused (default 65536)")
-    serve.add_argument("--max-subscriptions", metavar="N", type=int, default=1_000_000,
-                       help="subscriptions one connection may hold (default 1000000)")
-    serve.add_argument("--max-pending-fds", metavar="N", type=int, default=1024,
+    serve.add_argument("--max-frame", metavar="BYTES", type=byte_count,
+                       default=protocol.DEFAULT_MAX_FRAME,
+                       help=f"largest frame accepted (default {protocol.DEFAULT_MAX_FRAME >> 20}M)")
+    serve.add_argument("--max-connections", metavar="N", type=int,
+                       default=DEFAULT_MAX_CONNECTIONS,
+                       help="clients served at once; more are refused (default %(default)s)")
+    serve.add_argument("--max-subscriptions", metavar="N", type=int,
+                       default=DEFAULT_MAX_SUBSCRIPTIONS,
+                       help="subscriptions one connection may hold (default %(default)s)")
+    serve.add_argument("--max-pending-fds", metavar="N", type=int,
+                       default=DEFAULT_MAX_PENDING_FDS,
                        help="fds queued per subscriber before the slow-consumer policy "
-                            "(default 1024)")
-    serve.add_argument("--handshake-timeout", metavar="S", type=float, default=5.0,
+                            "(default %(default)s)")
+    serve.add_argument("--handshake-timeout", metavar="S", type=float,
+                       default=DEFAULT_HANDSHAKE_TIMEOUT,
                        help="seconds a new connection has to complete its handshake "
-                            "(default 5)")
-    serve.add_argument("--busy-poll-us", metavar="US", type=int, default=200,
+                            "(default %(default)g)")
+    serve.add_argument("--busy-poll-us", metavar="US", type=int,
+                       default=DEFAULT_BUSY_POLL_US,
                        help="poll up to this long after a trickle of traffic before "
                             "sleeping, adapting to the traffic: faster round trips for "
-                            "some CPU (default 200, 0 = off)")
+                            "some CPU (default %(default)s, 0 = off)")
 
     pub = commands.add_parser("pub", help="publish JSON values")
     pub.set_defaults(run=cmd_pub)

@@ -20,7 +20,7 @@ from typing import (
 )
 
 from . import protocol
-from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue
+from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue, RunResult
 from .errors import (
     BusError,
     Closed,
@@ -37,7 +37,8 @@ from .topics import INBOX_PREFIX, pattern_bytes
 
 log = logging.getLogger("busx.client")
 
-RUN_CLOSED, RUN_EOF, RUN_ERROR, RUN_PROTOCOL, RUN_FDS_LOST = range(5)
+RUN_CLOSED, RUN_EOF, RUN_ERROR = RunResult.RUN_CLOSED, RunResult.RUN_EOF, RunResult.RUN_ERROR
+RUN_PROTOCOL, RUN_FDS_LOST = RunResult.RUN_PROTOCOL, RunResult.RUN_FDS_LOST
 RECONNECT_BACKOFF = (0.02, 2.0)     # first and longest pause between reconnect attempts
 CLOSE_FLUSH_SECONDS = 5.0
 

@@ -111,6 +111,14 @@ def test_version():
     assert result.stdout.strip() == f"busx {busx.__version__}"
 
 
+def test_python_dash_m_busx_is_the_busx_command(tmp_path):
+    # From outside the checkout, so the installed package is what runs.
+    result = subprocess.run([sys.executable, "-m", "busx", "--version"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"busx {busx.__version__}"
+
+
 def test_pub_to_sub_round_trip_with_json_output(server):
     sub = spawn_cli("sub", "orders.>", "--url", server, "--count", "3", "--json")
     wait_subscribed(server, "busx sub")

@@ -220,3 +220,16 @@ def test_encoders_refuse_names_over_255_bytes(encoder, name):
     assert len(encoder(protocol.PUB, **{name: b"x" * 255})) == protocol.HEADER_SIZE + 255
     with pytest.raises(ValueError):
         encoder(protocol.PUB, **{name: b"x" * 256})
+
+
+def test_the_python_oracle_and_the_core_agree_on_the_wire_constants():
+    # busx.protocol states the wire independently of the C level, so that it
+    # can judge it; the two must state the same facts.
+    assert _core.WIRE == {"preamble": protocol.PREAMBLE, "header_size": protocol.HEADER_SIZE,
+                          "max_name": protocol.MAX_NAME,
+                          "max_fds_per_frame": protocol.MAX_FDS_PER_FRAME,
+                          "max_fds_on_wire": protocol.MAX_FDS_ON_WIRE}
+    kinds = {kind.name.removeprefix("K_"): kind.value for kind in _core.FrameKind}
+    assert kinds == {name: getattr(protocol, name) for name in kinds}
+    assert _core.FrameFlag.F_FATAL == protocol.FATAL
+    assert _core.FrameFlag.F_PAYLOAD_FD == protocol.PAYLOAD_FD
