@@ -9,12 +9,6 @@ cdef enum ConnState:
     CS_CLOSING = 3      # fatal error sent: write what is queued, then close
     CS_CLOSED = 4
 
-cdef enum LoopTag:
-    # epoll data for the loop's own fds; connections use their Conn pointer.
-    TAG_WAKE = 1
-    TAG_SIGNAL = 2
-    TAG_LISTEN = 8      # TAG_LISTEN + listener index
-
 cpdef enum LoopStatus:         # BrokerLoop.run() returns these
     LOOP_STOP = 0
     LOOP_SIGNAL = 1
@@ -102,12 +96,6 @@ cdef struct Conn:
     Conn *next_backlog
     Conn *next_dead
     size_t slot
-
-
-cdef double now_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6
 
 
 cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
@@ -205,14 +193,13 @@ cdef class BrokerLoop:
     state_lock for each turn of the loop (without the GIL). Other threads
     (snapshot() for stats; drain() and close_all() once the loop has
     ended) take state_lock as well; request_stop() only sets
-    stop_requested and writes wake_fd.
+    stop_requested and wakes the poller.
 
     Lock order: state_lock, then the GIL. The loop calls into Python (the
     control path: accept, handshake, SUB, stats) while holding state_lock,
     which is safe because no thread ever takes state_lock while holding
     the GIL: every caller releases the GIL first (`with nogil:`)."""
-    cdef int epfd
-    cdef int wake_fd
+    cdef Poller poller
     cdef int listen_fds[MAX_LISTENERS]
     cdef bint listen_unix[MAX_LISTENERS]
     cdef int nlisten
@@ -261,8 +248,7 @@ cdef class BrokerLoop:
     cdef object snapshot_taken   # snapshot()'s result, handed across its nogil block
 
     def __cinit__(self):
-        self.epfd = -1
-        self.wake_fd = -1
+        poller_init(&self.poller)
         pthread_mutex_init(&self.state_lock, NULL)
         if router_init(&self.router) < 0:
             raise MemoryError()
@@ -285,11 +271,9 @@ cdef class BrokerLoop:
         self.check_publish = check_publish
         self.next_id = 1
         self.payload_fd_budget = <size_t>-1
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.epfd < 0 or self.wake_fd < 0:
-            raise_os_error("cannot create the broker's event loop")
-        self._watch(self.wake_fd, TAG_WAKE)
+        cdef int status = poller_open(&self.poller)
+        if status < 0:
+            raise_os_error("cannot create the broker's event loop", -status)
 
     def __dealloc__(self):
         self.handler = None
@@ -298,10 +282,7 @@ cdef class BrokerLoop:
         pthread_mutex_destroy(&self.state_lock)
 
     cdef void _watch(self, int fd, uint64_t tag) except *:
-        cdef epoll_event ev
-        ev.events = EPOLLIN
-        ev.data.u64 = tag
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        if poller_add(&self.poller, fd, EPOLLIN, tag) < 0:
             raise_os_error("epoll_ctl")
 
     def add_listener(self, int fd, bint is_unix):
@@ -321,9 +302,8 @@ cdef class BrokerLoop:
 
     def request_stop(self):
         """Make run() return; safe from any thread."""
-        cdef uint64_t one = 1
         self.stop_requested = 1
-        write(self.wake_fd, &one, 8)
+        poller_wake(&self.poller)
 
     def run(self):
         """Serve until request_stop() or a signal; returns a LoopStatus."""
@@ -339,7 +319,6 @@ cdef class BrokerLoop:
         cdef int n, i, timeout
         cdef uint64_t tag
         cdef int status = -1
-        cdef uint64_t drained
         cdef double idle_since = 0     # when the last trickle turn ended; 0 after any other
         cdef unsigned long long routed_before
         while status < 0:
@@ -350,7 +329,7 @@ cdef class BrokerLoop:
             if timeout != 0 and idle_since > 0 and self.poll_window_ms > 0:
                 n = self._spin(events, idle_since + self.poll_window_ms)
             if n == 0:
-                n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+                n = poller_wait(&self.poller, events, MAX_EVENTS, timeout)
                 if n > 0 and timeout != 0 and idle_since > 0:
                     self._adapt_poll_window(now_ms() - idle_since)
             if n < 0:
@@ -362,7 +341,7 @@ cdef class BrokerLoop:
             for i in range(n):
                 tag = events[i].data.u64
                 if tag == TAG_WAKE:
-                    read(self.wake_fd, &drained, 8)
+                    poller_drain(&self.poller)
                 elif tag == TAG_SIGNAL:
                     status = LOOP_SIGNAL
                 elif tag >= TAG_LISTEN and tag < TAG_LISTEN + MAX_LISTENERS:
@@ -407,7 +386,7 @@ cdef class BrokerLoop:
         self.busy_polls += 1
         while n == 0 and not self.stop_requested and now_ms() < until:
             sched_yield()
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+            n = poller_wait(&self.poller, events, MAX_EVENTS, 0)
         self.busy_poll_hits += n > 0
         return n
 
@@ -443,21 +422,15 @@ cdef class BrokerLoop:
 
     cdef void _pause_accept(self) noexcept nogil:
         cdef int i
-        cdef epoll_event ev
-        ev.events = 0
         for i in range(self.nlisten):
-            ev.data.u64 = TAG_LISTEN + i
-            epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.listen_fds[i], &ev)
+            poller_modify(&self.poller, self.listen_fds[i], 0, TAG_LISTEN + i)
         self.accept_paused = True
         self.accept_resume_at = now_ms() + ACCEPT_RETRY_MS
 
     cdef void _resume_accept(self) noexcept nogil:
         cdef int i
-        cdef epoll_event ev
-        ev.events = EPOLLIN
         for i in range(self.nlisten):
-            ev.data.u64 = TAG_LISTEN + i
-            epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.listen_fds[i], &ev)
+            poller_modify(&self.poller, self.listen_fds[i], EPOLLIN, TAG_LISTEN + i)
         self.accept_paused = False
 
     cdef void _refuse(self, int fd, const char *code, const char *message) noexcept nogil:
@@ -474,7 +447,6 @@ cdef class BrokerLoop:
     cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:
         cdef Conn *c
         cdef Conn **grown
-        cdef epoll_event ev
         if self.nconns >= self.max_connections:
             self.refused += 1
             self._refuse(fd, b"limit", b"too many connections: the broker serves at most "
@@ -503,9 +475,7 @@ cdef class BrokerLoop:
         c.slot = self.nconns
         self.conns[self.nconns] = c
         self.nconns += 1
-        ev.events = EPOLLIN | EPOLLRDHUP
-        ev.data.ptr = c
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        if poller_add(&self.poller, fd, EPOLLIN | EPOLLRDHUP, <uint64_t><uintptr_t>c) < 0:
             self._close_conn(c)
             return
         if self._py_accept(c) < 0:
@@ -680,11 +650,9 @@ cdef class BrokerLoop:
 
     cdef void _set_events(self, Conn *c) noexcept nogil:
         """What epoll watches c's socket for."""
-        cdef epoll_event ev
-        ev.events = ((0 if c.input_paused else EPOLLIN | EPOLLRDHUP)
-                     | (EPOLLOUT if c.want_out else 0))
-        ev.data.ptr = c
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+        poller_modify(&self.poller, c.fd,
+                      ((0 if c.input_paused else EPOLLIN | EPOLLRDHUP)
+                       | (EPOLLOUT if c.want_out else 0)), <uint64_t><uintptr_t>c)
 
     cdef size_t _fds_until(self, Conn *c, unsigned long long end) noexcept nogil:
         """How many of c's received fds came with a recv that ended at or
@@ -1370,7 +1338,7 @@ cdef class BrokerLoop:
         self._handshake_over(c)
         self._undefer(c)
         self._drop_subscriptions(c)
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+        poller_remove(&self.poller, c.fd)
         close(c.fd)
         fdq_close_all(&c.in_fds)
         fdq_close_all(&c.out_fds)
@@ -1441,7 +1409,7 @@ cdef class BrokerLoop:
                 if not pending or now_ms() >= deadline:
                     break
                 pthread_mutex_unlock(&self.state_lock)
-                epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+                poller_wait(&self.poller, events, MAX_EVENTS, 10)
                 pthread_mutex_lock(&self.state_lock)
             self._bury_dead()
             pthread_mutex_unlock(&self.state_lock)
@@ -1459,12 +1427,7 @@ cdef class BrokerLoop:
         self.conns = NULL
         self.conns_cap = 0
         buf_free(&self.fd_payload)
-        if self.wake_fd >= 0:
-            close(self.wake_fd)
-            self.wake_fd = -1
-        if self.epfd >= 0:
-            close(self.epfd)
-            self.epfd = -1
+        poller_close(&self.poller)
 
     def snapshot(self):
         """Counters of the broker and each connection, as plain data."""

@@ -34,34 +34,6 @@ cdef struct Room:
     int fds
 
 
-cdef void deadline_after(timespec *ts, double seconds) noexcept nogil:
-    cdef double whole
-    clock_gettime(CLOCK_MONOTONIC, ts)
-    whole = <long>seconds
-    ts.tv_sec += <long>whole
-    ts.tv_nsec += <long>((seconds - whole) * 1e9)
-    if ts.tv_nsec >= 1000000000:
-        ts.tv_sec += 1
-        ts.tv_nsec -= 1000000000
-
-
-cdef int ms_until(const timespec *until) noexcept nogil:
-    """Milliseconds from now to the CLOCK_MONOTONIC time until, rounded up,
-    for poll(); -1 (no limit) for NULL."""
-    cdef timespec now
-    cdef long long ms
-    if until == NULL:
-        return -1
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    ms = ((until.tv_sec - now.tv_sec) * 1000LL
-          + (until.tv_nsec - now.tv_nsec + 999999) // 1000000)
-    return <int>min(max(ms, 0LL), <long long>INT_MAX)
-
-
-cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
-    return a.tv_sec < b.tv_sec or (a.tv_sec == b.tv_sec and a.tv_nsec < b.tv_nsec)
-
-
 FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
                   "connect again in the child with busx.connect()")
 
@@ -83,8 +55,9 @@ cdef class ClientIO:
     calls into Python. read_lock is only ever taken without the GIL.
     Beside each field: who owns it, or which lock guards it."""
     cdef int fd                 # lock (closed by detach/release)
-    cdef int epfd               # lock
-    cdef int wake_fd            # lock: written to under it, closed by release under it
+    # The I/O thread waits on it; others wake it (_wake_io) and release()
+    # closes it, both under lock, so no wake can hit a closed eventfd.
+    cdef Poller poller
     cdef int notify_fd          # lock
     # A Python thread waiting for messages reads the socket itself while
     # the I/O thread is idle (see _read_directly): one thread wake-up per
@@ -162,8 +135,7 @@ cdef class ClientIO:
     def __cinit__(self):
         cdef pthread_condattr_t attr
         self.fd = -1
-        self.epfd = -1
-        self.wake_fd = -1
+        poller_init(&self.poller)
         self.notify_fd = -1
         self.direct_wake_fd = -1
         self.direct_result = -1
@@ -183,16 +155,12 @@ cdef class ClientIO:
             self.max_held_fds = max(<size_t>64, <size_t>files.rlim_cur // 4)
         self.max_frame = max_frame
         self.topic_cache = {}
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        self.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        cdef int status = poller_open(&self.poller)
+        if status < 0:
+            raise_os_error("cannot create the client's event loop", -status)
         self.direct_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.epfd < 0 or self.wake_fd < 0 or self.direct_wake_fd < 0:
+        if self.direct_wake_fd < 0:
             raise_os_error("cannot create the client's event loop")
-        cdef epoll_event ev
-        ev.events = EPOLLIN
-        ev.data.u64 = TAG_WAKE
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_fd, &ev) < 0:
-            raise_os_error("epoll_ctl")
 
     def __dealloc__(self):
         self.release()
@@ -221,8 +189,7 @@ cdef class ClientIO:
 
     cdef void _release_shared(self) noexcept nogil:
         close_fd(&self.fd)
-        close_fd(&self.epfd)
-        close_fd(&self.wake_fd)
+        poller_close(&self.poller)
         close_fd(&self.notify_fd)
         close_fd(&self.direct_wake_fd)
         buf_free(&self.out)
@@ -267,7 +234,6 @@ cdef class ClientIO:
     cdef int _attach(self, int fd, bint is_unix, const char *prologue, size_t prologue_len,
                      size_t max_frame, bint payload_fds) noexcept nogil:
         """attach() under the lock: 0, -1 when memory runs out, or -errno."""
-        cdef epoll_event ev
         cdef Buffer fresh
         cdef FdQueue fresh_fds
         cdef size_t boundary
@@ -300,9 +266,7 @@ cdef class ClientIO:
         self.reading_paused = False
         self.state = CL_ATTACHED
         self._signal_events()
-        ev.events = EPOLLIN | EPOLLOUT
-        ev.data.u64 = TAG_LISTEN
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        if poller_add(&self.poller, fd, EPOLLIN | EPOLLOUT, TAG_SOCKET) < 0:
             return -errno
         return 0
 
@@ -382,7 +346,7 @@ cdef class ClientIO:
                 self.state = CL_DETACHED
             self._stop_direct_reader()
             if self.fd >= 0:
-                epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+                poller_remove(&self.poller, self.fd)
                 close(self.fd)
                 self.fd = -1
             buf_free(&self.rbuf)
@@ -460,9 +424,8 @@ cdef class ClientIO:
     cdef int _run(self) noexcept nogil:
         cdef epoll_event events[4]
         cdef int n, i, result
-        cdef uint64_t drained
         while True:
-            n = epoll_wait(self.epfd, events, 4, -1)
+            n = poller_wait(&self.poller, events, 4, -1)
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -470,7 +433,7 @@ cdef class ClientIO:
                 return RUN_ERROR
             for i in range(n):
                 if events[i].data.u64 == TAG_WAKE:
-                    read(self.wake_fd, &drained, 8)
+                    poller_drain(&self.poller)
                 elif events[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP):
                     pthread_mutex_lock(&self.read_lock)
                     result = self._read()
@@ -564,11 +527,9 @@ cdef class ClientIO:
 
     cdef void _set_events(self) noexcept nogil:
         """What the I/O thread watches the socket for. Lock held."""
-        cdef epoll_event ev
-        ev.events = ((0 if self.reading_paused or self.direct_reader else EPOLLIN)
-                     | (EPOLLOUT if self.want_out else 0))
-        ev.data.u64 = TAG_LISTEN
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.fd, &ev)
+        poller_modify(&self.poller, self.fd,
+                      ((0 if self.reading_paused or self.direct_reader else EPOLLIN)
+                       | (EPOLLOUT if self.want_out else 0)), TAG_SOCKET)
 
     cdef int _read(self) noexcept nogil:
         """One recv; whole frames go to the inbox. -1 to carry on."""
@@ -689,10 +650,8 @@ cdef class ClientIO:
                 pthread_mutex_unlock(&self.lock)
 
     cdef inline void _wake_io(self) noexcept nogil:
-        """Wake the I/O thread. Lock held: release() closes wake_fd under it."""
-        cdef uint64_t one = 1
-        if self.wake_fd >= 0:
-            write(self.wake_fd, &one, 8)
+        """Wake the I/O thread. Lock held: release() closes the poller under it."""
+        poller_wake(&self.poller)
 
     cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
                               size_t *claimed) noexcept nogil:

@@ -4,7 +4,7 @@ client's event loops. Everything on the message path runs without the GIL;
 busx.broker and busx.client are the Python faces over it."""
 
 from libc.limits cimport INT_MAX
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, malloc, realloc, free, qsort
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 
@@ -26,6 +26,7 @@ include "includes/consts.pxi"
 cdef const char *PREAMBLE_BYTES = b"BUSX\x01\x00\x00\x00"
 
 include "_buffers.pxi"
+include "_poller.pxi"
 include "_sockio.pxi"
 include "_frames.pxi"
 include "_topics.pxi"
