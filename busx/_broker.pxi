@@ -2,13 +2,6 @@
 # Python is called (with the GIL) only on the control path: a new
 # connection, its handshake, a subscription, a stats request.
 
-cdef enum ConnState:
-    CS_PREAMBLE = 0     # waiting for the client's 8-byte preamble
-    CS_CONNECT = 1      # waiting for its CONNECT frame
-    CS_READY = 2
-    CS_CLOSING = 3      # fatal error sent: write what is queued, then close
-    CS_CLOSED = 4
-
 cpdef enum LoopStatus:         # BrokerLoop.run() returns these
     LOOP_STOP = 0
     LOOP_SIGNAL = 1
@@ -27,76 +20,6 @@ cdef enum:
     # Frames before READY (preamble, CONNECT): an unauthenticated peer costs
     # at most this much buffer (SPEC.md, Limits).
     HANDSHAKE_MAX_FRAME = 64 * 1024
-    # fds a connection may have sent ahead of the frame that claims them:
-    # one frame's worth (docs/protocol.md, fd passing).
-    MAX_FDS_AHEAD = MAX_FDS_ON_WIRE
-
-cdef enum:
-    VERDICT_SLOTS = 256        # topics whose publish verdict a connection remembers
-
-cdef struct Verdict:
-    char *topic                # NULL: empty slot
-    uint8_t topic_len
-    bint allowed
-    bint reported              # denial already told since the last PING
-    uint64_t hash
-
-
-cdef struct Conn:
-    int fd
-    uint32_t id
-    int state
-    bint is_unix
-    bint dirty              # on the broker's dirty list: has output to try
-    bint want_out           # EPOLLOUT armed
-    bint owes_drop_report   # some subscription has drops to report
-    bint payload_fds        # takes large payloads as memfds (said so in CONNECT)
-    # Payload bytes in memfds queued or sent to this client and not yet
-    # reported received (K_RECEIVED): they count against max_pending.
-    size_t fd_bytes_unreceived
-    # Payload bytes in memfds taken from this client's PUBs and not yet
-    # reported to it (it counts them against its max_buffer until then).
-    size_t fd_bytes_taken
-    double closing_since
-    Buffer rbuf
-    Buffer wbuf
-    unsigned long long wbuf_sent    # bytes ever sent: wbuf.data[wbuf.start] is byte wbuf_sent
-    unsigned long long next_frame   # stream offset of the first frame not yet begun on the wire
-    # in_fds: received, waiting for their PUB frame; each one's offset is the
-    # stream offset where the recv that brought it ended (see _fds_until).
-    FdQueue in_fds
-    unsigned long long stream_in    # bytes received: rbuf's end is this stream offset
-    FdQueue out_fds         # duplicates waiting to travel with their MSG frame
-    char stamp[255]
-    uint8_t stamp_len
-    # Payload bytes in memfds sent to this client (out of out_fds) and not
-    # yet reported received: a K_RECEIVED counts for at most these.
-    size_t fd_bytes_sent
-    unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
-    Subscription **subs        # dense; each knows its conn_index
-    size_t nsubs, subs_cap
-    SidTable sids              # the same subscriptions by id
-    Verdict *verdicts          # policy only: publish verdicts by topic
-    size_t nverdicts
-    unsigned long long denials_untold   # denials not reported while output was full
-    # Not read while its unsent output exceeds max_pending and its next
-    # frame asks for an answer (SPEC.md, Limits: control replies).
-    bint input_paused
-    double opened_at           # handshake_timeout counts from here
-    Conn *hs_next              # the handshake queue, oldest first (until READY)
-    Conn *hs_prev
-    # The last topic this connection published to, already validated,
-    # allowed and routed: publishers mostly repeat their topic.
-    char last_topic[255]
-    uint8_t last_topic_len
-    RouteSlot *last_slot       # valid while slot_current(router, last_slot, last_version)
-    unsigned long long last_version
-    Conn *next_dirty
-    bint backlogged            # has whole frames left over from its last turn
-    Conn *next_backlog
-    Conn *next_dead
-    size_t slot
-
 
 cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
     n = min(n, <size_t>0xffff)
@@ -123,66 +46,11 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
     return rc
 
 
-cdef inline size_t pending_bytes(const Conn *c) noexcept nogil:
-    """What c's subscriber has yet to take: queued bytes and memfd payloads."""
-    return buf_len(&c.wbuf) + c.fd_bytes_unreceived
-
-
 cdef struct FdPayload:
     # A routed PUB's payload carried in a memfd (F_PAYLOAD_FD).
     int fd                  # the memfd, the frame's last fd; -1: the payload is inline
     size_t size
     bint loaded             # BrokerLoop.fd_payload holds its bytes (for TCP clients)
-
-
-cdef inline unsigned long long stream_end(Conn *c) noexcept nogil:
-    """Stream offset one past the last byte queued for c."""
-    return c.wbuf_sent + buf_len(&c.wbuf)
-
-
-cdef Verdict *verdict_slot(Conn *c, const char *topic, size_t length) noexcept nogil:
-    """The slot holding topic's verdict, or the empty slot to fill (clearing
-    the table when it is half full). NULL when memory runs out."""
-    cdef uint64_t h = busx_hash(topic, length)
-    cdef size_t i = h & (VERDICT_SLOTS - 1)
-    cdef Verdict *v
-    if c.verdicts == NULL:
-        c.verdicts = <Verdict *>calloc(VERDICT_SLOTS, sizeof(Verdict))
-        if c.verdicts == NULL:
-            return NULL
-    while c.verdicts[i].topic != NULL:
-        v = &c.verdicts[i]
-        if v.hash == h and v.topic_len == length and memcmp(v.topic, topic, length) == 0:
-            return v
-        i = (i + 1) & (VERDICT_SLOTS - 1)
-    if c.nverdicts >= <size_t>VERDICT_SLOTS // 2:
-        verdicts_clear(c)
-        i = h & (VERDICT_SLOTS - 1)
-    return &c.verdicts[i]
-
-
-cdef void verdicts_clear(Conn *c) noexcept nogil:
-    cdef size_t i
-    if c.verdicts == NULL:
-        return
-    for i in range(<size_t>VERDICT_SLOTS):
-        free(c.verdicts[i].topic)
-        c.verdicts[i].topic = NULL
-    c.nverdicts = 0
-
-
-cdef void verdicts_rearm(Conn *c) noexcept nogil:
-    cdef size_t i
-    if c.verdicts == NULL:
-        return
-    for i in range(<size_t>VERDICT_SLOTS):
-        c.verdicts[i].reported = False
-
-
-cdef void verdicts_free(Conn *c) noexcept nogil:
-    verdicts_clear(c)
-    free(c.verdicts)
-    c.verdicts = NULL
 
 
 cdef class BrokerLoop:
@@ -606,8 +474,8 @@ cdef class BrokerLoop:
             self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
-        if c.state == CS_READY:
-            self._check_unclaimed_fds(c)
+        if c.state == CS_READY and holds_unclaimed_fds(c):
+            self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
         if c.fd_bytes_taken and c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
             self._report_fd_bytes_taken(c)
         if c.state != CS_CLOSED:
@@ -654,50 +522,8 @@ cdef class BrokerLoop:
                       ((0 if c.input_paused else EPOLLIN | EPOLLRDHUP)
                        | (EPOLLOUT if c.want_out else 0)), <uint64_t><uintptr_t>c)
 
-    cdef size_t _fds_until(self, Conn *c, unsigned long long end) noexcept nogil:
-        """How many of c's received fds came with a recv that ended at or
-        before stream offset `end`. A client sends a frame that carries fds
-        in a sendmsg of its own, holding that frame alone, and the kernel
-        hands a sendmsg's fds to the recvmsg that takes its first byte, which
-        then returns: so a frame's fds come with a recv that ends inside the
-        frame (docs/protocol.md, fd passing)."""
-        cdef size_t i
-        for i in range(c.in_fds.head, c.in_fds.tail):
-            if c.in_fds.items[i].offset > end:
-                return i - c.in_fds.head
-        return fdq_len(&c.in_fds)
-
-    cdef bint _fds_declared(self, Conn *c, FrameView *f) noexcept nogil:
-        """Whether the frame at the head of rbuf came with exactly the fds it
-        declares (closing c if not): fds no frame declares, or declared fds
-        that never came, are malformed input."""
-        cdef unsigned long long start = c.stream_in - buf_len(&c.rbuf)
-        cdef size_t came
-        if self._fds_until(c, start):
-            self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
-            return False
-        came = self._fds_until(c, start + f.size)
-        if came == f.nfds:
-            return True
-        self._fail(c, b"protocol", b"frame announces more fds than arrived with it"
-                   if came < f.nfds else b"file descriptors arrived that no frame declares")
-        return False
-
-    cdef void _check_unclaimed_fds(self, Conn *c) noexcept nogil:
-        """After a turn: fds held with no frame left to claim them, or more
-        than the partial frame at the head of rbuf declares, are malformed
-        input. A peer's stray fds cost the broker at most one frame's."""
-        cdef size_t held = fdq_len(&c.in_fds)
-        cdef size_t partial = buf_len(&c.rbuf)
-        cdef size_t declared = MAX_FDS_AHEAD
-        if held == 0 or c.input_paused or c.backlogged:
-            return
-        if partial >= HEADER_SIZE:
-            declared = <uint8_t>c.rbuf.data[c.rbuf.start + 9]
-        if held > declared or self._fds_until(c, c.stream_in - partial):
-            self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
-
     cdef void _handle(self, Conn *c, FrameView *f) noexcept nogil:
+        cdef const char *mismatch
         if c.state == CS_CONNECT:
             if f.kind != K_CONNECT:
                 self._fail(c, b"protocol", b"expected a CONNECT frame to complete the handshake")
@@ -706,8 +532,11 @@ cdef class BrokerLoop:
             else:
                 self._on_connect(c, f)
             return
-        if (f.nfds or fdq_len(&c.in_fds)) and not self._fds_declared(c, f):
-            return
+        if f.nfds or fdq_len(&c.in_fds):
+            mismatch = fds_mismatch(c, f)
+            if mismatch != NULL:
+                self._fail(c, b"protocol", mismatch)
+                return
         if f.nfds and f.kind != K_PUB:
             self._fail(c, b"protocol", b"only PUB frames carry file descriptors")
             return
@@ -715,7 +544,7 @@ cdef class BrokerLoop:
             self._route(c, f)
         elif f.kind == K_PING:
             self._report_untold_denials(c)
-            verdicts_rearm(c)
+            verdicts_rearm(&c.verdicts)
             write_frame(&c.wbuf, K_PONG, 0, f.id, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
             self._mark_dirty(c)
         elif f.kind == K_SUB:
@@ -904,20 +733,12 @@ cdef class BrokerLoop:
         """The policy's verdict on (connection, topic): a hash probe after the
         first message; Python decides only on a miss. A denial is told to the
         publisher once per topic between PINGs, so flush() can name it."""
-        cdef Verdict *v = verdict_slot(src, f.topic, f.topic_len)
+        cdef Verdict *v = verdict_slot(&src.verdicts, f.topic, f.topic_len)
         if v == NULL:
             self._fail(src, b"internal", b"broker out of memory")
             return False
         if v.topic == NULL:
-            v.allowed = self._py_may_publish(src, f)
-            v.topic = <char *>malloc(f.topic_len)
-            if v.topic == NULL:
-                return v.allowed
-            memcpy(v.topic, f.topic, f.topic_len)
-            v.topic_len = f.topic_len
-            v.hash = busx_hash(f.topic, f.topic_len)
-            v.reported = False
-            src.nverdicts += 1
+            verdict_store(&src.verdicts, v, f.topic, f.topic_len, self._py_may_publish(src, f))
         if not v.allowed and not v.reported:
             if buf_len(&src.wbuf) > self.max_pending:
                 src.denials_untold += 1     # no room: told in bulk at the next PING
@@ -1382,7 +1203,7 @@ cdef class BrokerLoop:
             fdq_free(&c.out_fds)
             free(c.subs)
             sid_free(&c.sids)
-            verdicts_free(c)
+            verdicts_free(&c.verdicts)
             free(c)
 
     # ---- shutdown and introspection (Python side) ----
