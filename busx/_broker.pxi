@@ -12,6 +12,9 @@ cdef enum:
     # is closed): a stalled client learns the reason when it resumes. Cheap:
     # what a closing connection still holds is that one frame.
     CLOSE_GRACE_MS = 30000
+    # How long, after its last words are sent, the broker waits for the peer
+    # to close (discarding its input) before closing anyway.
+    LINGER_MS = 2000
     # Copies one connection's turn may route before the loop serves others
     # (tests/test_load.py: a ping among 1,000 subscribers).
     DELIVERY_BUDGET = 65536
@@ -46,13 +49,6 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
     return rc
 
 
-cdef struct FdPayload:
-    # A routed PUB's payload carried in a memfd (F_PAYLOAD_FD).
-    int fd                  # the memfd, the frame's last fd; -1: the payload is inline
-    size_t size
-    bint loaded             # BrokerLoop.fd_payload holds its bytes (for TCP clients)
-
-
 cdef class BrokerLoop:
     """The broker's connections, router and epoll loop. busx.Broker owns one
     and runs it on a thread (or the main thread for serve_forever).
@@ -84,29 +80,20 @@ cdef class BrokerLoop:
     cdef Conn *handshaking        # oldest connection not yet READY (hs_next: newer)
     cdef Conn *handshaking_last
     cdef Router router
-    cdef size_t max_pending
+    cdef Delivery delivery       # the delivery room; its totals point at ours
+    cdef Totals totals
+    cdef size_t max_pending      # = delivery.max_pending, for the control path
     cdef size_t max_frame
     cdef size_t max_connections
     cdef size_t max_subscriptions
-    cdef size_t max_pending_fds
     cdef double handshake_timeout_ms
-    cdef Buffer fd_payload      # a memfd payload read for inline delivery (see _load_payload)
-    # Bytes of payload memfds handed to clients and not yet received. The
-    # kernel counts fds in flight against this user's RLIMIT_NOFILE (past
-    # it sendmsg fails with ETOOMANYREFS), so over the budget a payload
-    # goes inline; every memfd holds at least PAYLOAD_FD_MIN bytes, so the
-    # budget in bytes bounds their number.
-    cdef size_t payload_fd_bytes
-    cdef public size_t payload_fd_budget
-    cdef bint disconnect_slow
     cdef public double busy_poll_ms    # the longest poll: busx.Broker's busy_poll_us
     cdef double poll_window_ms         # the poll now, adapted between 0 and busy_poll_ms
     cdef bint check_publish     # a policy is loaded: ask it about each new topic
     cdef volatile int stop_requested
     cdef uint32_t next_id
-    cdef unsigned long long rr_counter
+    cdef unsigned long long rr_counter      # round robin among a queue group's members
     cdef pthread_mutex_t state_lock
-    cdef public unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
     cdef public unsigned long long read_calls, write_calls
     cdef public unsigned long long busy_polls, busy_poll_hits     # polls begun, ended by events
     cdef public unsigned long long refused             # connections past max_connections
@@ -133,15 +120,32 @@ cdef class BrokerLoop:
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.max_subscriptions = max_subscriptions
-        self.max_pending_fds = max_pending_fds
         self.handshake_timeout_ms = handshake_timeout * 1000
-        self.disconnect_slow = disconnect_slow
         self.check_publish = check_publish
         self.next_id = 1
-        self.payload_fd_budget = <size_t>-1
+        self.delivery.max_pending = max_pending
+        self.delivery.max_pending_fds = max_pending_fds
+        self.delivery.disconnect_slow = disconnect_slow
+        self.delivery.payload_fd_budget = <size_t>-1
+        self.delivery.totals = &self.totals
         cdef int status = poller_open(&self.poller)
         if status < 0:
             raise_os_error("cannot create the broker's event loop", -status)
+
+    @property
+    def payload_fd_budget(self):
+        """Bytes of payload memfds that may be in flight to clients at once
+        (see Delivery); busx.Broker sets it from RLIMIT_NOFILE."""
+        return self.delivery.payload_fd_budget
+
+    @payload_fd_budget.setter
+    def payload_fd_budget(self, size_t value):
+        self.delivery.payload_fd_budget = value
+
+    @property
+    def msgs_in(self):
+        """Messages routed so far (readable after the loop has stopped)."""
+        return self.totals.msgs_in
 
     def __dealloc__(self):
         self.handler = None
@@ -205,7 +209,7 @@ cdef class BrokerLoop:
                     continue
                 return -errno
             pthread_mutex_lock(&self.state_lock)
-            routed_before = self.msgs_in
+            routed_before = self.totals.msgs_in
             for i in range(n):
                 tag = events[i].data.u64
                 if tag == TAG_WAKE:
@@ -225,7 +229,7 @@ cdef class BrokerLoop:
             # means the peers are busy producing the next one, and spinning
             # would take the core they need.
             idle_since = 0
-            if n > 0 and 0 < self.msgs_in - routed_before <= SPIN_AFTER_AT_MOST:
+            if n > 0 and 0 < self.totals.msgs_in - routed_before <= SPIN_AFTER_AT_MOST:
                 idle_since = now_ms()
             if self.stop_requested:
                 status = LOOP_STOP
@@ -386,10 +390,19 @@ cdef class BrokerLoop:
                 self._read(c)
 
     cdef void _discard_input(self, Conn *c) noexcept nogil:
-        cdef char sink[4096]
+        """A closing connection's input, read and dropped so that closing
+        does not reset it. At EOF: closed if its last words are out, else
+        it is no longer read (nothing more can come) while they are sent."""
+        cdef char sink[65536]
         cdef ssize_t n = recv(c.fd, sink, sizeof(sink), MSG_DONTWAIT)
-        if n == 0 or (n < 0 and errno != EAGAIN and errno != EINTR):
+        if n > 0 or (n < 0 and (errno == EAGAIN or errno == EINTR)):
+            return
+        if n < 0 or c.lingering:
             self._close_conn(c)
+            return
+        c.peer_closed = True
+        c.input_paused = True
+        self._set_events(c)
 
     cdef void _read(self, Conn *c) noexcept nogil:
         cdef bint truncated = False
@@ -416,7 +429,7 @@ cdef class BrokerLoop:
         c.rbuf.end += n
         c.stream_in += n
         c.bytes_in += n
-        self.bytes_in += n
+        self.totals.bytes_in += n
         if c.state != CS_READY and fdq_len(&c.in_fds):
             self._fail(c, b"protocol", b"file descriptors sent during the handshake")
             return
@@ -554,7 +567,7 @@ cdef class BrokerLoop:
         elif f.kind == K_STATS:
             self._stats(c, f)
         elif f.kind == K_RECEIVED and f.payload_len == 8:
-            self._fd_bytes_received(c, busx_load_u64(f.payload))
+            fd_bytes_received(&self.delivery, c, busx_load_u64(f.payload))
             self._mark_dirty(c)         # room again: owed drop reports may go out
         else:
             self._fail(c, b"protocol", b"unexpected frame kind from a client")
@@ -653,9 +666,7 @@ cdef class BrokerLoop:
                 self._deliver_all(src, f, slot, fds, &big)
         for k in range(f.nfds):
             close(fds[k])
-        if big.loaded:
-            self.fd_payload.start = self.fd_payload.end = 0
-            buf_shrink(&self.fd_payload, READ_CHUNK)
+        unload_payload(&self.delivery, &big)
 
     cdef bint _take_payload_fd(self, Conn *src, FrameView *f, int *fds,
                                FdPayload *big) noexcept nogil:
@@ -676,7 +687,7 @@ cdef class BrokerLoop:
         big.fd = fds[f.nfds - 1]
         src.fd_bytes_taken += big.size
         src.bytes_in += big.size
-        self.bytes_in += big.size
+        self.totals.bytes_in += big.size
         return True
 
     cdef void _report_fd_bytes_taken(self, Conn *c) noexcept nogil:
@@ -694,20 +705,36 @@ cdef class BrokerLoop:
                            int *fds, FdPayload *big) noexcept nogil:
         """Deliver to every matching subscription; one member per queue group."""
         cdef size_t i = 0, j, group_end
+        cdef int result
         src.msgs_in += 1
-        self.msgs_in += 1
+        self.totals.msgs_in += 1
         while i < slot.nsubs:
             if slot.subs[i].queue == 0:
-                self._deliver(slot.subs[i], src, f, fds, big)
+                j = i
                 i += 1
-                continue
-            group_end = i + 1
-            while group_end < slot.nsubs and same_queue(slot.subs[group_end], slot.subs[i]):
-                group_end += 1
-            j = i + self.rr_counter % (group_end - i)     # round robin
-            self.rr_counter += 1
-            self._deliver(slot.subs[j], src, f, fds, big)
-            i = group_end
+            else:
+                group_end = i + 1
+                while group_end < slot.nsubs and same_queue(slot.subs[group_end], slot.subs[i]):
+                    group_end += 1
+                j = i + self.rr_counter % (group_end - i)     # round robin
+                self.rr_counter += 1
+                i = group_end
+            self.budget -= 1
+            result = deliver(&self.delivery, slot.subs[j], src, f, fds, big)
+            if result == DELIVERED:
+                self._mark_dirty(<Conn *>slot.subs[j].conn)
+            elif result > DROPPED:
+                self._delivery_failed(<Conn *>slot.subs[j].conn, result)
+
+    cdef void _delivery_failed(self, Conn *dst, int result) noexcept nogil:
+        if result == CUT_OFF:
+            self._fail(dst, b"slow-consumer",
+                       b"slow consumer: this subscriber fell more than max_pending bytes "
+                       b"behind and the broker's policy is to disconnect it")
+        elif result == NO_MEMORY:
+            self._fail(dst, b"internal", b"broker out of memory")
+        else:
+            self._fail(dst, b"internal", b"broker could not read a payload memfd")
 
     cdef bint _topic_ok(self, const char *topic, size_t length) noexcept nogil:
         """The PUB topic rules in C for ASCII topics; others ask Python."""
@@ -762,157 +789,6 @@ cdef class BrokerLoop:
         except BaseException as exc:
             self._report(exc)
             return False
-
-    cdef void _deliver(self, Subscription *s, Conn *src, FrameView *f, int *fds,
-                       FdPayload *big) noexcept nogil:
-        cdef Conn *dst = <Conn *>s.conn
-        cdef const char *payload = f.payload
-        cdef size_t payload_len = f.payload_len if big.fd < 0 else big.size
-        cdef size_t size = frame_size(f.topic_len, f.reply_len, src.stamp_len, payload_len)
-        cdef size_t pending = pending_bytes(dst)
-        cdef int user_fds = f.nfds - (big.fd >= 0)
-        cdef int k, copy
-        cdef uint8_t flags = 0
-        cdef uint8_t sent_fds = 0
-        cdef bint by_fd
-        cdef int lost_fds = f.fds_lost     # lost on the publisher's side (TCP)
-        self.budget -= 1
-        if dst.state != CS_READY:
-            return
-        if (pending and pending + size > self.max_pending) or (
-                dst.is_unix and f.nfds
-                and fdq_len(&dst.out_fds) + f.nfds > self.max_pending_fds):
-            self._slow_consumer(dst, s)
-            return
-        by_fd = (big.fd >= 0 and dst.payload_fds
-                 and self.payload_fd_bytes + big.size <= self.payload_fd_budget)
-        if big.fd >= 0 and not by_fd and not self._load_payload(big):
-            # Before any fd is queued for dst: they would ride the error frame.
-            self._fail(dst, b"internal", b"broker could not read a payload memfd")
-            return
-        if dst.is_unix:
-            for k in range(user_fds):
-                copy = fcntl(fds[k], F_DUPFD_CLOEXEC, 0)
-                if copy < 0 or fdq_push(&dst.out_fds, stream_end(dst), copy) < 0:
-                    if copy >= 0:
-                        close(copy)
-                    lost_fds += 1
-                else:
-                    sent_fds += 1
-        else:
-            lost_fds += user_fds
-        if big.fd >= 0:
-            if by_fd and self._pass_payload_fd(dst, big):
-                flags = F_PAYLOAD_FD
-                payload_len = f.payload_len
-                sent_fds += 1
-            elif self._load_payload(big):
-                payload = self.fd_payload.data
-            else:
-                self._fail(dst, b"internal", b"broker could not read a payload memfd")
-                return
-        if write_frame(&dst.wbuf, K_MSG, flags, s.sid, f.topic, f.topic_len, f.reply,
-                       f.reply_len, src.stamp, src.stamp_len, payload, payload_len,
-                       sent_fds, <uint8_t>min(lost_fds, 255)) < 0:
-            self._fail(dst, b"internal", b"broker out of memory")
-            return
-        dst.msgs_out += 1
-        self.msgs_out += 1
-        self._mark_dirty(dst)
-
-    cdef bint _pass_payload_fd(self, Conn *dst, FdPayload *big) noexcept nogil:
-        """Queue a duplicate of the payload memfd for dst, counted against its
-        max_pending until dst reports it received."""
-        cdef int copy = fcntl(big.fd, F_DUPFD_CLOEXEC, 0)
-        if copy < 0:
-            return False
-        if fdq_push(&dst.out_fds, stream_end(dst), copy, big.size) < 0:
-            close(copy)
-            return False
-        dst.fd_bytes_unreceived += big.size
-        self.payload_fd_bytes += big.size
-        dst.bytes_out += big.size
-        self.bytes_out += big.size
-        return True
-
-    cdef bint _load_payload(self, FdPayload *big) noexcept nogil:
-        """The memfd's bytes in fd_payload, read once per message, for the
-        clients that take payloads inline (TCP, or out of fds)."""
-        if big.loaded:
-            return True
-        self.fd_payload.start = self.fd_payload.end = 0
-        if (buf_reserve(&self.fd_payload, big.size) < 0
-                or read_payload_fd(big.fd, self.fd_payload.data, big.size) < 0):
-            return False
-        self.fd_payload.end = big.size
-        big.loaded = True
-        return True
-
-    cdef void _slow_consumer(self, Conn *dst, Subscription *s) noexcept nogil:
-        if self.disconnect_slow:
-            self._discard_unsent(dst)
-            self._fail(dst, b"slow-consumer",
-                       b"slow consumer: this subscriber fell more than max_pending bytes "
-                       b"behind and the broker's policy is to disconnect it")
-            return
-        s.dropped += 1
-        s.dropped_unreported += 1
-        dst.dropped += 1
-        self.dropped += 1
-        dst.owes_drop_report = True
-
-    cdef void _discard_unsent(self, Conn *c) noexcept nogil:
-        """Drop every queued frame not yet begun on the wire (counting the
-        messages among them), so a stalled client's last words - why it is
-        being closed - are not stuck behind max_pending bytes."""
-        cdef unsigned long long at = c.next_frame
-        cdef unsigned long long end = stream_end(c)
-        cdef const char *frame
-        cdef size_t held = c.out_fds.held
-        while at < end:
-            frame = c.wbuf.data + c.wbuf.start + (at - c.wbuf_sent)
-            if frame[4] == K_MSG:
-                c.dropped += 1
-                self.dropped += 1
-            at += busx_load_u32(frame) + 4
-        c.wbuf.end = c.wbuf.start + (c.next_frame - c.wbuf_sent)
-        fdq_close_from(&c.out_fds, c.next_frame)
-        self._fd_bytes_gone(c, held - c.out_fds.held)
-
-    cdef void _fd_bytes_received(self, Conn *c, unsigned long long n) noexcept nogil:
-        """c reports n bytes of payload memfds received: at most what was
-        sent to it counts, so a client cannot ack its way past max_pending."""
-        n = min(n, <unsigned long long>c.fd_bytes_sent)
-        c.fd_bytes_sent -= n
-        self._fd_bytes_gone(c, n)
-
-    cdef inline void _fd_bytes_gone(self, Conn *c, size_t n) noexcept nogil:
-        """n bytes of c's payload memfds are no longer in flight: received,
-        or never to be sent."""
-        n = min(n, c.fd_bytes_unreceived)
-        c.fd_bytes_unreceived -= n
-        self.payload_fd_bytes -= n
-
-    cdef void _report_drops(self, Conn *c) noexcept nogil:
-        """Tell the client, per subscription, how many messages were dropped."""
-        cdef char count[9]
-        cdef size_t i
-        cdef Subscription *s
-        cdef unsigned long long n
-        cdef int shift
-        for i in range(c.nsubs):
-            s = c.subs[i]
-            if s.dropped_unreported == 0:
-                continue
-            n = s.dropped_unreported
-            count[0] = <char>0xcf       # msgpack uint64, big-endian
-            for shift in range(8):
-                count[1 + shift] = <char>((n >> (56 - 8 * shift)) & 0xff)
-            if write_frame(&c.wbuf, K_DROPPED, 0, s.sid, NULL, 0, NULL, 0, NULL, 0,
-                           count, 9, 0, 0) < 0:
-                return
-            s.dropped_unreported = 0
-        c.owes_drop_report = False
 
     # ---- subscriptions ----
 
@@ -1034,12 +910,28 @@ cdef class BrokerLoop:
     cdef void _begin_closing(self, Conn *c) noexcept nogil:
         # The router keeps c's subscriptions until _close_conn: this may run
         # while _route walks a cached match list, which removing them would
-        # free. A closing connection is skipped by _deliver instead.
+        # free. A closing connection is skipped by deliver() instead.
         c.state = CS_CLOSING
         self._handshake_over(c)
-        c.closing_since = now_ms()
+        c.close_by = now_ms() + CLOSE_GRACE_MS
         self.nclosing += 1
+        if c.input_paused:      # from now on its input is read, and discarded
+            c.input_paused = False
+            self._set_events(c)
         self._mark_dirty(c)
+
+    cdef void _linger(self, Conn *c) noexcept nogil:
+        """c's last words are with the kernel: send FIN after them, and close
+        once the peer closes (or LINGER_MS passes), so unread input cannot
+        turn the close into a reset that drops them."""
+        if c.peer_closed:
+            self._close_conn(c)
+            return
+        if not c.lingering:
+            c.lingering = True
+            shutdown(c.fd, SHUT_WR)
+            c.close_by = min(c.close_by, now_ms() + LINGER_MS)
+        self._discard_input(c)
 
     cdef inline void _mark_dirty(self, Conn *c) noexcept nogil:
         if not c.dirty:
@@ -1059,7 +951,7 @@ cdef class BrokerLoop:
     cdef void _write(self, Conn *c) noexcept nogil:
         cdef ssize_t n
         if c.owes_drop_report and pending_bytes(c) <= self.max_pending // 2:
-            self._report_drops(c)       # room made by K_RECEIVED, not by writing
+            report_drops(c)       # room made by K_RECEIVED, not by writing
         while buf_len(&c.wbuf):
             n = self._send_some(c)
             if n < 0:
@@ -1073,13 +965,13 @@ cdef class BrokerLoop:
             buf_consume(&c.wbuf, n)
             c.wbuf_sent += n
             c.bytes_out += n
-            self.bytes_out += n
+            self.totals.bytes_out += n
             if c.owes_drop_report and pending_bytes(c) <= self.max_pending // 2:
-                self._report_drops(c)
+                report_drops(c)
         if buf_len(&c.wbuf) == 0:
             buf_shrink(&c.wbuf, WRITE_CHUNK)
             if c.state == CS_CLOSING:
-                self._close_conn(c)
+                self._linger(c)
                 return
         if c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
             if c.fd_bytes_taken:
@@ -1117,7 +1009,7 @@ cdef class BrokerLoop:
     cdef void _housekeeping(self) noexcept nogil:
         """Timers: close handshakes that took too long; resume accepting
         after EMFILE; close connections that could not drain their last
-        words in time."""
+        words in time, or whose peer did not close after them."""
         cdef double now
         cdef size_t i
         if not (self.accept_paused or self.nclosing or self.handshaking != NULL):
@@ -1133,8 +1025,7 @@ cdef class BrokerLoop:
         if self.nclosing:
             i = 0
             while i < self.nconns:
-                if (self.conns[i].state == CS_CLOSING
-                        and now - self.conns[i].closing_since > CLOSE_GRACE_MS):
+                if self.conns[i].state == CS_CLOSING and now >= self.conns[i].close_by:
                     self._close_conn(self.conns[i])    # moves the last conn into slot i
                 else:
                     i += 1
@@ -1163,7 +1054,7 @@ cdef class BrokerLoop:
         close(c.fd)
         fdq_close_all(&c.in_fds)
         fdq_close_all(&c.out_fds)
-        self._fd_bytes_gone(c, c.fd_bytes_unreceived)
+        fd_bytes_gone(&self.delivery, c, c.fd_bytes_unreceived)
         last = self.conns[self.nconns - 1]
         self.conns[c.slot] = last
         last.slot = c.slot
@@ -1247,7 +1138,7 @@ cdef class BrokerLoop:
         free(self.conns)
         self.conns = NULL
         self.conns_cap = 0
-        buf_free(&self.fd_payload)
+        buf_free(&self.delivery.fd_payload)
         poller_close(&self.poller)
 
     def snapshot(self):
@@ -1282,8 +1173,9 @@ cdef class BrokerLoop:
             })
         return {
             "connections": connections, "subscriptions": self.router.subscriptions,
-            "msgs_in": self.msgs_in, "msgs_out": self.msgs_out, "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out, "dropped": self.dropped,
+            "msgs_in": self.totals.msgs_in, "msgs_out": self.totals.msgs_out,
+            "bytes_in": self.totals.bytes_in, "bytes_out": self.totals.bytes_out,
+            "dropped": self.totals.dropped,
             "read_calls": self.read_calls, "write_calls": self.write_calls,
             "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
             "connections_refused": self.refused, "handshake_timeouts": self.handshake_timeouts,

@@ -34,7 +34,13 @@ cdef struct Conn:
     # Payload bytes in memfds taken from this client's PUBs and not yet
     # reported to it (it counts them against its max_buffer until then).
     size_t fd_bytes_taken
-    double closing_since
+    # CS_CLOSING: closed at close_by at the latest. Its last words written,
+    # the broker shuts down its side (lingering) and discards what the peer
+    # still sends until the peer closes too: closing a socket with unread
+    # input resets it, and a reset drops what the kernel has not yet sent.
+    double close_by
+    bint lingering          # SHUT_WR done: waiting for the peer's EOF
+    bint peer_closed        # EOF read: nothing more can arrive
     Buffer rbuf
     Buffer wbuf
     unsigned long long wbuf_sent    # bytes ever sent: wbuf.data[wbuf.start] is byte wbuf_sent

@@ -207,14 +207,10 @@ class _BrokerHandler(Protocol):
 class BrokerLoop:
     """The broker's connections, router and epoll loop (owned by busx.Broker)."""
 
-    msgs_in: int
-    msgs_out: int
-    bytes_in: int
-    bytes_out: int
-    dropped: int
+    msgs_in: int              # messages routed (a property: readable once stopped)
     read_calls: int
     write_calls: int
-    payload_fd_budget: int
+    payload_fd_budget: int    # memfd payload bytes in flight to clients at once
     busy_polls: int
     busy_poll_hits: int
     busy_poll_ms: float       # the longest poll; the broker adapts below it

@@ -225,6 +225,34 @@ def test_pub_with_a_reply_that_is_not_an_inbox_topic_closes_only_its_sender(
         attacker.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_last_words_reach_a_peer_that_sent_more_after_its_bad_frame(tmp_path, transport):
+    # Found by the protocol fuzzer: a peer pipelines requests, a bad frame,
+    # then more requests, reading slowly. Closing a TCP socket with unread
+    # input resets it, and a reset throws away what the kernel had not yet
+    # sent: the answers before the bad frame and the fatal ERROR were lost.
+    # The broker now shuts down its side after its last words, reads and
+    # discards what still comes, and closes once the peer has closed too.
+    count = 200_000     # 3 MB of PONGs, far more than the socket buffers take
+    with busx.Broker(unix_path=str(tmp_path / "bus.sock"), tcp=("127.0.0.1", 0),
+                     max_pending=64 << 10) as broker:
+        peer = raw_client(broker, transport)
+        pings = b"".join(protocol.encode_frame(protocol.PING, id=i) for i in range(1, count + 1))
+        bad = protocol.encode_frame(protocol.PUB, b"v.x", msgpack.packb(1), reply=b"v.x")
+        more = protocol.encode_frame(protocol.PING, id=0) * 20_000
+        sender = threading.Thread(target=send_ignoring_close, args=(peer, pings + bad + more))
+        sender.start()
+        frames = []
+        peer.sock.settimeout(30)
+        while chunk := peer.sock.recv(4096):     # a reset fails the test here
+            frames += peer.decoder.feed(chunk)
+        sender.join(30)
+        assert [f.id for f in frames if f.kind == protocol.PONG] == list(range(1, count + 1))
+        assert_fatal(frames, "protocol")
+        peer.close()
+
+
 def test_pub_with_an_inbox_reply_is_still_routed(broker):
     """The legitimate case keeps working: a raw request with an inbox reply."""
     with busx.connect(broker.url) as bus:
