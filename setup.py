@@ -1,4 +1,5 @@
-"""Build busx._core. BUSX_DEBUG=1 builds with assertions and -O0 -g;
+"""Build busx._core. BUSX_DEBUG=1 builds with assertions, -O0 -g and the
+live counters of busx/includes/counters.h; BUSX_ASAN=1 with AddressSanitizer;
 BUSX_ANNOTATE=1 writes Cython's HTML annotation next to the sources."""
 
 import os
@@ -19,7 +20,7 @@ extensions = [
         include_dirs=["busx/includes"],
         extra_compile_args=extra_compile_args,
         extra_link_args=["-fsanitize=address"] if os.environ.get("BUSX_ASAN") == "1" else [],
-        define_macros=[("CYTHON_TRACE", "0")],
+        define_macros=[("CYTHON_TRACE", "0")] + ([("BUSX_COUNTERS", "1")] if debug else []),
     )
 ]
 

@@ -324,18 +324,18 @@ cdef class BrokerLoop:
             self._refuse(fd, b"limit", b"too many connections: the broker serves at most "
                          b"max_connections clients; try again later or raise the limit")
             return
-        c = <Conn *>calloc(1, sizeof(Conn))
-        if c == NULL:
-            close(fd)
-            return
         if self.nconns == self.conns_cap:
             grown = <Conn **>realloc(self.conns, (self.conns_cap * 2 + 64) * sizeof(void *))
             if grown == NULL:
-                free(c)
                 close(fd)
                 return
             self.conns = grown
             self.conns_cap = self.conns_cap * 2 + 64
+        c = <Conn *>calloc(1, sizeof(Conn))
+        if c == NULL:
+            close(fd)
+            return
+        busx_count(BUSX_CONNS, 1)
         c.fd = fd
         c.next_frame = PREAMBLE_SIZE       # the greeting starts with the preamble
         c.id = self.next_id
@@ -1096,6 +1096,7 @@ cdef class BrokerLoop:
             sid_free(&c.sids)
             verdicts_free(&c.verdicts)
             free(c)
+            busx_count(BUSX_CONNS, -1)
 
     # ---- shutdown and introspection (Python side) ----
 

@@ -1,5 +1,6 @@
 # Byte buffers and fd queues in C memory. Every buffer grows on demand; the
 # limits (max_pending, max_buffer, max_frame) are enforced by their owners.
+# The debug build counts the bytes and fds they hold (includes/counters.h).
 
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp
@@ -37,6 +38,7 @@ cdef int buf_reserve(Buffer *b, size_t n) noexcept nogil:
     grown = <char *>realloc(b.data, new_cap)
     if grown == NULL:
         return -1
+    busx_count(BUSX_BUFFER_BYTES, <long long>(new_cap - b.cap))
     b.data = grown
     b.cap = new_cap
     return 0
@@ -60,6 +62,7 @@ cdef inline void buf_consume(Buffer *b, size_t n) noexcept nogil:
 cdef void buf_shrink(Buffer *b, size_t keep) noexcept nogil:
     """Give memory back after a burst: an empty buffer keeps at most `keep` bytes."""
     if b.start == b.end and b.cap > keep:
+        busx_count(BUSX_BUFFER_BYTES, -<long long>b.cap)
         free(b.data)
         b.data = NULL
         b.cap = 0
@@ -74,6 +77,7 @@ cdef inline void buf_swap(Buffer *a, Buffer *b) noexcept nogil:
 
 
 cdef void buf_free(Buffer *b) noexcept nogil:
+    busx_count(BUSX_BUFFER_BYTES, -<long long>b.cap)
     free(b.data)
     b.data = NULL
     b.start = 0
@@ -121,6 +125,7 @@ cdef int fdq_push(FdQueue *q, unsigned long long offset, int fd,
     q.items[q.tail].held = held
     q.held += held
     q.tail += 1
+    busx_count(BUSX_QUEUED_FDS, 1)
     return 0
 
 
@@ -131,6 +136,7 @@ cdef inline int fdq_pop(FdQueue *q) noexcept nogil:
     fd = q.items[q.head].fd
     q.held -= q.items[q.head].held
     q.head += 1
+    busx_count(BUSX_QUEUED_FDS, -1)
     if q.head == q.tail:
         q.head = 0
         q.tail = 0
@@ -143,6 +149,7 @@ cdef void fdq_drop_last(FdQueue *q, size_t n) noexcept nogil:
     while n and q.tail > q.head:
         q.tail -= 1
         q.held -= q.items[q.tail].held
+        busx_count(BUSX_QUEUED_FDS, -1)
         n -= 1
 
 
@@ -159,6 +166,7 @@ cdef void fdq_close_from(FdQueue *q, unsigned long long offset) noexcept nogil:
     while q.tail > q.head and q.items[q.tail - 1].offset >= offset:
         q.tail -= 1
         q.held -= q.items[q.tail].held
+        busx_count(BUSX_QUEUED_FDS, -1)
         close(q.items[q.tail].fd)
 
 

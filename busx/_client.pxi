@@ -1251,6 +1251,7 @@ cdef class ClientIO:
         close(fd)
         if mapped == MAP_FAILED:
             return NULL
+        busx_count(BUSX_MAPPINGS, 1)
         return <const char *>mapped
 
     cdef tuple _take_fds(self, int count):

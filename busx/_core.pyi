@@ -31,6 +31,9 @@ def encode_frame(
 PAYLOAD_FD_THRESHOLD: int
 WIRE: dict[str, Any]
 
+def debug_counters() -> dict[str, int]:
+    """What the C level holds now, by kind; {} unless built with BUSX_DEBUG=1."""
+
 class RunResult(IntEnum):
     RUN_CLOSED = 0
     RUN_EOF = 1

@@ -43,6 +43,19 @@ include "_client.pxi"
 # Payloads of at least this many bytes travel in a sealed memfd over UNIX.
 PAYLOAD_FD_THRESHOLD = PAYLOAD_FD_MIN
 
+def debug_counters():
+    """What the C level holds now, by kind: {} unless built with BUSX_DEBUG=1
+    (includes/counters.h). The test suite checks each test gives it all back."""
+    if not BUSX_COUNTING:
+        return {}
+    return {"buffer_bytes": busx_counter(BUSX_BUFFER_BYTES),
+            "queued_fds": busx_counter(BUSX_QUEUED_FDS),
+            "mappings": busx_counter(BUSX_MAPPINGS),
+            "conns": busx_counter(BUSX_CONNS),
+            "subscriptions": busx_counter(BUSX_SUBSCRIPTIONS),
+            "pollers": busx_counter(BUSX_POLLERS)}
+
+
 # The wire facts the C level is built on. busx.protocol, the tests' oracle,
 # states them independently; tests/test_frames.py holds the two equal.
 WIRE = {"preamble": PREAMBLE_BYTES[:PREAMBLE_SIZE], "header_size": HEADER_SIZE,

@@ -52,6 +52,7 @@ cdef class Message:
     def __dealloc__(self):
         if self.mapped != NULL:
             munmap(<void *>self.mapped, self.size)
+            busx_count(BUSX_MAPPINGS, -1)
 
     @property
     def raw(self):

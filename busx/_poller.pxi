@@ -28,6 +28,8 @@ cdef inline void poller_init(Poller *p) noexcept nogil:
 
 
 cdef void poller_close(Poller *p) noexcept nogil:
+    if p.epfd >= 0 and p.wake_fd >= 0:
+        busx_count(BUSX_POLLERS, -1)
     close_fd(&p.wake_fd)
     close_fd(&p.epfd)
 
@@ -47,6 +49,7 @@ cdef int poller_open(Poller *p) noexcept nogil:
     p.epfd = epoll_create1(EPOLL_CLOEXEC)
     p.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
     if p.epfd >= 0 and p.wake_fd >= 0 and poller_add(p, p.wake_fd, EPOLLIN, TAG_WAKE) == 0:
+        busx_count(BUSX_POLLERS, 1)
         return 0
     failure = -errno
     poller_close(p)

@@ -438,6 +438,12 @@ cdef void group_queues(Subscription **subs, size_t n) noexcept nogil:
             return
 
 
+cdef void subscription_free(Subscription *s) noexcept nogil:
+    busx_count(BUSX_SUBSCRIPTIONS, -1)
+    free(s.queue_name)
+    free(s)
+
+
 cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
                                     size_t queue_len) noexcept nogil:
     """A subscription of conn's, in the queue group named queue (none when
@@ -445,12 +451,13 @@ cdef Subscription *new_subscription(void *conn, uint32_t sid, const char *queue,
     cdef Subscription *s = <Subscription *>calloc(1, sizeof(Subscription))
     if s == NULL:
         return NULL
+    busx_count(BUSX_SUBSCRIPTIONS, 1)
     s.conn = conn
     s.sid = sid
     if queue_len:
         s.queue_name = <char *>malloc(queue_len)
         if s.queue_name == NULL:
-            free(s)
+            subscription_free(s)
             return NULL
         memcpy(s.queue_name, queue, queue_len)
         s.queue_len = queue_len
@@ -466,11 +473,6 @@ cdef bint same_subscription(Subscription *s, const char *pattern, size_t length,
         return False
     return (node_pattern(<TrieNode *>s.node, own) == length
             and memcmp(own, pattern, length) == 0)
-
-
-cdef void subscription_free(Subscription *s) noexcept nogil:
-    free(s.queue_name)
-    free(s)
 
 
 # ---- the cache ----

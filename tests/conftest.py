@@ -4,6 +4,7 @@ real sockets."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 import pytest
 
 import busx
-from busx import protocol
+from busx import _core, protocol
 from busx.handshake import pack, unpack
 
 # Subprocesses must import the installed busx, never the uncompiled source
@@ -34,6 +35,62 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005, message:
         if time.monotonic() > deadline:
             pytest.fail(message or f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+# ---- the debug build's live counters (BUSX_DEBUG=1, docs/development.md) ----
+
+COUNTING = bool(_core.debug_counters())
+
+
+def counters_settled(expected: dict, timeout: float = 10.0) -> dict:
+    """The C level's counters once they equal expected (collecting garbage
+    meanwhile: a Message gives its mapping back when freed), or as they are
+    at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        now = _core.debug_counters()
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.01)
+
+
+def _shares_fixtures_beyond_itself(request) -> bool:
+    """A test using a module- or session-scoped fixture leaves that fixture's
+    objects holding what they hold; only the session's end can judge them."""
+    return any(defs[-1].scope != "function" and is_ours(defs[-1].func)
+               for defs in request.node._fixtureinfo.name2fixturedefs.values())
+
+
+def is_ours(fixture) -> bool:
+    """Defined by this suite (pytest's own, such as tmp_path_factory, hold
+    nothing of busx)."""
+    module = fixture.__module__
+    return module == "conftest" or module.startswith("test_")
+
+
+@pytest.fixture(autouse=True)
+def c_level_gives_back(request):
+    """In the debug build: every test gives back the buffers, queued fds,
+    mappings, connections, subscriptions and pollers it made the C level hold."""
+    if not COUNTING or _shares_fixtures_beyond_itself(request):
+        yield
+        return
+    gc.collect()
+    before = _core.debug_counters()
+    yield
+    after = counters_settled(before)
+    kept = {name: after[name] - before[name] for name in after if after[name] != before[name]}
+    assert not kept, f"the C level still holds what this test made it hold: {kept}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if COUNTING:
+        left = {name: n for name, n in counters_settled(dict.fromkeys(_core.debug_counters(), 0))
+                .items() if n}
+        if left:
+            print(f"\nbusx debug counters not back to zero at the end: {left}", file=sys.stderr)
+            session.exitstatus = 1
 
 
 def open_fds(pid: int | str = "self") -> int:

@@ -4,6 +4,7 @@ without bound, and never stalls for good."""
 import threading
 
 import pytest
+from conftest import COUNTING
 
 import busx
 from busx._core import PAYLOAD_FD_THRESHOLD
@@ -115,6 +116,7 @@ def test_publish_timeout_raises_when_the_broker_stops_reading(tmp_path, size):
         listener.close()
 
 
+@pytest.mark.skipif(COUNTING, reason="batching ratios depend on speed: measured on the -O2 build")
 def test_lone_messages_go_direct_and_bursts_are_batched(broker):
     with busx.connect(broker.url) as pub, busx.connect(broker.url) as sub_bus:
         sub = sub_bus.subscribe("d")

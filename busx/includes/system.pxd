@@ -198,3 +198,16 @@ cdef extern from "wire.h" nogil:
     void busx_store_u64(char *p, uint64_t v)
     void busx_store_be(char *p, uint64_t v, int width)
     uint64_t busx_hash(const char *p, size_t n)
+
+
+cdef extern from "counters.h" nogil:
+    enum busx_counter_kind:
+        BUSX_BUFFER_BYTES
+        BUSX_QUEUED_FDS
+        BUSX_MAPPINGS
+        BUSX_CONNS
+        BUSX_SUBSCRIPTIONS
+        BUSX_POLLERS
+    bint BUSX_COUNTING
+    void busx_count(int which, long long delta)
+    long long busx_counter(int which)
