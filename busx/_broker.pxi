@@ -49,6 +49,20 @@ cdef int write_error_frame(Buffer *b, uint32_t id, uint8_t flags, const char *co
     return rc
 
 
+def error_frame(str code, str message, bint fatal=True, unsigned int ref=0):
+    """An ERROR frame as bytes, built by the same code as the loop's own
+    (write_error_frame), for the handshake's Python half."""
+    cdef bytes code_b = code.encode(), message_b = message.encode()
+    cdef Buffer b
+    memset(&b, 0, sizeof(Buffer))
+    try:
+        if write_error_frame(&b, ref, F_FATAL if fatal else 0, code_b, message_b, NULL, 0) < 0:
+            raise MemoryError()
+        return b.data[b.start:b.end]
+    finally:
+        buf_free(&b)
+
+
 cdef class BrokerLoop:
     """The broker's connections, router and epoll loop. busx.Broker owns one
     and runs it on a thread (or the main thread for serve_forever).

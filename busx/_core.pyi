@@ -14,6 +14,9 @@ from busx.protocol import Frame
 # Message for busx.Closed when a bus connected before fork() is used in the child.
 FORKED_MESSAGE: str
 
+def error_frame(code: str, message: str, fatal: bool = True, ref: int = 0) -> bytes:
+    """An ERROR frame ({"code", "message"}), built as the broker's loop builds them."""
+
 def encode_frame(
     kind: int,
     topic: bytes = b"",

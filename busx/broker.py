@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, protocol
-from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus
+from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus, encode_frame, error_frame
 from .errors import BusError
-from .handshake import error_frame, pack, token_proof, unpack_limited
+from .handshake import pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity
 from .policy import Policy, Rights, load_policy
 from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
@@ -436,7 +436,7 @@ class Broker:
             "auth": peer.transport == "tcp" and bool(self.tokens),
             "payload_fds": peer.transport == "unix",
         }
-        return protocol.PREAMBLE + protocol.encode_frame(protocol.HELLO, payload=pack(hello))
+        return protocol.PREAMBLE + encode_frame(protocol.HELLO, payload=pack(hello))
 
     def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes, bool]:
         peer = self._peers[conn_id]
@@ -460,7 +460,7 @@ class Broker:
         if len(stamp) > MAX_STAMP:      # cannot happen with MAX_IDENTITY; never truncate
             return False, error_frame("internal", "sender stamp too long"), b"", False
         peer.inbox = new_inbox()
-        ready = protocol.encode_frame(protocol.READY,
+        ready = encode_frame(protocol.READY,
                                       payload=pack({"id": conn_id, "inbox": peer.inbox}))
         payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
         return True, ready, stamp, payload_fds

@@ -20,7 +20,7 @@ from typing import (
 )
 
 from . import protocol
-from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue, RunResult
+from ._core import FORKED_MESSAGE, ClientIO, Message, MessageQueue, RunResult, encode_frame
 from .errors import (
     BusError,
     Closed,
@@ -338,7 +338,7 @@ class Bus:
 
     def _resubscribe_frames(self) -> bytes:
         return b"".join(
-            protocol.encode_frame(protocol.SUB, pattern_bytes(sub.pattern), id=sid,
+            encode_frame(protocol.SUB, pattern_bytes(sub.pattern), id=sid,
                                   reply=(sub.queue_group or "").encode())
             for sid, sub in list(self._subs.items()))
 

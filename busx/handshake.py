@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 
 from . import protocol
+from ._core import encode_frame
 from .errors import AuthenticationFailed, ConnectError, ProtocolError
 
 AUTH_CONTEXT = b"busx-auth-v1"
@@ -44,9 +45,6 @@ def unpack_limited(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False, **HANDSHAKE_LIMITS)
 
 
-def error_frame(code: str, message: str, *, fatal: bool = True, ref: int = 0) -> bytes:
-    return protocol.encode_frame(protocol.ERROR, payload=pack({"code": code, "message": message}),
-                                 id=ref, flags=protocol.FATAL if fatal else 0)
 
 
 class FrameReader:
@@ -119,7 +117,7 @@ def client_handshake(sock: socket.socket, where: str, deadline: float, name: str
         identity, secret = token
         request["identity"] = identity
         request["proof"] = token_proof(secret, hello["nonce"], identity)
-    sock.sendall(protocol.PREAMBLE + protocol.encode_frame(protocol.CONNECT, payload=pack(request)))
+    sock.sendall(protocol.PREAMBLE + encode_frame(protocol.CONNECT, payload=pack(request)))
     reply = reader.read_frame()
     if reply.kind == protocol.ERROR:
         error = unpack(reply.payload)

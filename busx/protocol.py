@@ -1,6 +1,8 @@
 """The wire protocol in plain Python: constants, and a reference codec with the
 same API as the compiled one in busx._core. The tests use it as the oracle the
-Cython decoder must agree with; docs/protocol.md describes the same bytes."""
+Cython codec must agree with; production code frames with busx._core (the
+constants are shared, held equal by tests/test_frames.py); docs/protocol.md
+describes the same bytes."""
 
 from __future__ import annotations
 

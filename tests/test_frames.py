@@ -5,6 +5,7 @@ both decoders however the stream is cut, and the same refusals of bad input."""
 import random
 import struct
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -233,3 +234,12 @@ def test_the_python_oracle_and_the_core_agree_on_the_wire_constants():
     assert kinds == {name: getattr(protocol, name) for name in kinds}
     assert _core.FrameFlag.F_FATAL == protocol.FATAL
     assert _core.FrameFlag.F_PAYLOAD_FD == protocol.PAYLOAD_FD
+
+
+@pytest.mark.parametrize("fatal", [True, False])
+def test_the_core_builds_error_frames_as_the_oracle_would(fatal):
+    frame = _core.error_frame("auth", "wrong token: é", fatal=fatal, ref=7)
+    expected = protocol.encode_frame(
+        protocol.ERROR, payload=msgpack.packb({"code": "auth", "message": "wrong token: é"}),
+        id=7, flags=protocol.FATAL if fatal else 0)
+    assert frame == expected
