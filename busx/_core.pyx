@@ -43,6 +43,7 @@ include "_client.pxi"
 # Payloads of at least this many bytes travel in a sealed memfd over UNIX.
 PAYLOAD_FD_THRESHOLD = PAYLOAD_FD_MIN
 
+
 def debug_counters():
     """What the C level holds now, by kind: {} unless built with BUSX_DEBUG=1
     (includes/counters.h). The test suite checks each test gives it all back."""

@@ -22,19 +22,19 @@ import select
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import chain, pairwise
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import msgpack
 
 import busx
+
+from .children import Child, failure_reason, spawn, stop_all
 
 # Every message's data is [stamp, padding, None...]: the stamp is a fixed-size
 # bin (so its msgpack size does not vary with its values), the padding and up
@@ -53,7 +53,6 @@ PROGRESS_INTERVAL = 0.1                 # seconds between the coordinator's chec
 END_MARKER_INTERVAL = 0.2               # resend the end marker: a slow subscriber may drop one
 START_TIMEOUT = 30.0                    # for a child process to start and subscribe
 STALL_TIMEOUT = 30.0                    # no message moved this long: the run is stuck
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MEGABYTE = 1_000_000                    # MB/s counts payload bytes, in units of 10**6
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0))
 LATENCY_NOTE = ("Latency is one-way, from the publisher stamping a message to recv_many "
@@ -72,14 +71,6 @@ class BenchError(Exception):
 class Target(NamedTuple):
     transport: str | None    # the transport the run must use; None: whatever url gives
     url: str
-
-
-class Child(NamedTuple):
-    role: str                   # "publisher", "subscriber 1", ...
-    process: subprocess.Popen
-    output: IO[bytes]           # its stdout: a subscriber says "ready" there
-    result_prefix: str          # its summary is result_prefix + ".json", latencies + ".latency"
-    log_path: str               # its stderr, shown if it fails
 
 
 class Run(NamedTuple):
@@ -257,47 +248,32 @@ def run_one(target: Target, size: int, count: int, subscribers: int, workdir: st
                                     topic, str(size), str(count))
             watch(control, topic, label, children, publisher, count * subscribers)
         finally:
-            stop_children(children)
+            stop_all(children)
     return collect(label, target.url, size, count, publisher, children[:-1])
 
 
 def spawn_child(children: list[Child], role: str, workdir: str, command: str,
                 *args: str) -> Child:
-    """Start a child process and add it to children, which stop_children() stops."""
-    # A session of its own: Ctrl-C reaches only the coordinator, which stops
-    # the children before the broker.
-    result_prefix = os.path.join(workdir, role.replace(" ", "-"))
-    log_path = result_prefix + ".log"
-    with open(log_path, "wb") as log, interrupts_deferred():
-        process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "busx.bench", command, *args, result_prefix],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
-        assert process.stdout is not None
-        children.append(Child(role, process, process.stdout, result_prefix, log_path))
-    return children[-1]
+    """A bench worker (`python -m busx.bench command args result_prefix`),
+    added to children."""
+    return spawn(children, role, "busx.bench", [command, *args, result_prefix(workdir, role)],
+                 workdir, read_output=True)
 
 
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (then raise
-    KeyboardInterrupt): a child started in it is always in the list of
-    children to stop, never left running on its own."""
-    received: list[int] = []
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
-                for number in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if received:
-        raise KeyboardInterrupt
+def result_prefix(workdir: str, role: str) -> str:
+    """Where a worker writes its summary (+ ".json") and latencies (+ ".latency"):
+    beside its log (children.spawn)."""
+    return os.path.join(workdir, role.replace(" ", "-"))
+
+
+def results_of(child: Child) -> str:
+    return child.log_path.removesuffix(".log")
 
 
 def wait_ready(children: list[Child]) -> None:
     """Wait until every subscriber has printed "ready" (it has subscribed)."""
     deadline = time.monotonic() + START_TIMEOUT
-    waiting = {child.output: child for child in children}
+    waiting = {child.output: child for child in children if child.output is not None}
     while waiting:
         remaining = deadline - time.monotonic()
         readable = select.select(list(waiting), [], [], max(0.0, remaining))[0]
@@ -354,25 +330,6 @@ def bench_counts(stats: dict, topic: str) -> tuple[int, int]:
     return published, handled
 
 
-def failure_reason(child: Child) -> str:
-    with open(child.log_path, errors="replace") as log:
-        lines = log.read().strip().splitlines()
-    return lines[-1] if lines else f"exit status {child.process.returncode}"
-
-
-def stop_children(children: list[Child]) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.terminate()
-    for child in children:
-        try:
-            child.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
-        child.output.close()
-
-
 class ProgressBar:
     """A one-line text bar on stderr, redrawn in place."""
 
@@ -401,7 +358,7 @@ def collect(label: str, url: str, size: int, count: int, publisher_child: Child,
     subscribers, latencies, sub_samples = [], [], []
     for child in subscriber_children:
         summary = read_json(child)
-        with open(child.result_prefix + ".latency", "rb") as file:
+        with open(results_of(child) + ".latency", "rb") as file:
             latency = sorted(array("q", file.read()))
         latencies.append(latency)
         elapsed = (summary["last_received_ns"] or start) - start
@@ -425,7 +382,7 @@ def collect(label: str, url: str, size: int, count: int, publisher_child: Child,
 
 def read_json(child: Child) -> dict:
     try:
-        with open(child.result_prefix + ".json") as file:
+        with open(results_of(child) + ".json") as file:
             return json.load(file)
     except FileNotFoundError:
         raise BenchError(f"the bench {child.role} left no results: "

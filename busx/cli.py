@@ -14,13 +14,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 
@@ -35,6 +34,7 @@ from .broker import (
     DEFAULT_MAX_PENDING_FDS,
     DEFAULT_MAX_SUBSCRIPTIONS,
 )
+from .children import Child, failure_reason, spawn, stop_all
 from .errors import BusError
 from .topics import pattern_bytes, topic_bytes
 
@@ -390,12 +390,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- demo ----
 
-class DemoChild(NamedTuple):
-    role: str
-    process: subprocess.Popen
-    log_path: str       # its stderr, shown if it dies
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     # SIGTERM (`timeout`, a service manager) stops the demo as Ctrl-C does:
     # children stopped, broker stopped, temporary directory removed.
@@ -403,18 +397,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="busx-demo-")
     try:
         with busx.Broker(unix_path=os.path.join(workdir, "bus.sock")) as broker:
-            children: list[DemoChild] = []
+            children: list[Child] = []
             try:
                 with busx.connect(broker.url, name="busx demo") as bus:
                     reports = bus.subscribe(DEMO_STATS)
-                    children.append(
-                        spawn_demo_child("subscriber", "_demo-sub", broker.url, workdir))
+                    spawn(children, "subscriber", "busx.cli", ["_demo-sub", broker.url], workdir)
                     first = read_reports(reports, children, time.monotonic() + DEMO_START_TIMEOUT,
                                          stop_at_first=True)
                     if first is None:
                         raise CommandError(f"the demo subscriber did not start within "
                                            f"{DEMO_START_TIMEOUT:.0f}s")
-                    children.append(spawn_demo_child("publisher", "_demo-pub", broker.url, workdir))
+                    spawn(children, "publisher", "busx.cli", ["_demo-pub", broker.url], workdir)
                     print(f"busx demo: 1 publisher -> broker at {broker.url} -> 1 subscriber, "
                           f"{len(msgpack.packb(DEMO_MESSAGE))}-byte messages (Ctrl-C to stop)",
                           flush=True)
@@ -422,24 +415,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print()
             finally:
-                stop_children([child.process for child in children])
+                stop_all(children)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-def spawn_demo_child(role: str, command: str, url: str, workdir: str) -> DemoChild:
-    # A session of its own: Ctrl-C reaches only the parent, which stops the
-    # children before the broker.
-    log_path = os.path.join(workdir, f"{role}.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-P", "-m", "busx.cli", command, url],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=log, start_new_session=True)
-    return DemoChild(role, process, log_path)
-
-
-def read_reports(reports: busx.Subscription, children: list[DemoChild], until: float,
+def read_reports(reports: busx.Subscription, children: list[Child], until: float,
                  stop_at_first: bool = False) -> dict | None:
     """The newest count report from the subscriber by `until` (None if none
     came); raises CommandError if a child process died."""
@@ -449,13 +431,11 @@ def read_reports(reports: busx.Subscription, children: list[DemoChild], until: f
             latest = msg.data
         for child in children:
             if child.process.poll() is not None:
-                with open(child.log_path, errors="replace") as log:
-                    reason = log.read().strip() or f"exit status {child.process.returncode}"
-                raise CommandError(f"the demo {child.role} stopped: {reason}")
+                raise CommandError(f"the demo {child.role} stopped: {failure_reason(child)}")
     return latest
 
 
-def show_demo(reports: busx.Subscription, children: list[DemoChild], first: dict,
+def show_demo(reports: busx.Subscription, children: list[Child], first: dict,
               seconds: float | None) -> None:
     """A line a second with the subscriber's receive rate, from its own
     reports (counts with CLOCK_MONOTONIC times, comparable across processes)."""
@@ -471,18 +451,6 @@ def show_demo(reports: busx.Subscription, children: list[DemoChild], first: dict
     elapsed = latest["time"] - first["time"]
     print(f"average {(latest['received'] - first['received']) / max(elapsed, 1e-9):,.0f} msgs/s "
           f"over {elapsed:.1f}s", flush=True)
-
-
-def stop_children(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def cmd_demo_publisher(args: argparse.Namespace) -> int:
