@@ -186,10 +186,10 @@ def broker_capacity_row(broker: peers.BrokerProcess, directory: str, count: int,
         if subscriber.stdout.readline().strip() != "ready":
             return Row(name, note="failed: the C subscriber did not subscribe")
         subprocess.run([binary, "pub", path, str(count), str(size)], check=True, timeout=300)
-        rate, _ = subscriber.stdout.readline().split()
+        rate, _, dropped = subscriber.stdout.readline().split()
     finally:
         subscriber.wait(timeout=60)
-    return Row(name, float(rate), 0)
+    return Row(name, float(rate), int(dropped))
 
 
 def large_rows(broker: peers.BrokerProcess, directory: str, count: int, repeat: int) -> list[Row]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import wait_for
+from support import wait_for
 
 SUBNET_BITS = 24
 

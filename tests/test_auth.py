@@ -10,7 +10,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import run_python
+from support import run_python
 
 import busx
 from busx import protocol

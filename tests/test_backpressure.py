@@ -4,7 +4,7 @@ without bound, and never stalls for good."""
 import threading
 
 import pytest
-from conftest import COUNTING
+from support import COUNTING
 
 import busx
 from busx._core import PAYLOAD_FD_THRESHOLD

@@ -10,7 +10,7 @@ import struct
 
 import msgpack
 import pytest
-from conftest import RawPeer, open_fds, spawn_python, wait_for
+from support import RawPeer, open_fds, spawn_python, wait_for
 
 import busx
 from busx import protocol

@@ -17,7 +17,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 import busx
 

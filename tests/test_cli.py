@@ -15,7 +15,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import spawn_python, wait_for
+from support import spawn_python, wait_for
 
 import busx
 

@@ -12,7 +12,7 @@ import time
 import zlib
 
 import pytest
-from conftest import BrokerProcess, open_fds, spawn_python, stop_process, wait_for
+from support import open_fds, spawn_python, stop_process, wait_for
 
 import busx
 
@@ -264,52 +264,46 @@ def answer_requests(bus: busx.Bus, topic: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_broker_polls_only_briefly_after_request_reply_traffic(tmp_path):
+def test_the_broker_polls_only_briefly_after_request_reply_traffic(start_broker):
     # Broker(busy_poll_us=...) polls after a trickle of frames instead of
     # sleeping at once; once the traffic stops, so must the polling.
-    broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "1000")
-    try:
-        with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
-            answer_requests(service, "poll.echo")
-            assert [client.request("poll.echo", i, timeout=5).data for i in range(300)] == \
-                list(range(300))
-            stats = client.stats()
-            assert stats["busy_poll_hits"] > 0, "no request was caught by polling"
-            assert stats["busy_poll_window_us"] > 0
-            assert_idle(broker.pid)
-    finally:
-        broker.stop()
+    broker = start_broker("--busy-poll-us", "1000")
+    with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
+        answer_requests(service, "poll.echo")
+        assert [client.request("poll.echo", i, timeout=5).data for i in range(300)] == \
+            list(range(300))
+        stats = client.stats()
+        assert stats["busy_poll_hits"] > 0, "no request was caught by polling"
+        assert stats["busy_poll_window_us"] > 0
+        assert_idle(broker.pid)
 
 
 @pytest.mark.timeout(60)
-def test_the_broker_stops_polling_for_traffic_sparser_than_its_poll(tmp_path):
+def test_the_broker_stops_polling_for_traffic_sparser_than_its_poll(start_broker):
     # Round trips grow the poll; lone messages further apart than
     # busy_poll_us shrink it to nothing, and then cost no polling at all.
-    broker = BrokerProcess(str(tmp_path), "--busy-poll-us", "500")
-    try:
-        with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
-            answer_requests(service, "poll.echo")
-            for i in range(100):
-                client.request("poll.echo", i, timeout=5)
-            assert client.stats()["busy_poll_window_us"] > 0
+    broker = start_broker("--busy-poll-us", "500")
+    with busx.connect(broker.url) as service, busx.connect(broker.url) as client:
+        answer_requests(service, "poll.echo")
+        for i in range(100):
+            client.request("poll.echo", i, timeout=5)
+        assert client.stats()["busy_poll_window_us"] > 0
 
-            ticks = client.subscribe("poll.tick")
-            client.flush()
+        ticks = client.subscribe("poll.tick")
+        client.flush()
 
-            def sparse_ticks_then_stats(count):
-                # time.sleep is not synchronisation here: it is the traffic's
-                # pace, and the stats request keeps that pace too.
-                for i in range(count):
-                    time.sleep(0.005)
-                    service.publish("poll.tick", i)
-                    assert ticks.recv(timeout=5).data == i
+        def sparse_ticks_then_stats(count):
+            # time.sleep is not synchronisation here: it is the traffic's
+            # pace, and the stats request keeps that pace too.
+            for i in range(count):
                 time.sleep(0.005)
-                return client.stats()
-            settled = sparse_ticks_then_stats(20)   # halves the poll from at most 500 µs to 0
-            assert settled["busy_poll_window_us"] == 0
-            assert sparse_ticks_then_stats(20)["busy_polls"] == settled["busy_polls"]
-    finally:
-        broker.stop()
+                service.publish("poll.tick", i)
+                assert ticks.recv(timeout=5).data == i
+            time.sleep(0.005)
+            return client.stats()
+        settled = sparse_ticks_then_stats(20)   # halves the poll from at most 500 µs to 0
+        assert settled["busy_poll_window_us"] == 0
+        assert sparse_ticks_then_stats(20)["busy_polls"] == settled["busy_polls"]
 
 
 @pytest.mark.parametrize("value", [-1, 1_000_001])

@@ -10,52 +10,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import json_result, open_fds, spawn_python, wait_for
+from support import BrokerProcess, json_result, open_fds, spawn_python, wait_for
 
 import busx
-
-BROKER = """
-import os, sys, busx
-broker = busx.Broker(unix_path=sys.argv[1], max_pending=int(sys.argv[2]),
-                     max_pending_fds=int(sys.argv[3]))
-print(os.getpid(), flush=True)
-broker.serve_forever()
-"""
-
-
-class BrokerProcess:
-    """A broker in its own process, so its fd table is its own."""
-
-    def __init__(self, path: str, max_pending: int, max_pending_fds: int) -> None:
-        self.process = spawn_python(BROKER, path, str(max_pending), str(max_pending_fds))
-        self.pid = int(self.process.stdout.readline() or 0)
-        assert self.pid == self.process.pid, self.process.stderr.read()
-        self.url = f"unix://{path}"
-        wait_for(lambda: os.path.exists(path), message="the broker never listened")
-
-    def fds(self) -> int:
-        return open_fds(self.pid)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            assert self.process.wait(timeout=20) == 0, self.process.stderr.read()
-        finally:
-            self.process.stdout.close()
-            self.process.stderr.close()
-
-
-@pytest.fixture
-def start_broker(socket_path):
-    started = []
-
-    def start(max_pending: int = 64 << 20, max_pending_fds: int = 1024) -> BrokerProcess:
-        started.append(BrokerProcess(socket_path, max_pending, max_pending_fds))
-        return started[-1]
-
-    yield start
-    for broker in started:
-        broker.stop()
 
 
 def client_baseline(broker) -> int:
@@ -312,7 +269,7 @@ def test_no_broker_fd_leak_when_a_subscriber_dies_with_fds_queued(start_broker):
 
 @pytest.mark.timeout(90)
 def test_no_fd_leak_when_a_slow_subscriber_has_messages_dropped(start_broker):
-    broker = start_broker(max_pending=64 << 10)
+    broker = start_broker("--max-pending", str(64 << 10))
     client_fds = client_baseline(broker)
     count, filler = 2000, b"x" * (10 << 10)
     pool = [memfd() for _ in range(8)]
@@ -361,7 +318,7 @@ def test_no_fd_leak_in_broker_or_clients_after_thousands_of_fd_messages(start_br
     # The burst queues up to 12,000 fds for the subscriber before it reads:
     # room for all of them, since this test counts leaks, not drops (the
     # max_pending_fds bound is test_hardening.py's).
-    broker = start_broker(max_pending_fds=1 << 16)
+    broker = start_broker("--max-pending-fds", str(1 << 16))
     client_fds = client_baseline(broker)
     with busx.connect(broker.url) as publisher, busx.connect(broker.url) as subscriber:
         subs = [subscriber.subscribe("leak.many"), subscriber.subscribe("leak.>")]

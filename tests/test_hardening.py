@@ -13,7 +13,6 @@ import gc
 import json
 import math
 import os
-import re
 import resource
 import signal
 import socket
@@ -24,7 +23,7 @@ from functools import partial
 
 import msgpack
 import pytest
-from conftest import BrokerProcess, RawPeer, open_fds, spawn_python, stop_process, wait_for
+from support import RawPeer, open_fds, spawn_python, stop_process, wait_for
 
 import busx
 from busx import protocol
@@ -35,27 +34,6 @@ KiB = 1 << 10
 
 
 # ---- helpers ----
-
-@pytest.fixture
-def start_broker(tmp_path):
-    """Start `busx serve` processes; each is stopped (and must exit 0) at the end."""
-    started = []
-
-    def start(*options: str) -> BrokerProcess:
-        directory = tmp_path / f"broker{len(started)}"
-        directory.mkdir()
-        started.append(BrokerProcess(str(directory), *options))
-        broker = started[-1]
-        # RawPeer(broker, "tcp") needs tcp_address: read it from the log line
-        # "listening on unix://... and tcp://HOST:PORT".
-        found = re.search(r"tcp://\[?([^\]\s]+?)\]?:(\d+)", broker.log())
-        broker.tcp_address = (found.group(1), int(found.group(2))) if found else None
-        return broker
-
-    yield start
-    close_all_raw_peers()       # first: a broker stops sooner with no stuck reader
-    for broker in started:
-        broker.stop()
 
 
 def closed_within(peer: RawPeer, seconds: float) -> list:
@@ -99,29 +77,9 @@ def send_ignoring_close(peer: RawPeer, data: bytes) -> None:
         pass
 
 
-_raw_peers: list = []
-
-
-@pytest.fixture(autouse=True)
-def close_raw_peers():
-    """Raw peers are closed after each test, also when it fails half-way."""
-    yield
-    close_all_raw_peers()
-
-
-def close_all_raw_peers() -> None:
-    while _raw_peers:
-        _raw_peers.pop().close()
-
-
-def raw_peer(broker, transport: str = "unix") -> RawPeer:
-    _raw_peers.append(RawPeer(broker, transport))
-    return _raw_peers[-1]
-
-
 def raw_client(broker, transport: str = "unix", connect: dict | None = None) -> RawPeer:
     """A RawPeer that completed the handshake with the given CONNECT map."""
-    peer = raw_peer(broker, transport)
+    peer = RawPeer(broker, transport)
     peer.read_hello()
     peer.send(protocol.PREAMBLE
               + protocol.encode_frame(protocol.CONNECT, payload=pack(connect or {})))
@@ -350,7 +308,7 @@ def test_max_frame_is_at_most_2_gib(socket_path):
 # ---- 3. before READY: frames of at most 64 KiB, CONNECT decoded with limits ----
 
 def test_connect_frame_over_64_kib_is_refused(broker):
-    peer = raw_peer(broker, "unix")
+    peer = RawPeer(broker, "unix")
     peer.read_hello()
     connect = protocol.encode_frame(protocol.CONNECT, payload=pack({"name": "n" * (100 * KiB)}))
     send_ignoring_close(peer, protocol.PREAMBLE + connect)
@@ -364,7 +322,7 @@ def test_huge_connect_of_empty_arrays_does_not_grow_the_broker(tmp_path, start_b
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('edge = "s3cret"\n')
     broker = start_broker("--tcp", "127.0.0.1:0", "--tokens", str(tokens))
-    peer = raw_peer(broker, "tcp")
+    peer = RawPeer(broker, "tcp")
     peer.read_hello()
     # ~24 MB of msgpack: an array32 of 24 million empty arrays. Decoded
     # without limits it becomes 24 million Python lists (gigabytes).
@@ -399,7 +357,7 @@ HALF_HANDSHAKES = {
 def test_handshake_not_completed_in_time_is_closed(start_broker, transport, stage):
     broker = start_broker("--tcp", "127.0.0.1:0", "--handshake-timeout", "0.5")
     started = time.monotonic()
-    peer = raw_peer(broker, transport)
+    peer = RawPeer(broker, transport)
     peer.read_hello()
     if HALF_HANDSHAKES[stage]:
         peer.send(HALF_HANDSHAKES[stage])

@@ -17,9 +17,9 @@ import time
 
 import msgpack
 import pytest
-from conftest import BrokerProcess, RawPeer, open_fds, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import RawPeer, open_fds, wait_for
 
 import busx
 from busx import protocol
@@ -295,31 +295,28 @@ def test_hostile_subscriptions_do_not_outlive_their_connection(arena):
 
 
 @pytest.mark.timeout(60)
-def test_queue_group_names_do_not_accumulate_in_the_broker(tmp_path):
+def test_queue_group_names_do_not_accumulate_in_the_broker(start_broker):
     # A client that subscribes and unsubscribes with ever new queue group
     # names (a uuid per worker start, or an attacker) holds no subscription
     # afterwards; the broker must not keep the names. 200,000 names of 255
     # bytes would cost it some 70 MiB, for good.
-    broker = BrokerProcess(str(tmp_path))
-    try:
-        peer = RawPeer(broker, "unix")
-        peer.handshake()
-        warm_up, count, chunk = 20_000, 200_000, 1000
+    broker = start_broker()
+    peer = RawPeer(broker, "unix")
+    peer.handshake()
+    warm_up, count, chunk = 20_000, 200_000, 1000
 
-        def churn(first, last):
-            for start in range(first, last, chunk):
-                peer.send(b"".join(
-                    protocol.encode_frame(protocol.SUB, b"jobs", id=1, reply=b"%0255d" % i)
-                    + protocol.encode_frame(protocol.UNSUB, id=1)
-                    for i in range(start, start + chunk)))
-                answers = [peer.next_frame().kind for _ in range(2 * chunk)]
-                assert answers == [protocol.OK] * (2 * chunk)
+    def churn(first, last):
+        for start in range(first, last, chunk):
+            peer.send(b"".join(
+                protocol.encode_frame(protocol.SUB, b"jobs", id=1, reply=b"%0255d" % i)
+                + protocol.encode_frame(protocol.UNSUB, id=1)
+                for i in range(start, start + chunk)))
+            answers = [peer.next_frame().kind for _ in range(2 * chunk)]
+            assert answers == [protocol.OK] * (2 * chunk)
 
-        churn(0, warm_up)       # the allocator's and dict's first growth
-        before = broker.rss_bytes()
-        churn(warm_up, count)
-        grown = broker.rss_bytes() - before
-        peer.close()
-    finally:
-        broker.stop()
+    churn(0, warm_up)       # the allocator's and dict's first growth
+    before = broker.rss_bytes()
+    churn(warm_up, count)
+    grown = broker.rss_bytes() - before
+    peer.close()
     assert grown < 16 << 20, f"the broker grew by {grown >> 20} MiB keeping dead queue names"

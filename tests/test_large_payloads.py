@@ -13,7 +13,7 @@ import sys
 
 import msgpack
 import pytest
-from conftest import RawPeer, open_fds, wait_for
+from support import RawPeer, open_fds, wait_for
 
 import busx
 from busx import protocol

@@ -8,7 +8,7 @@ import resource
 import time
 
 import pytest
-from conftest import BrokerProcess, spawn_python
+from support import spawn_python
 
 import busx
 
@@ -61,8 +61,8 @@ def probe_round_trip(probe) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_a_thousand_clients_receive_every_broadcast_in_order(tmp_path, many_fds):
-    broker = BrokerProcess(str(tmp_path))
+def test_a_thousand_clients_receive_every_broadcast_in_order(start_broker, many_fds):
+    broker = start_broker()
     groups = []
     try:
         started = time.monotonic()
@@ -92,7 +92,6 @@ def test_a_thousand_clients_receive_every_broadcast_in_order(tmp_path, many_fds)
             if group.poll() is None:
                 group.kill()
                 group.communicate()
-        broker.stop()
 
     print(f"{PROCESSES * CLIENTS_EACH} clients connected and subscribed in {connected:.1f}s; "
           f"{MESSAGES} messages to each ({MESSAGES * PROCESSES * CLIENTS_EACH} deliveries) in "

@@ -12,7 +12,7 @@ import stat
 import tempfile
 
 import pytest
-from conftest import run_python
+from support import run_python
 
 import busx
 

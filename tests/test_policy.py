@@ -4,7 +4,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import run_python
+from support import run_python
 
 import busx
 from busx.policy import load_policy, pattern_contains

@@ -64,7 +64,6 @@ from dataclasses import dataclass
 
 import msgpack
 import pytest
-from conftest import BrokerProcess, open_fds
 from hypothesis import HealthCheck, Verbosity, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -77,6 +76,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import BrokerProcess, open_fds
 
 import busx
 from busx import protocol

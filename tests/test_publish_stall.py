@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 
-from conftest import spawn_python, wait_for
+from support import spawn_python, wait_for
 
 import busx
 

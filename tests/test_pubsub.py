@@ -4,7 +4,7 @@ import math
 
 import msgpack
 import pytest
-from conftest import run_python, wait_for
+from support import run_python, wait_for
 
 import busx
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import spawn_python, wait_for
+from support import spawn_python, wait_for
 
 import busx
 

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BrokerProcess, json_result, spawn_python, stop_process, wait_for
+from support import json_result, spawn_python, stop_process, wait_for
 
 import busx
 
@@ -19,18 +19,6 @@ MAX_PENDING = 256 << 10
 PAYLOAD = b"x" * 1000
 WINDOW = 64          # messages the test publishes before catching its fast subscriber up
 
-
-@pytest.fixture
-def start_broker(tmp_path):
-    started = []
-
-    def start(*options: str) -> BrokerProcess:
-        started.append(BrokerProcess(str(tmp_path), *options))
-        return started[-1]
-
-    yield start
-    for broker in started:
-        broker.stop()
 
 
 def connection(stats: dict, name: str) -> dict:

@@ -25,7 +25,7 @@ import time
 import traceback
 
 import pytest
-from conftest import BrokerProcess
+from support import BrokerProcess
 
 import busx
 

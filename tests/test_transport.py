@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import run_python, wait_for
+from support import run_python, wait_for
 
 import busx
 

@@ -4,7 +4,7 @@ through the broker: every one arrives, exactly once, in order."""
 import json
 
 import pytest
-from conftest import spawn_python, wait_for
+from support import spawn_python, wait_for
 
 import busx
 

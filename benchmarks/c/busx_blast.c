@@ -4,8 +4,9 @@
  *   busx_blast pub SOCKET COUNT SIZE   publish COUNT frames (topic "bench",
  *                                      SIZE-byte payload) in 64 KiB writes
  *   busx_blast sub SOCKET COUNT        subscribe to "bench", print "ready",
- *                                      then count COUNT messages and print
- *                                      "<msgs/s> <seconds>"
+ *                                      then count COUNT messages (received or
+ *                                      reported dropped by the broker) and
+ *                                      print "<msgs/s> <seconds> <dropped>"
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -18,7 +19,8 @@
 
 #include "bench.h"
 
-enum { HEADER = 16, CONNECT = 2, READY = 3, PUB = 4, MSG = 5, SUB = 6, PING = 8, PONG = 9, OK = 10 };
+enum { HEADER = 16, CONNECT = 2, READY = 3, PUB = 4, MSG = 5, SUB = 6, PING = 8, PONG = 9, OK = 10,
+       DROPPED = 12 };
 static const char PREAMBLE[8] = {'B', 'U', 'S', 'X', 1, 0, 0, 0};
 
 static void put_u32(unsigned char *p, uint32_t v) {
@@ -27,6 +29,15 @@ static void put_u32(unsigned char *p, uint32_t v) {
 
 static uint32_t get_u32(const unsigned char *p) {
     return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* A msgpack unsigned integer (a DROPPED frame's count). */
+static uint64_t get_msgpack_uint(const unsigned char *p) {
+    uint64_t v = 0;
+    int bytes = p[0] == 0xcc ? 1 : p[0] == 0xcd ? 2 : p[0] == 0xce ? 4 : p[0] == 0xcf ? 8 : 0;
+    if (!bytes) return p[0];        /* positive fixint */
+    for (int i = 1; i <= bytes; i++) v = v << 8 | p[i];
+    return v;
 }
 
 /* Encode one frame into out; returns its size. */
@@ -103,7 +114,7 @@ static int subscribe(int fd, long count) {
     enum { CHUNK = 16 << 20 };     /* room for the largest frame the broker allows */
     unsigned char sub[64], *buf = malloc(CHUNK);
     size_t have = 0;
-    long seen = 0;
+    long seen = 0, dropped = 0;
     double start = 0;
     write_all(fd, sub, frame(sub, SUB, 1, "bench", NULL, 0));
     if (read_frame(fd) != OK) { fprintf(stderr, "subscribe refused\n"); return 1; }
@@ -120,13 +131,18 @@ static int subscribe(int fd, long count) {
             if (size > CHUNK) { fprintf(stderr, "frame too large\n"); return 1; }
             if (have - at < size) break;
             if (buf[at + 4] == MSG) seen++;
+            if (buf[at + 4] == DROPPED) {   /* slow consumer: they never come */
+                uint64_t n = get_msgpack_uint(buf + at + HEADER);
+                seen += n;
+                dropped += n;
+            }
             at += size;
         }
         memmove(buf, buf + at, have - at);
         have -= at;
     }
     double elapsed = now() - start;
-    printf("%.0f %.6f\n", count / elapsed, elapsed);
+    printf("%.0f %.6f %ld\n", (count - dropped) / elapsed, elapsed, dropped);
     return 0;
 }
 
