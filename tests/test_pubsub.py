@@ -4,7 +4,7 @@ import math
 
 import msgpack
 import pytest
-from support import run_python, wait_for
+from support import open_fds, run_python, wait_for
 
 import busx
 
@@ -282,7 +282,6 @@ def test_a_waiting_thread_reads_the_socket_itself(broker):
 def test_close_wakes_a_thread_blocked_in_recv(broker):
     import threading
 
-    from conftest import open_fds
     baseline = open_fds()
     bus = busx.connect(broker.url)
     sub = bus.subscribe("nothing.ever")
