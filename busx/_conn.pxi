@@ -3,8 +3,8 @@
 # offsets, the fds that came with its frames or wait to go with them, its
 # subscriptions and counters - and the rules that read only that state.
 #
-# Threads: a Conn belongs to the broker's loop thread (holding state_lock);
-# only BrokerLoop's methods create, change and free it.
+# Threads: a Conn belongs to the broker's loop thread (holding state_lock).
+# BrokerLoop creates and frees it; BrokerLoop and the delivery room change it.
 
 cdef enum ConnState:
     CS_PREAMBLE = 0     # waiting for the client's 8-byte preamble
