@@ -41,22 +41,23 @@ class AsyncSubscription:
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; raises Timeout when timeout seconds pass first."""
-        msg = self._sub._queue.pop()
+        msg = self._sub.next_queued()
         if msg is not None:
             return msg
-        return await self._bus._wait(Step(self._sub._next_message, _deadline(timeout),
+        return await self._bus._wait(Step(self._sub.next_message, _deadline(timeout),
                                           "no message arrived within the timeout"))
 
     async def recv_many(self, max_count: int = 1024,
                         timeout: float | None = None) -> list[Message]:
         """Up to max_count queued messages; waits for one; [] on timeout."""
-        if len(self._sub._queue):
-            return self._sub._queue.pop_many(max_count)
+        batch = self._sub.queued(max_count)
+        if batch:
+            return batch
         try:
             first = await self.recv(timeout)
         except Timeout:
             return []
-        return [first] + self._sub._queue.pop_many(max_count - 1)
+        return [first] + self._sub.queued(max_count - 1)
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self
@@ -69,7 +70,7 @@ class AsyncSubscription:
 
     async def unsubscribe(self) -> None:
         if not self._sub.closed:
-            await self._bus._drive(self._bus._bus._unsubscribe_steps(self._sub))
+            await self._bus._drive(self._bus._bus.unsubscribe_steps(self._sub))
 
 
 class AsyncBus:
@@ -80,8 +81,7 @@ class AsyncBus:
         self._loop = loop
         self._waiters: set[asyncio.Future] = set()
         self._publish_lock = asyncio.Lock()
-        bus._io.bus = self              # msg.respond() then returns an awaitable
-        self._notify_fd = bus._io.notify_fd_open()
+        self._notify_fd = bus.watch_events(self)    # msg.respond() returns an awaitable
         loop.add_reader(self._notify_fd, self._on_events)
 
     @property
@@ -105,15 +105,10 @@ class AsyncBus:
                 waiter.set_result(None)
 
     async def _wait(self, step: Step) -> Any:
-        bus = self._bus
-        bus._check_open()
         while True:
-            with bus._pump_lock:
-                bus._pump()
-                result = step.ready()
-                if result is not None:
-                    return result
-                bus._check_usable()
+            result = self._bus.poll(step.ready)
+            if result is not None:
+                return result
             remaining = None if step.deadline is None else step.deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise Timeout(step.timeout_message or "timed out")
@@ -157,22 +152,19 @@ class AsyncBus:
 
     async def flush(self, timeout: float | None = None) -> None:
         """Return once the broker has routed everything published before."""
-        await self._drive(self._bus._flush_steps(timeout))
+        await self._drive(self._bus.flush_steps(timeout))
 
     async def subscribe(self, pattern: str, *, queue: str | None = None) -> AsyncSubscription:
         """Subscribe; active when it returns."""
-        self._bus._check_open()
-        sub = await self._drive(self._bus._subscribe_steps(pattern, queue))
+        sub = await self._drive(self._bus.subscribe_steps(pattern, queue))
         return AsyncSubscription(self, sub)
 
     async def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
         """Publish with a private reply inbox and wait for one reply."""
-        self._bus._check_open()
-        return await self._drive(self._bus._request_steps(topic, data, timeout))
+        return await self._drive(self._bus.request_steps(topic, data, timeout))
 
     async def stats(self, timeout: float | None = None) -> dict:
-        self._bus._check_open()
-        return await self._drive(self._bus._stats_steps(timeout))
+        return await self._drive(self._bus.stats_steps(timeout))
 
     async def close(self) -> None:
         """Flush, then close. Idempotent."""
@@ -183,7 +175,7 @@ class AsyncBus:
         except Exception:
             pass
         self._loop.remove_reader(self._notify_fd)
-        self._bus._close_now()
+        self._bus.close_now()
         self._wake_waiters()    # they see Closed
 
     async def __aenter__(self) -> AsyncBus:

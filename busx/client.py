@@ -97,7 +97,7 @@ class Subscription:
         msg = self._queue.pop()
         if msg is not None:
             return msg
-        return self.bus._wait(self._next_message, _deadline(timeout),
+        return self.bus._wait(self.next_message, _deadline(timeout),
                               "no message arrived within the timeout")
 
     def recv_many(self, max_count: int = 1024, timeout: float | None = None) -> list[Message]:
@@ -105,12 +105,24 @@ class Subscription:
         if len(self._queue):
             return self._queue.pop_many(max_count)
         try:
-            first = self.bus._wait(self._next_message, _deadline(timeout), "")
+            first = self.bus._wait(self.next_message, _deadline(timeout), "")
         except Timeout:
             return []
         return [first] + self._queue.pop_many(max_count - 1)
 
-    def _next_message(self) -> Message | None:
+    # ---- for drivers (Bus here, busx.aio.AsyncSubscription) ----
+
+    def queued(self, max_count: int) -> list[Message]:
+        """Up to max_count messages already here, oldest first; never waits."""
+        return self._queue.pop_many(max_count) if len(self._queue) else []
+
+    def next_queued(self) -> Message | None:
+        """The oldest message already here, or None; never waits."""
+        return self._queue.pop()
+
+    def next_message(self) -> Message | None:
+        """A Step's test: the next message, None to wait on, or the error
+        that ended the subscription."""
         msg = self._queue.pop()
         if msg is not None:
             return msg
@@ -394,6 +406,27 @@ class Bus:
                 raise Timeout(timeout_message or "timed out")
             self._io.wait(seen, remaining)
 
+    # ---- for an event-loop driver (busx.aio), which waits its own way ----
+
+    def poll(self, ready: Callable[[], Any]) -> Any:
+        """Take what has arrived and test ready() once: its result, or None
+        to wait for the next event. Raises if the bus is closed or lost for
+        good."""
+        self._check_open()
+        with self._pump_lock:
+            self._pump()
+            result = ready()
+            if result is None:
+                self._check_usable()
+            return result
+
+    def watch_events(self, responder: Any) -> int:
+        """An eventfd that becomes readable whenever something arrives or the
+        connection changes; msg.respond() on this bus's messages then goes
+        through responder (the AsyncBus)."""
+        self._io.bus = responder
+        return self._io.notify_fd_open()
+
     def _check_open(self) -> None:
         """Raise before taking any lock: in a fork()ed child the parent's
         threads may have held them."""
@@ -405,7 +438,7 @@ class Bus:
             raise Closed("the bus is closed")
         if not self._reconnect and self._lost_reason is not None and not self._io.attached:
             reason, reported = self._lost_reason, self._loss_reported
-            self._close_now()
+            self.close_now()
             if reported:        # said once already (as Disconnected): now it is closed
                 raise Closed(f"the bus closed after losing its broker: {reason}")
             self._loss_reported = True
@@ -465,10 +498,14 @@ class Bus:
     def flush(self, timeout: float | None = None) -> None:
         """Return once the broker has routed everything published before;
         raises PermissionDenied for publishes denied since the last flush."""
-        self._check_open()
-        self._drive(self._flush_steps(timeout))
+        self._drive(self.flush_steps(timeout))
 
-    def _flush_steps(self, timeout: float | None) -> Generator[Step, Any, None]:
+    # The round trips as generators of Steps, without waiting (sans-IO): flush()
+    # and friends drive them blocking (_drive), busx.aio with await. Each
+    # checks the bus is open before it sends anything.
+
+    def flush_steps(self, timeout: float | None) -> Generator[Step, Any, None]:
+        self._check_open()
         yield from self._round_trip_steps(protocol.PING, next(self._ids), deadline=_deadline(timeout))
         if self._denied:
             denied, self._denied = self._denied, []
@@ -476,12 +513,12 @@ class Bus:
 
     def subscribe(self, pattern: str, *, queue: str | None = None) -> Subscription:
         """Subscribe; active when it returns. queue: a load-balanced group name."""
-        self._check_open()
-        return self._drive(self._subscribe_steps(pattern, queue))
+        return self._drive(self.subscribe_steps(pattern, queue))
 
-    def _subscribe_steps(self, pattern: str, queue: str | None,
+    def subscribe_steps(self, pattern: str, queue: str | None,
                          registered: Callable[[Subscription], None] | None = None,
                          ) -> Generator[Step, Any, Subscription]:
+        self._check_open()
         encoded = pattern_bytes(pattern)
         queue_b = b""
         if queue is not None:
@@ -510,9 +547,9 @@ class Bus:
             sub._close()
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        self._drive(self._unsubscribe_steps(sub))
+        self._drive(self.unsubscribe_steps(sub))
 
-    def _unsubscribe_steps(self, sub: Subscription) -> Generator[Step, Any, None]:
+    def unsubscribe_steps(self, sub: Subscription) -> Generator[Step, Any, None]:
         self._forget(sub)
         if not self.closed:
             yield from self._round_trip_steps(protocol.UNSUB, sub.sid,
@@ -520,10 +557,10 @@ class Bus:
 
     def request(self, topic: str, data: Any, timeout: float = 5.0) -> Message:
         """Publish data with a private reply inbox and wait for one reply."""
-        self._check_open()
-        return self._drive(self._request_steps(topic, data, timeout))
+        return self._drive(self.request_steps(topic, data, timeout))
 
-    def _request_steps(self, topic: str, data: Any, timeout: float) -> Generator[Step, Any, Message]:
+    def request_steps(self, topic: str, data: Any, timeout: float) -> Generator[Step, Any, Message]:
+        self._check_open()
         deadline = _deadline(timeout)
         inbox = yield from self._inbox_steps(deadline)
         # Unguessable, never a counter: whoever sees one reply_to learns
@@ -545,7 +582,7 @@ class Bus:
             if self._inbox_pending is None:
                 pattern = f"{self.inbox}.>"
                 try:
-                    yield from self._subscribe_steps(pattern, None, registered=self._await_inbox)
+                    yield from self.subscribe_steps(pattern, None, registered=self._await_inbox)
                 finally:
                     self._inbox_pending = None
             else:
@@ -575,10 +612,10 @@ class Bus:
 
     def stats(self, timeout: float | None = None) -> dict:
         """The broker's stats (what `busx stat` shows)."""
-        self._check_open()
-        return self._drive(self._stats_steps(timeout))
+        return self._drive(self.stats_steps(timeout))
 
-    def _stats_steps(self, timeout: float | None) -> Generator[Step, Any, dict]:
+    def stats_steps(self, timeout: float | None) -> Generator[Step, Any, dict]:
+        self._check_open()
         frame = yield from self._round_trip_steps(
             protocol.STATS, next(self._ids),
             deadline=_deadline(self.timeout if timeout is None else timeout))
@@ -623,9 +660,10 @@ class Bus:
                 self.flush(timeout=CLOSE_FLUSH_SECONDS)
             except BusError:
                 pass
-        self._close_now()
+        self.close_now()
 
-    def _close_now(self) -> None:
+    def close_now(self) -> None:
+        """Close without flushing (close() flushes first; so does busx.aio)."""
         if self.closed:
             return
         self._closing = True

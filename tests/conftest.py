@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import signal
 import sys
 import time
 
@@ -20,6 +21,13 @@ from busx import _core
 # Subprocesses must import the installed busx, never the uncompiled source
 # tree that sits in the working directory when pytest runs from the repo root.
 os.environ["PYTHONSAFEPATH"] = "1"
+
+
+# A shell that starts the suite in the background (`.ci/run &`) ignores
+# SIGINT for it, and an ignored signal stays ignored in every child: the
+# tests that press Ctrl-C on a child process need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---- the debug build's live counters (BUSX_DEBUG=1, docs/development.md) ----
