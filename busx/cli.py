@@ -489,7 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="busx", description="A publish/subscribe message bus over UNIX sockets and TCP.")
     parser.add_argument("--version", action="version", version=f"busx {busx.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve(commands)
+    add_client_options(add_pub(commands), add_sub(commands), add_stat(commands))
+    add_bench(commands)
+    add_demo(commands)
+    return parser
 
+
+def add_serve(commands: Any) -> None:
+    """`busx serve` and its limits (defaults from busx.broker)."""
     serve = commands.add_parser("serve", help="run a broker until Ctrl-C or SIGTERM")
     serve.set_defaults(run=cmd_serve)
     serve.add_argument("--unix", metavar="PATH", help="socket path (default: $BUSX_SOCKET, "
@@ -536,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sleeping, adapting to the traffic: faster round trips for "
                             "some CPU (default %(default)s, 0 = off)")
 
+
+def add_pub(commands: Any) -> argparse.ArgumentParser:
+    """`busx pub`."""
     pub = commands.add_parser("pub", help="publish JSON values")
     pub.set_defaults(run=cmd_pub)
     pub.add_argument("topic", metavar="TOPIC")
@@ -545,7 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="publish each value N times (default 1)")
     pub.add_argument("--rate", metavar="R", type=positive(float),
                      help="publish at most R messages a second")
+    return pub
 
+
+def add_sub(commands: Any) -> argparse.ArgumentParser:
+    """`busx sub`."""
     sub = commands.add_parser("sub", help="print messages matching a pattern")
     sub.set_defaults(run=cmd_sub)
     sub.add_argument("pattern", metavar="PATTERN", help="such as orders.*.created or orders.>")
@@ -553,12 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true",
                      help='one JSON object a line: {"topic", "data", "sender"}')
     sub.add_argument("--sender", action="store_true", help="show who sent each message")
+    return sub
 
+
+def add_stat(commands: Any) -> argparse.ArgumentParser:
+    """`busx stat`."""
     stat = commands.add_parser("stat", help="show the broker's connections and counters")
     stat.set_defaults(run=cmd_stat)
     stat.add_argument("--watch", action="store_true", help="refresh every second, with rates")
     stat.add_argument("--json", action="store_true", help="print the stats as JSON")
+    return stat
 
+
+def add_client_options(pub: argparse.ArgumentParser, sub: argparse.ArgumentParser,
+                       stat: argparse.ArgumentParser) -> None:
+    """Where the client commands find their broker, and their token."""
     for command in (pub, sub, stat):
         command.add_argument("--url", metavar="URL", help="unix:///path, tcp://host:port or "
                              "host:port (default: $BUSX_URL, else the local broker)")
@@ -566,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--token-file", metavar="FILE",
                              help='TOML file with one identity = "secret" line, for TCP')
 
+
+def add_bench(commands: Any) -> None:
+    """`busx bench`."""
     bench_command = commands.add_parser(
         "bench", help="measure throughput and latency: 1 publisher, K subscriber processes")
     bench_command.set_defaults(run=cmd_bench)
@@ -590,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="also save a latency histogram and throughput over time "
                                     "(needs matplotlib: pip install busx[plot])")
 
+
+def add_demo(commands: Any) -> None:
+    """`busx demo`, and its hidden child commands."""
     demo = commands.add_parser(
         "demo", help="embedded broker, one publisher, one subscriber: live msgs/s")
     demo.set_defaults(run=cmd_demo)
@@ -600,7 +630,6 @@ def build_parser() -> argparse.ArgumentParser:
         child = commands.add_parser(name)
         child.set_defaults(run=run)
         child.add_argument("url")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
