@@ -1,8 +1,10 @@
-# The client's I/O: publishers append frames to a shared buffer under a
-# mutex; one I/O thread (running _run without the GIL) swaps that buffer out
-# and writes it in large sends, reads large chunks, and hands whole frames to
-# the Python side's inbox. Python parses the inbox into Message objects in
-# batches (take), so per-message Python work stays tiny.
+# The client's connection, in two rooms and a loop. The outbox
+# (_outbox.pxi) is the send side: publishers append frames under its lock.
+# The inbox (_inbox.pxi) is the receive side: whole frames for Python, under
+# a lock of its own. One I/O thread (run(), without the GIL) swaps the
+# outbox's frames out and writes them in large sends, and reads large chunks
+# into the inbox. Python parses the inbox into Message objects in batches
+# (take), so per-message Python work stays tiny.
 
 cpdef enum RunResult:          # busx.client acts on these
     RUN_CLOSED = 0        # request_close() ended the loop
@@ -17,29 +19,13 @@ cdef enum ClientState:
     CL_FAILED = 2         # disconnected for good; publish raises Disconnected
     CL_CLOSED = 3
 
-cdef enum AppendStatus:
-    APPEND_OK = 0
-    APPEND_CLOSED = -1
-    APPEND_TIMEOUT = -2
-    APPEND_FAILED = -3
-    APPEND_NOMEM = -4
-    APPEND_NO_ROOM = -5
-    APPEND_FORKED = -6
-    APPEND_TOO_LARGE = -7
-
-
-cdef struct Room:
-    # What a frame needs of the output buffer (ClientIO._has_room).
-    size_t bytes
-    int fds
-
 
 FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
                   "connect again in the child with busx.connect()")
 
 
 cdef class ClientIO:
-    """One connection's buffers and I/O loop. busx.client.Bus owns it and
+    """One connection's rooms and I/O loop. busx.client.Bus owns it and
     runs run() on a daemon thread.
 
     Threads: the I/O thread (run(), no GIL); publishers (any Python thread,
@@ -47,73 +33,42 @@ cdef class ClientIO:
     pump lock, holding the GIL); a thread waiting for messages, which may
     read the socket itself (_read_directly, no GIL).
 
-    Lock order: read_lock, then lock; the GIL is never acquired while
-    either is held. Publishers take `lock` while holding the GIL
-    (_try_append), so a thread holding `lock` and waiting for the GIL
-    would deadlock the process: every lock/unlock pair sits inside one
-    `with nogil:` block or one nogil function, and no code under `lock`
-    calls into Python. read_lock is only ever taken without the GIL.
+    Lock order: read_lock, inbox.lock, outbox.lock, watch_lock; the GIL is
+    never acquired while any of them is held. Publishers take outbox.lock,
+    and the Python side inbox.lock, while holding the GIL, so a thread
+    holding either and waiting for the GIL would deadlock the process:
+    every lock/unlock pair sits inside one `with nogil:` block or one nogil
+    function, and no code under a lock calls into Python. read_lock and
+    watch_lock are only ever taken without the GIL.
     Beside each field: who owns it, or which lock guards it."""
-    cdef int fd                 # lock (closed by detach/release)
-    # The I/O thread waits on it; others wake it (_wake_io) and release()
-    # closes it, both under lock, so no wake can hit a closed eventfd.
+    cdef Outbox outbox          # the send side; its fields say their owners
+    cdef Inbox inbox            # the receive side; likewise
+    # The connection: written under both rooms' locks (attach, detach and
+    # state changes), so either lock is enough to read them.
+    cdef int fd
+    cdef int state              # a ClientState
+    cdef bint is_unix
+    cdef bint payload_fds       # the broker takes large payloads as memfds
+    cdef size_t max_frame
+    cdef int close_requested    # outbox.lock; the I/O thread reads it after each wake-up
+    # The I/O thread waits on it. Others wake it holding either room's lock,
+    # and release() closes it holding both, so no wake can hit a closed eventfd.
     cdef Poller poller
-    cdef int notify_fd          # lock
-    # A Python thread waiting for messages reads the socket itself while
-    # the I/O thread is idle (see _read_directly): one thread wake-up per
-    # message instead of two. read_lock: held by whoever runs _read.
+    # What the poller watches the socket for, from both rooms: the inbox
+    # turns input off while paused or read directly, the outbox asks for
+    # output while the socket is full. watch_lock, innermost.
+    cdef pthread_mutex_t watch_lock
+    cdef bint watch_in
+    cdef bint watch_out
+    # Held by whoever runs _read: the I/O thread, or a thread waiting for
+    # messages (_read_directly). It guards the partial input.
     cdef pthread_mutex_t read_lock
-    cdef bint direct_reader     # a waiting thread watches the socket (lock held)
-    cdef bint direct_reading    # ... and is inside _read (read_lock held)
-    cdef int direct_result      # a RunResult it found, for the I/O thread to return
-    cdef int direct_wake_fd     # wakes that thread when events happen meanwhile
-    cdef bint is_unix           # lock (set by attach)
-    cdef bint payload_fds       # lock: the broker takes large payloads as memfds
-    cdef size_t max_buffer      # fixed at construction
-    # fds of received messages the application has not taken before the
-    # client stops reading its socket, as for max_buffer bytes: a quarter of
-    # this process's open-file limit. Fixed at construction.
-    cdef size_t max_held_fds
-    cdef size_t max_frame       # lock (set by attach)
-    cdef pthread_mutex_t lock
-    cdef pthread_cond_t room_cond
-    cdef pthread_cond_t event_cond
-    # Shared under lock: publishers append to out; fds offsets index out.data.
-    cdef Buffer out
-    cdef FdQueue out_fds
-    # Shared under lock: whole frames for Python, and the fds they announce.
-    cdef Buffer inbox
-    cdef FdQueue in_fds
-    cdef unsigned long long events_seq      # lock
-    cdef bint reading_paused    # lock: I/O thread stopped reading: inbox + held reached max_buffer
-    # Python side: bytes and fds of messages waiting in MessageQueues. Read
-    # without the lock by the I/O thread to decide whether to read on: a
-    # stale value only delays that decision to its next look.
-    cdef size_t held
-    cdef size_t held_fds
-    cdef size_t inbox_fd_bytes  # payload bytes in memfds of inbox frames (lock held)
-    cdef size_t taken_fd_bytes  # of those, taken by Python in this take()
-    cdef size_t taking          # Python side: bytes of the frames take() is parsing
-    # Payload bytes of memfds published and not yet reported taken by the
-    # broker (K_RECEIVED): they count against max_buffer (lock held).
-    cdef size_t fd_bytes_unacked
-    cdef int round_trips        # Python side: answers awaited: read on past max_buffer
-    cdef double last_append     # lock: CLOCK_MONOTONIC ms of the last frame queued
-    cdef bint forked            # set once in a fork()ed child: touch nothing shared
-    cdef int wake_pending       # lock
-    cdef int state              # lock: a ClientState
-    cdef int close_requested    # lock (read by the I/O thread after each wake-up)
-    # The I/O thread's, except that a publisher may send a lone frame from
-    # `sending` under the lock while it is empty and the I/O thread idle
-    # (_send_directly), and the I/O thread consumes it under the lock.
-    cdef Buffer sending
-    cdef FdQueue sending_fds
-    # I/O thread only (or the direct reader, holding read_lock).
-    cdef bint want_out
     cdef Buffer rbuf
     cdef FdQueue recv_fds
+    cdef bint forked            # set once in a fork()ed child: touch nothing shared
     # Python side only (under Bus's pump lock).
     cdef Buffer taken
+    cdef size_t taken_fd_bytes  # payload bytes in memfds taken by this take()
     cdef bytes last_topic_b
     cdef object last_topic
     cdef bytes last_stamp
@@ -123,7 +78,9 @@ cdef class ClientIO:
     cdef dict topic_cache       # str -> validated UTF-8 bytes
     cdef Buffer packed          # publish's payload, reused; guarded by `packing`
     cdef bint packing
-    cdef public int last_errno
+    cdef public int last_errno  # the I/O thread's, read after run() returns
+    # Statistics: each written by one side (outbox.lock, the reader, the
+    # Python side) and read as a snapshot.
     cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
     cdef public unsigned long long direct_sends     # frames sent by the publishing thread
     cdef public unsigned long long direct_reads     # reads done by a thread waiting for messages
@@ -133,54 +90,51 @@ cdef class ClientIO:
     cdef public unsigned long long unread_dropped   # messages dropped: their queue was full
 
     def __cinit__(self):
-        cdef pthread_condattr_t attr
         self.fd = -1
         poller_init(&self.poller)
-        self.notify_fd = -1
-        self.direct_wake_fd = -1
-        self.direct_result = -1
-        pthread_mutex_init(&self.lock, NULL)
+        outbox_init(&self.outbox, 0)
+        inbox_init(&self.inbox, 0, 0)
         pthread_mutex_init(&self.read_lock, NULL)
-        pthread_condattr_init(&attr)
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(&self.room_cond, &attr)
-        pthread_cond_init(&self.event_cond, &attr)
-        pthread_condattr_destroy(&attr)
+        pthread_mutex_init(&self.watch_lock, NULL)
 
     def __init__(self, size_t max_buffer, size_t max_frame):
         cdef rlimit files
-        self.max_buffer = max_buffer
-        self.max_held_fds = 1024
+        cdef size_t max_held_fds = 1024
         if getrlimit(RLIMIT_NOFILE, &files) == 0 and files.rlim_cur != RLIM_INFINITY:
-            self.max_held_fds = max(<size_t>64, <size_t>files.rlim_cur // 4)
+            max_held_fds = max(<size_t>64, <size_t>files.rlim_cur // 4)
+        self.outbox.max_buffer = max_buffer
+        self.inbox.max_buffer = max_buffer
+        self.inbox.max_held_fds = max_held_fds
         self.max_frame = max_frame
         self.topic_cache = {}
         cdef int status = poller_open(&self.poller)
         if status < 0:
             raise_os_error("cannot create the client's event loop", -status)
-        self.direct_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.direct_wake_fd < 0:
+        self.inbox.direct_wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.inbox.direct_wake_fd < 0:
             raise_os_error("cannot create the client's event loop")
 
     def __dealloc__(self):
         self.release()
         buf_free(&self.packed)
-        pthread_mutex_destroy(&self.lock)
+        outbox_destroy(&self.outbox)
+        inbox_destroy(&self.inbox)
         pthread_mutex_destroy(&self.read_lock)
-        pthread_cond_destroy(&self.room_cond)
-        pthread_cond_destroy(&self.event_cond)
+        pthread_mutex_destroy(&self.watch_lock)
 
     def release(self):
         """Free fds and buffers. Only once the I/O thread has ended, and
         under the Bus's pump lock (take() parses `taken`). Shared state is
-        freed under the lock, which a publisher that raced close() takes
-        before touching it and then finds the state CL_CLOSED."""
+        freed under both rooms' locks, which a publisher that raced close()
+        takes before touching it and then finds the state CL_CLOSED."""
         if not self.forked:
             with nogil:
-                pthread_mutex_lock(&self.lock)
+                pthread_mutex_lock(&self.inbox.lock)
                 self._stop_direct_reader()
+                pthread_mutex_lock(&self.outbox.lock)
                 self._release_shared()
-                pthread_mutex_unlock(&self.lock)
+                pthread_mutex_unlock(&self.outbox.lock)
+                pthread_mutex_unlock(&self.inbox.lock)
         else:
             self._release_shared()      # the child's only thread: no lock to take
         buf_free(&self.taken)
@@ -190,15 +144,9 @@ cdef class ClientIO:
     cdef void _release_shared(self) noexcept nogil:
         close_fd(&self.fd)
         poller_close(&self.poller)
-        close_fd(&self.notify_fd)
-        close_fd(&self.direct_wake_fd)
-        buf_free(&self.out)
-        buf_free(&self.inbox)
-        buf_free(&self.sending)
+        outbox_free(&self.outbox)
+        inbox_free(&self.inbox)
         buf_free(&self.rbuf)
-        fdq_free(&self.out_fds)
-        fdq_free(&self.in_fds)
-        fdq_free(&self.sending_fds)
         fdq_free(&self.recv_fds)
 
     @property
@@ -210,7 +158,7 @@ cdef class ClientIO:
     def bus(self, value):
         self.bus_ref = weakref.ref(value)
 
-    # ---- connection lifecycle (Python side) ----
+    # ---- connection lifecycle (the I/O thread, or before it starts) ----
 
     def attach(self, int fd, bint is_unix, bytes prologue, size_t max_frame,
                bint payload_fds=False):
@@ -223,9 +171,11 @@ cdef class ClientIO:
         cdef size_t head_len = len(prologue)
         cdef int status
         with nogil:
-            pthread_mutex_lock(&self.lock)
+            pthread_mutex_lock(&self.inbox.lock)
+            pthread_mutex_lock(&self.outbox.lock)
             status = self._attach(fd, is_unix, head, head_len, max_frame, payload_fds)
-            pthread_mutex_unlock(&self.lock)
+            pthread_mutex_unlock(&self.outbox.lock)
+            pthread_mutex_unlock(&self.inbox.lock)
         if status == -1:
             raise MemoryError()
         if status < 0:
@@ -233,107 +183,25 @@ cdef class ClientIO:
 
     cdef int _attach(self, int fd, bint is_unix, const char *prologue, size_t prologue_len,
                      size_t max_frame, bint payload_fds) noexcept nogil:
-        """attach() under the lock: 0, -1 when memory runs out, or -errno."""
-        cdef Buffer fresh
-        cdef FdQueue fresh_fds
-        cdef size_t boundary
-        memset(&fresh, 0, sizeof(Buffer))
-        memset(&fresh_fds, 0, sizeof(FdQueue))
+        """attach() under both rooms' locks: 0, -1 when memory runs out, or -errno."""
+        cdef int status
         self.is_unix = is_unix
         self.payload_fds = payload_fds and is_unix
-        boundary = self._drop_partial_frame()
-        if (buf_append(&fresh, prologue, prologue_len) < 0
-                or self._carry_over(&self.sending, boundary, &self.sending_fds,
-                                    &fresh, &fresh_fds) < 0
-                or self._carry_over(&self.out, self.out.start, &self.out_fds,
-                                    &fresh, &fresh_fds) < 0):
-            buf_free(&fresh)
-            fdq_free(&fresh_fds)
+        if outbox_reattach(&self.outbox, prologue, prologue_len, is_unix, self.payload_fds) < 0:
             return -1
-        buf_free(&self.sending)
-        fdq_free(&self.sending_fds)
-        self.sending, self.sending_fds = fresh, fresh_fds
-        self.out.start = self.out.end = 0
-        # Memfds in flight on the old connection are gone with it.
-        self.fd_bytes_unacked = self.sending_fds.held
-        pthread_cond_broadcast(&self.room_cond)     # `out` has room again
         buf_free(&self.rbuf)
         fdq_close_all(&self.recv_fds)
         self.fd = fd
-        self.direct_result = -1
         self.max_frame = max_frame
-        self.want_out = True
-        self.reading_paused = False
+        self.inbox.direct_result = -1
+        self.inbox.reading_paused = False
         self.state = CL_ATTACHED
-        self._signal_events()
-        if poller_add(&self.poller, fd, EPOLLIN | EPOLLOUT, TAG_SOCKET) < 0:
-            return -errno
-        return 0
-
-    cdef int _carry_over(self, Buffer *frames, size_t at, FdQueue *fds,
-                         Buffer *into, FdQueue *into_fds) noexcept nogil:
-        """Move the frames of frames.data[at:] (and their fds) to a new
-        connection's output. Acks meant for the old broker are left behind;
-        payload memfds go inline to a broker that does not take them, and
-        fds cannot cross TCP: those frames say how many were lost. Lock
-        held; -1 when memory runs out."""
-        cdef FrameView f
-        cdef int frame_fds[MAX_FDS_ON_WIRE]
-        cdef int nfds, user_fds, k
-        cdef size_t held
-        cdef int status = 0
-        cdef Buffer payload
-        memset(&payload, 0, sizeof(Buffer))
-        while at < frames.end and status == 0:
-            parse_frame(frames.data + at, frames.end - at, <size_t>-1, &f)
-            nfds = 0
-            held = 0
-            while fdq_len(fds) and fds.items[fds.head].offset <= at and nfds < MAX_FDS_ON_WIRE:
-                held += fds.items[fds.head].held
-                frame_fds[nfds] = fdq_pop(fds)
-                nfds += 1
-            at += f.size
-            if f.kind == K_RECEIVED:
-                continue
-            user_fds = nfds - (1 if f.flags & F_PAYLOAD_FD else 0)
-            if (f.flags & F_PAYLOAD_FD) and not self.payload_fds:
-                payload.start = payload.end = 0
-                if (buf_reserve(&payload, held) < 0
-                        or read_payload_fd(frame_fds[nfds - 1], payload.data, held) < 0):
-                    for k in range(nfds):
-                        close(frame_fds[k])
-                    status = -1
-                    break
-                f.payload, f.payload_len, payload.end = payload.data, held, held
-                f.flags &= ~F_PAYLOAD_FD
-                close(frame_fds[nfds - 1])
-                nfds -= 1
-            if not self.is_unix and user_fds:
-                for k in range(nfds):
-                    close(frame_fds[k])
-                f.fds_lost, nfds = user_fds, 0
-            for k in range(nfds):
-                if fdq_push(into_fds, into.end, frame_fds[k],
-                            held if k == nfds - 1 and (f.flags & F_PAYLOAD_FD) else 0) < 0:
-                    close(frame_fds[k])
-                    status = -1
-            if status == 0 and write_frame(into, f.kind, f.flags, f.id, f.topic, f.topic_len,
-                                           f.reply, f.reply_len, NULL, 0, f.payload,
-                                           f.payload_len, nfds, f.fds_lost) < 0:
-                status = -1
-        buf_free(&payload)
+        inbox_signal(&self.inbox)
+        pthread_mutex_lock(&self.watch_lock)
+        self.watch_in = self.watch_out = True
+        status = -errno if poller_add(&self.poller, fd, EPOLLIN | EPOLLOUT, TAG_SOCKET) < 0 else 0
+        pthread_mutex_unlock(&self.watch_lock)
         return status
-
-    cdef size_t _drop_partial_frame(self) noexcept nogil:
-        """Index in sending.data of the first frame not yet begun on the wire.
-        Frames in `sending` start at index 0 (it was swapped in whole), so
-        walking their lengths finds it."""
-        cdef size_t at = 0
-        while at < self.sending.start:
-            at += busx_load_u32(self.sending.data + at) + 4
-        while fdq_len(&self.sending_fds) and self.sending_fds.items[self.sending_fds.head].offset < at:
-            close(fdq_pop(&self.sending_fds))
-        return at
 
     def detach(self):
         """Forget the dead socket: close it, drop its partial input, close the
@@ -341,23 +209,29 @@ cdef class ClientIO:
         if self.forked:
             return
         with nogil:
-            pthread_mutex_lock(&self.lock)
+            pthread_mutex_lock(&self.inbox.lock)
+            pthread_mutex_lock(&self.outbox.lock)
             if self.state == CL_ATTACHED:
                 self.state = CL_DETACHED
+            pthread_mutex_unlock(&self.outbox.lock)
+            # A direct reader takes the outbox's lock as it finishes: wait
+            # for it without holding that lock.
             self._stop_direct_reader()
+            pthread_mutex_lock(&self.outbox.lock)
             if self.fd >= 0:
                 poller_remove(&self.poller, self.fd)
                 close(self.fd)
                 self.fd = -1
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
-            self._signal_events()
-            pthread_cond_broadcast(&self.room_cond)
-            pthread_mutex_unlock(&self.lock)
+            inbox_signal(&self.inbox)
+            pthread_cond_broadcast(&self.outbox.room_cond)
+            pthread_mutex_unlock(&self.outbox.lock)
+            pthread_mutex_unlock(&self.inbox.lock)
 
     def forget_in_child(self):
         """After fork(), in the child: close this copy's fds without touching
-        the mutex (another thread of the parent may have held it) or the
+        the mutexes (another thread of the parent may have held them) or the
         socket's stream, which belongs to the parent."""
         self.forked = True
         self.state = CL_CLOSED
@@ -373,21 +247,23 @@ cdef class ClientIO:
         if self.forked:
             return
         with nogil:
-            pthread_mutex_lock(&self.lock)
+            pthread_mutex_lock(&self.outbox.lock)
             self.close_requested = 1
             self._wake_io()
-            pthread_mutex_unlock(&self.lock)
+            pthread_mutex_unlock(&self.outbox.lock)
 
     cdef void _set_state(self, int state):
         if self.forked:
             return
         with nogil:
-            pthread_mutex_lock(&self.lock)
+            pthread_mutex_lock(&self.inbox.lock)
+            pthread_mutex_lock(&self.outbox.lock)
             if self.state != CL_CLOSED:
                 self.state = state
-            self._signal_events()
-            pthread_cond_broadcast(&self.room_cond)
-            pthread_mutex_unlock(&self.lock)
+            inbox_signal(&self.inbox)
+            pthread_cond_broadcast(&self.outbox.room_cond)
+            pthread_mutex_unlock(&self.outbox.lock)
+            pthread_mutex_unlock(&self.inbox.lock)
 
     @property
     def attached(self):
@@ -396,21 +272,26 @@ cdef class ClientIO:
     @property
     def held_bytes(self):
         """Bytes of received messages queued for Python (inbox and queues)."""
-        return buf_len(&self.inbox) + self.inbox_fd_bytes + self.held
+        return buf_len(&self.inbox.frames) + self.inbox.fd_bytes + self.inbox.held
 
     @property
     def unsent_bytes(self):
         """Bytes not yet taken by the broker, with the payloads of memfds."""
-        return buf_len(&self.out) + buf_len(&self.sending) + self.fd_bytes_unacked
+        return outbox_unsent(&self.outbox)
 
     def notify_fd_open(self):
         """An eventfd that becomes readable when new frames reach the inbox
         (for asyncio's add_reader); created on first use."""
-        if self.notify_fd < 0:
-            self.notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-            if self.notify_fd < 0:
-                raise_os_error("eventfd")
-        return self.notify_fd
+        cdef int fd
+        with nogil:
+            pthread_mutex_lock(&self.inbox.lock)
+            if self.inbox.notify_fd < 0:
+                self.inbox.notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+            fd = self.inbox.notify_fd
+            pthread_mutex_unlock(&self.inbox.lock)
+        if fd < 0:
+            raise_os_error("eventfd")
+        return fd
 
     # ---- the I/O thread ----
 
@@ -442,8 +323,10 @@ cdef class ClientIO:
                         return result
             if self.close_requested:
                 return RUN_CLOSED
-            if self.direct_result >= 0:
-                return self.direct_result
+            if self.inbox.direct_result >= 0:
+                return self.inbox.direct_result
+            if self.inbox.reading_paused:    # a peek; _resume_input looks under the lock
+                self._resume_input()
             result = self._write()
             if result >= 0:
                 return result
@@ -451,21 +334,22 @@ cdef class ClientIO:
     cdef int _write(self) noexcept nogil:
         """Send what is buffered until nothing is left or the socket is full.
         -1 to carry on, else a RunResult."""
+        cdef Outbox *box = &self.outbox
         cdef ssize_t n
         cdef bint socket_full = False
         cdef bint chasing = False
         while not socket_full:
-            if chasing and buf_len(&self.out) < YIELD_BELOW:
+            if chasing and buf_len(&box.out) < YIELD_BELOW:
                 # Publishers are still appending: let them (or the broker)
                 # have this core for a moment so the next send carries a
                 # batch. Free on an idle core; only contended cores wait.
                 sched_yield()
-            if not self._take_output():
+            if not outbox_take(box):
                 break
             chasing = True
-            while buf_len(&self.sending):
-                n = send_with_fds(self.fd, self.sending.data + self.sending.start,
-                                  self._send_length(), self.sending.start, &self.sending_fds)
+            while buf_len(&box.sending):
+                n = send_with_fds(self.fd, box.sending.data + box.sending.start,
+                                  outbox_send_length(box), box.sending.start, &box.sending_fds)
                 self.write_calls += 1
                 if n < 0:
                     if errno == EINTR:
@@ -475,69 +359,46 @@ cdef class ClientIO:
                         break
                     self.last_errno = errno
                     return RUN_ERROR
-                # Under the mutex: _send_directly may use `sending` the
-                # moment it looks empty.
-                pthread_mutex_lock(&self.lock)
-                buf_consume(&self.sending, n)
-                pthread_mutex_unlock(&self.lock)
-        if socket_full != self.want_out:
-            pthread_mutex_lock(&self.lock)
-            self.want_out = socket_full
-            self._set_events()
-            pthread_mutex_unlock(&self.lock)
+                outbox_sent(box, n)
+        if socket_full != box.want_out:
+            pthread_mutex_lock(&box.lock)
+            box.want_out = socket_full
+            pthread_mutex_unlock(&box.lock)
+            self._watch(-1, socket_full)
         return -1
 
-    cdef size_t _send_length(self) noexcept nogil:
-        """Bytes of `sending` for the next send: at most WRITE_CHUNK, and a
-        frame that carries fds goes in a send of its own, holding that frame
-        alone. The kernel attaches a send's fds to its first byte and ends
-        the receiver's recvmsg there, so the broker can tell which frame
-        fds came with, and stray ones from a frame's (docs/protocol.md, fd
-        passing). The price: fd-carrying messages are not batched."""
-        cdef size_t length = min(buf_len(&self.sending), <size_t>WRITE_CHUNK)
-        cdef size_t start = self.sending.start
-        cdef unsigned long long first
-        if self.sending_fds.head == self.sending_fds.tail:
-            return length
-        first = self.sending_fds.items[self.sending_fds.head].offset
-        if first > start:
-            return min(length, <size_t>(first - start))
-        return min(length, <size_t>busx_load_u32(self.sending.data + start) + 4)
+    cdef void _watch(self, int input, int output) noexcept nogil:
+        """Watch the socket for input and output (-1: as now). Each room
+        changes its own half; the lock keeps the two halves together."""
+        pthread_mutex_lock(&self.watch_lock)
+        if input >= 0:
+            self.watch_in = input
+        if output >= 0:
+            self.watch_out = output
+        poller_modify(&self.poller, self.fd, ((EPOLLIN if self.watch_in else 0)
+                                              | (EPOLLOUT if self.watch_out else 0)), TAG_SOCKET)
+        pthread_mutex_unlock(&self.watch_lock)
 
-    cdef bint _take_output(self) noexcept nogil:
-        """Whether there is something to send: swaps the publishers' buffer
-        in once the last one is sent, waking publishers waiting for room.
-        When there is nothing, clears wake_pending, since the I/O thread is
-        about to sleep: only then must publishers write the eventfd."""
-        cdef bint more
-        pthread_mutex_lock(&self.lock)
-        if buf_len(&self.sending) == 0 and buf_len(&self.out):
-            buf_swap(&self.sending, &self.out)
-            fdq_swap(&self.sending_fds, &self.out_fds)
-            pthread_cond_broadcast(&self.room_cond)
-        more = buf_len(&self.sending) != 0
-        if not more:
-            self.wake_pending = 0
-            buf_shrink(&self.sending, WRITE_CHUNK)
-        if self.reading_paused and not self._receive_full():
-            self.reading_paused = False
-            self._set_events()
-        pthread_mutex_unlock(&self.lock)
-        return more
+    cdef inline void _watch_input(self) noexcept nogil:
+        """The I/O thread reads unless reading is paused or a waiting thread
+        reads directly. inbox.lock held."""
+        self._watch(not (self.inbox.reading_paused or self.inbox.direct_reader), -1)
 
-    cdef void _set_events(self) noexcept nogil:
-        """What the I/O thread watches the socket for. Lock held."""
-        poller_modify(&self.poller, self.fd,
-                      ((0 if self.reading_paused or self.direct_reader else EPOLLIN)
-                       | (EPOLLOUT if self.want_out else 0)), TAG_SOCKET)
+    cdef void _resume_input(self) noexcept nogil:
+        """Read again once Python has made room. The I/O thread's."""
+        pthread_mutex_lock(&self.inbox.lock)
+        if self.inbox.reading_paused and not inbox_full(&self.inbox):
+            self.inbox.reading_paused = False
+            self._watch_input()
+            outbox_stall_acks(&self.outbox, False)
+        pthread_mutex_unlock(&self.inbox.lock)
 
     cdef int _read(self) noexcept nogil:
-        """One recv; whole frames go to the inbox. -1 to carry on."""
+        """One recv; whole frames go to the inbox. -1 to carry on. read_lock held."""
         cdef bint truncated = False
         cdef ssize_t n
         cdef size_t whole
         cdef size_t fd_bytes = 0, acked = 0, claimed = 0
-        cdef bint was_empty
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
             self.last_errno = ENOMEM
             return RUN_ERROR
@@ -562,95 +423,41 @@ cdef class ClientIO:
             return RUN_PROTOCOL
         if whole == 0:
             return -1
-        pthread_mutex_lock(&self.lock)
-        # Only the fds of whole frames go to Python; those of a frame still
-        # arriving stay in recv_fds, which a lost connection closes.
-        while claimed and fdq_len(&self.recv_fds):
-            fdq_push(&self.in_fds, 0, fdq_pop(&self.recv_fds))
-            claimed -= 1
-        if whole:
-            if acked:
-                self.fd_bytes_unacked -= min(acked, self.fd_bytes_unacked)
-                pthread_cond_broadcast(&self.room_cond)
-            if fd_bytes:
-                self._report_fd_bytes(fd_bytes)
-            was_empty = buf_len(&self.inbox) == 0
-            if was_empty:
-                # Hand the chunk over without copying; keep only the tail.
-                buf_swap(&self.inbox, &self.rbuf)
-                self.rbuf.start = 0
-                self.rbuf.end = 0
-                buf_append(&self.rbuf, self.inbox.data + self.inbox.start + whole,
-                           buf_len(&self.inbox) - whole)
-                self.inbox.end = self.inbox.start + whole
-            else:
-                buf_append(&self.inbox, self.rbuf.data + self.rbuf.start, whole)
-                buf_consume(&self.rbuf, whole)
-            self._signal_events()
-            if self._receive_full():
-                # Python is not keeping up: stop reading the socket, so the
-                # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
-                self.reading_paused = True
-                self._set_events()
-                # Acks of payload memfds no longer reach us: publishers
-                # waiting on them must look again (_has_room).
-                pthread_cond_broadcast(&self.room_cond)
-        pthread_mutex_unlock(&self.lock)
+        if (acked or fd_bytes) and outbox_received(&self.outbox, acked, fd_bytes):
+            self._wake_io()
+        pthread_mutex_lock(&self.inbox.lock)
+        inbox_add(&self.inbox, &self.rbuf, whole, &self.recv_fds, claimed, fd_bytes)
+        if inbox_full(&self.inbox):
+            # Python is not keeping up: stop reading the socket, so the
+            # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
+            self.inbox.reading_paused = True
+            self._watch_input()
+            # Acks of payload memfds no longer reach us: publishers
+            # waiting on them must look again (outbox_has_room).
+            outbox_stall_acks(&self.outbox, True)
+        pthread_mutex_unlock(&self.inbox.lock)
         return -1
 
-    cdef void _report_fd_bytes(self, size_t fd_bytes) noexcept nogil:
-        """Payload memfds arrived: they count against max_buffer here now, so
-        tell the broker, which counts them against max_pending until then.
-        Lock held; the loop's next _write sends it."""
-        cdef char received[8]
-        self.inbox_fd_bytes += fd_bytes
-        busx_store_u64(received, fd_bytes)
-        write_frame(&self.out, K_RECEIVED, 0, 0, NULL, 0, NULL, 0, NULL, 0, received, 8, 0, 0)
-        # Output is queued: _send_directly must leave the socket to the
-        # I/O thread, which the caller wakes (or is).
-        self.wake_pending = 1
-
-    cdef void _signal_events(self) noexcept nogil:
-        """Something for Python: frames arrived or the state changed. Wakes
-        blocked threads and, through the eventfd, asyncio. Lock held."""
-        cdef uint64_t one = 1
-        self.events_seq += 1
-        pthread_cond_broadcast(&self.event_cond)
-        if self.notify_fd >= 0:
-            write(self.notify_fd, &one, 8)
-        if self.direct_reader and not self.direct_reading:
-            write(self.direct_wake_fd, &one, 8)
-
-    cdef inline bint _receive_full(self) noexcept nogil:
-        """Received, unread bytes (inbox and message queues) reached
-        max_buffer, or their fds max_held_fds (each an open file of this
-        process). While a round trip waits, only the inbox counts: the answer
-        may sit behind messages nobody reads, so the waiting thread takes on,
-        and _has_room_for drops what its queue cannot hold."""
-        if self.round_trips:
-            return (buf_len(&self.inbox) + self.inbox_fd_bytes >= self.max_buffer
-                    or fdq_len(&self.in_fds) >= self.max_held_fds)
-        return (buf_len(&self.inbox) + self.inbox_fd_bytes + self.held >= self.max_buffer
-                or fdq_len(&self.in_fds) + self.held_fds >= self.max_held_fds)
-
     def begin_round_trip(self):
-        self.round_trips += 1
+        self.inbox.round_trips += 1
         self._resume_reading()
 
     def end_round_trip(self):
-        self.round_trips -= 1
+        self.inbox.round_trips -= 1
 
     cdef void _resume_reading(self) noexcept:
-        """Wake the I/O thread if it stopped reading and there is room now."""
-        if self.reading_paused and not self.forked:
+        """Python made room: wake the I/O thread if it stopped reading and
+        may read again (it looks for itself, _resume_input)."""
+        if self.inbox.reading_paused and not self.forked:
             with nogil:
-                pthread_mutex_lock(&self.lock)
-                if self.reading_paused and not self._receive_full():
+                pthread_mutex_lock(&self.inbox.lock)
+                if self.inbox.reading_paused and not inbox_full(&self.inbox):
                     self._wake_io()
-                pthread_mutex_unlock(&self.lock)
+                pthread_mutex_unlock(&self.inbox.lock)
 
     cdef inline void _wake_io(self) noexcept nogil:
-        """Wake the I/O thread. Lock held: release() closes the poller under it."""
+        """Wake the I/O thread. Either room's lock held, or read_lock:
+        release() closes the poller under both, once no reader is left."""
         poller_wake(&self.poller)
 
     cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
@@ -890,65 +697,40 @@ cdef class ClientIO:
                          size_t topic_len, const char *reply, size_t reply_len,
                          const char *payload, size_t payload_len, int *fds, int nfds,
                          size_t held, Room *room, bint ignore_limit) noexcept nogil:
-        """Queue the frame if there is room (or ignore_limit); the mutex is
-        never held while waiting for the GIL, so taking it here with the GIL
-        held cannot deadlock."""
+        """Queue the frame if there is room (or ignore_limit). The outbox's
+        lock is never held while waiting for the GIL, so taking it here with
+        the GIL held cannot deadlock."""
+        cdef Outbox *box = &self.outbox
         cdef int status = APPEND_OK
         cdef bint wake = False
-        cdef int i, queued = 0
         if self.forked:
             return APPEND_FORKED
-        pthread_mutex_lock(&self.lock)
+        pthread_mutex_lock(&box.lock)
         if self.state == CL_CLOSED:
             status = APPEND_CLOSED
         elif self.state == CL_FAILED:
             status = APPEND_FAILED
-        elif not (ignore_limit or self._has_room(room)):
+        elif not (ignore_limit or outbox_has_room(box, room)):
             status = APPEND_NO_ROOM
         elif nfds == 0 and self._send_directly(kind, id, topic, topic_len, reply, reply_len,
                                                payload, payload_len, &wake):
             pass
         else:
-            while queued < nfds and fdq_push(&self.out_fds, self.out.end, fds[queued],
-                                             held if queued == nfds - 1 else 0) == 0:
-                queued += 1
-            if queued < nfds or write_frame(
-                    &self.out, kind, flags, id, topic, topic_len, reply, reply_len,
-                    NULL, 0, payload, payload_len, nfds, 0) < 0:
-                # The caller closes every fd on failure: none may stay queued.
-                fdq_drop_last(&self.out_fds, queued)
-                status = APPEND_NOMEM
-            else:
+            status = outbox_queue(box, kind, flags, id, topic, topic_len, reply, reply_len,
+                                  payload, payload_len, fds, nfds, held)
+            if status == APPEND_OK:
                 self.frames_out += 1
-                self.fd_bytes_unacked += held
-                if not self.wake_pending:
-                    self.wake_pending = 1
-                    wake = True
+                wake = outbox_claim_wake(box)
         if wake:
             self._wake_io()
-        pthread_mutex_unlock(&self.lock)
+        pthread_mutex_unlock(&box.lock)
         return status
-
-    cdef inline bint _has_room(self, Room *room) noexcept nogil:
-        """Whether a frame fits the output buffer: its bytes within
-        max_buffer, its fds within MAX_QUEUED_FDS (each queued fd is one of
-        this process's open files). An empty buffer takes any frame; memfds
-        the broker has not yet taken count too, else they could pile up in
-        the socket - except while reading is paused, when their acks cannot
-        arrive: then new payloads go inline (_memfds_wanted) and only the
-        socket's own back-pressure applies. Lock held."""
-        cdef size_t used = buf_len(&self.out)
-        cdef size_t queued_fds = fdq_len(&self.out_fds)
-        if not self.reading_paused:
-            used += self.fd_bytes_unacked
-        if used == 0:
-            return True
-        return used + room.bytes <= self.max_buffer and queued_fds + room.fds <= MAX_QUEUED_FDS
 
     cdef inline bint _memfds_wanted(self, size_t payload_len) noexcept nogil:
         """Whether a payload travels in a memfd: over UNIX, large, and
-        while acks can come back (_has_room)."""
-        return self.payload_fds and not self.reading_paused and payload_len >= PAYLOAD_FD_MIN
+        while acks can come back (outbox_has_room)."""
+        return (self.payload_fds and not self.outbox.acks_stalled
+                and payload_len >= PAYLOAD_FD_MIN)
 
     cdef bint _send_directly(self, uint8_t kind, uint32_t id, const char *topic,
                              size_t topic_len, const char *reply, size_t reply_len,
@@ -957,33 +739,34 @@ cdef class ClientIO:
         """Send a lone frame from the caller's thread, sparing the hand-off
         to the I/O thread (a wake-up each way costs tens of microseconds).
         Only when that thread is idle - nothing queued, nothing in flight, so
-        it is not inside send() and cannot start until we drop the mutex -
+        it is not inside send() and cannot start until we drop the lock -
         and the previous frame is not recent: bursts still go out batched.
-        Lock held. Returns whether the frame was taken."""
+        outbox.lock held. Returns whether the frame was taken."""
+        cdef Outbox *box = &self.outbox
         cdef double now = now_ms()
-        cdef double gap = now - self.last_append
+        cdef double gap = now - box.last_append
         cdef ssize_t n
-        self.last_append = now
-        if (gap < DIRECT_SEND_GAP_MS or self.state != CL_ATTACHED or self.wake_pending
-                or self.want_out or buf_len(&self.out) or buf_len(&self.sending)):
+        box.last_append = now
+        if (gap < DIRECT_SEND_GAP_MS or self.state != CL_ATTACHED or box.wake_pending
+                or box.want_out or buf_len(&box.out) or buf_len(&box.sending)):
             return False
-        if write_frame(&self.sending, kind, 0, id, topic, topic_len, reply, reply_len,
+        if write_frame(&box.sending, kind, 0, id, topic, topic_len, reply, reply_len,
                        NULL, 0, payload, payload_len, 0, 0) < 0:
             return False
         self.frames_out += 1
         self.write_calls += 1
         self.direct_sends += 1
         while True:
-            n = send(self.fd, self.sending.data, buf_len(&self.sending),
+            n = send(self.fd, box.sending.data, buf_len(&box.sending),
                      MSG_NOSIGNAL | MSG_DONTWAIT)
             if n >= 0 or errno != EINTR:
                 break
         if n > 0:
-            buf_consume(&self.sending, n)
-        if buf_len(&self.sending):
+            buf_consume(&box.sending, n)
+        if buf_len(&box.sending):
             # Partly sent (or failed): the I/O thread carries on from here,
             # and sees any error for itself.
-            self.wake_pending = 1
+            box.wake_pending = 1
             wake[0] = True
         return True
 
@@ -992,7 +775,7 @@ cdef class ClientIO:
     @property
     def events_seq(self):
         """Bumped whenever frames arrive or the connection changes state."""
-        return self.events_seq
+        return self.inbox.events_seq
 
     def wait(self, unsigned long long seen, double timeout):
         """Block (without the GIL) until events_seq moves past `seen`, or the
@@ -1025,83 +808,94 @@ cdef class ClientIO:
                           timespec *until) noexcept:
         """Wait without the GIL, until the absolute time `until` (NULL:
         forever), for events_seq to move past seen or, with room_for, for the
-        output buffer to take room_for's frame (or the state to change)."""
+        outbox to take room_for's frame (or the state to change)."""
         cdef bint ready
-        cdef pthread_cond_t *cond = &self.room_cond if room_for != NULL else &self.event_cond
         if self.forked:
             return True
         with nogil:
-            pthread_mutex_lock(&self.lock)
-            while True:
-                if room_for != NULL:
-                    ready = self.state >= CL_FAILED or self._has_room(room_for)
-                else:
-                    ready = self.events_seq != seen
-                if ready:
-                    break
-                if room_for == NULL and self._may_read_directly():
-                    if not self._read_directly(until):
-                        break           # timed out
-                    continue
-                if until == NULL:
-                    pthread_cond_wait(cond, &self.lock)
-                elif pthread_cond_timedwait(cond, &self.lock, until) == ETIMEDOUT:
-                    break
-            pthread_mutex_unlock(&self.lock)
+            if room_for != NULL:
+                ready = self._wait_for_room(room_for, until)
+            else:
+                ready = self._wait_for_events(seen, until)
+        return ready
+
+    cdef bint _wait_for_room(self, Room *room, timespec *until) noexcept nogil:
+        cdef bint ready
+        pthread_mutex_lock(&self.outbox.lock)
+        while True:
+            ready = self.state >= CL_FAILED or outbox_has_room(&self.outbox, room)
+            if ready or not cond_wait_until(&self.outbox.room_cond, &self.outbox.lock, until):
+                break
+        pthread_mutex_unlock(&self.outbox.lock)
+        return ready
+
+    cdef bint _wait_for_events(self, unsigned long long seen, timespec *until) noexcept nogil:
+        cdef bint ready
+        pthread_mutex_lock(&self.inbox.lock)
+        while True:
+            ready = self.inbox.events_seq != seen
+            if ready:
+                break
+            if self._may_read_directly():
+                if not self._read_directly(until):
+                    break           # timed out
+            elif not cond_wait_until(&self.inbox.event_cond, &self.inbox.lock, until):
+                break
+        pthread_mutex_unlock(&self.inbox.lock)
         return ready
 
     cdef bint _may_read_directly(self) noexcept nogil:
-        """Whether a waiting thread may read the socket itself. Lock held."""
-        return (self.state == CL_ATTACHED and not self.direct_reader and self.direct_result < 0
-                and not self.reading_paused and self.fd >= 0)
+        """Whether a waiting thread may read the socket itself. inbox.lock held."""
+        return (self.state == CL_ATTACHED and not self.inbox.direct_reader
+                and self.inbox.direct_result < 0 and not self.inbox.reading_paused
+                and self.fd >= 0)
 
     cdef bint _read_directly(self, timespec *until) noexcept nogil:
         """Wait for the socket (or other events) in this thread and read it
         here, sparing the hand-off from the I/O thread: a wake-up across
         cores costs tens of microseconds (BENCHMARKS.md, round trips). The
         I/O thread stops watching for input meanwhile; it still sends, and
-        takes over whatever ends the connection. Lock held on entry and
-        exit, released in between. Returns False on timeout or EINTR."""
+        takes over whatever ends the connection. inbox.lock held on entry
+        and exit, released in between. Returns False on timeout or EINTR."""
         cdef pollfd fds[2]
         cdef int n, result = -1
-        cdef uint64_t drained, one = 1
-        self.direct_reader = True
-        self._set_events()
-        pthread_mutex_unlock(&self.lock)
+        cdef uint64_t drained
+        self.inbox.direct_reader = True
+        self._watch_input()
+        pthread_mutex_unlock(&self.inbox.lock)
         fds[0].fd = self.fd
         fds[0].events = POLLIN
-        fds[1].fd = self.direct_wake_fd
+        fds[1].fd = self.inbox.direct_wake_fd
         fds[1].events = POLLIN
         n = poll(fds, 2, ms_until(until))
         if n > 0 and fds[1].revents:
-            read(self.direct_wake_fd, &drained, 8)
+            read(self.inbox.direct_wake_fd, &drained, 8)
         if n > 0 and fds[0].revents:
             pthread_mutex_lock(&self.read_lock)
-            self.direct_reading = True      # _signal_events: no need to wake us
+            self.inbox.direct_reading = True    # inbox_signal: no need to wake us
             result = self._read()
-            self.direct_reading = False
+            self.inbox.direct_reading = False
             self.direct_reads += 1
             pthread_mutex_unlock(&self.read_lock)
-        pthread_mutex_lock(&self.lock)
-        self.direct_reader = False
+        pthread_mutex_lock(&self.inbox.lock)
+        self.inbox.direct_reader = False
         if result >= 0:
-            self.direct_result = result
+            self.inbox.direct_result = result
+            self._wake_io()     # it ends the connection
         if self.state == CL_ATTACHED:
-            self._set_events()
-        if result >= 0 or buf_len(&self.out):
-            # The I/O thread ends the connection, or sends what _read queued.
-            self._wake_io()
-        pthread_cond_broadcast(&self.event_cond)    # for _stop_direct_reader
+            self._watch_input()
+        pthread_cond_broadcast(&self.inbox.event_cond)    # for _stop_direct_reader
         return n > 0        # else timed out, or a signal (EINTR) for Python to handle
 
     cdef void _stop_direct_reader(self) noexcept nogil:
         """Before the socket is closed (and with the state no longer
         CL_ATTACHED, so none starts again): wake a thread reading it
-        directly and wait until it has stopped. Lock held."""
+        directly and wait until it has stopped. inbox.lock held, and not
+        outbox.lock, which that thread takes to finish its read."""
         cdef uint64_t one = 1
-        while self.direct_reader:
-            write(self.direct_wake_fd, &one, 8)
-            pthread_cond_wait(&self.event_cond, &self.lock)
+        while self.inbox.direct_reader:
+            write(self.inbox.direct_wake_fd, &one, 8)
+            pthread_cond_wait(&self.inbox.event_cond, &self.inbox.lock)
 
     def take(self, dict queues, list control):
         """Parse every whole frame received so far: MSG frames go to their
@@ -1115,14 +909,14 @@ cdef class ClientIO:
             return 0
         if buf_len(&self.taken) == 0:
             with nogil:
-                pthread_mutex_lock(&self.lock)
-                buf_swap(&self.taken, &self.inbox)
-                pthread_mutex_unlock(&self.lock)
+                pthread_mutex_lock(&self.inbox.lock)
+                buf_swap(&self.taken, &self.inbox.frames)
+                pthread_mutex_unlock(&self.inbox.lock)
         # Count the taken bytes as held while they are parsed, so the I/O
         # thread never sees room that the queues are about to fill.
         taken_bytes = buf_len(&self.taken)
-        self.held += taken_bytes
-        self.taking = taken_bytes
+        self.inbox.held += taken_bytes
+        self.inbox.taking = taken_bytes
         try:
             while buf_len(&self.taken):
                 parse_frame(self.taken.data + self.taken.start, buf_len(&self.taken),
@@ -1139,15 +933,15 @@ cdef class ClientIO:
         finally:
             buf_shrink(&self.taken, READ_CHUNK * 2)
             self.last_queue = None
-            self.held -= taken_bytes
-            self.taking = 0
+            self.inbox.held -= taken_bytes
+            self.inbox.taking = 0
             if self.taken_fd_bytes:
                 taken_fd_bytes = self.taken_fd_bytes
                 self.taken_fd_bytes = 0
                 with nogil:
-                    pthread_mutex_lock(&self.lock)
-                    self.inbox_fd_bytes -= taken_fd_bytes
-                    pthread_mutex_unlock(&self.lock)
+                    pthread_mutex_lock(&self.inbox.lock)
+                    self.inbox.fd_bytes -= taken_fd_bytes
+                    pthread_mutex_unlock(&self.inbox.lock)
             self._resume_reading()
         return count
 
@@ -1221,10 +1015,10 @@ cdef class ClientIO:
         One read brings at most READ_CHUNK bytes and the frame they complete,
         whose payload (inline or memfd) is at most max_frame, and at most
         MAX_FDS_PER_SEND fds."""
-        cdef size_t limit = self.max_buffer + self.max_frame + READ_CHUNK
-        cdef size_t used = queue.bytes if queue.apart else self.held - self.taking
+        cdef size_t limit = self.inbox.max_buffer + self.max_frame + READ_CHUNK
+        cdef size_t used = queue.bytes if queue.apart else self.inbox.held - self.inbox.taking
         return (used + size <= limit
-                and self.held_fds + nfds <= self.max_held_fds + MAX_FDS_PER_SEND)
+                and self.inbox.held_fds + nfds <= self.inbox.max_held_fds + MAX_FDS_PER_SEND)
 
     cdef object _decode_topic(self, FrameView *f):
         """The frame's topic as str, remembered as the last one; None if it
@@ -1256,18 +1050,13 @@ cdef class ClientIO:
 
     cdef tuple _take_fds(self, int count):
         """The next count received fds (fewer if fewer arrived). Popped under
-        the lock without the GIL, turned into Python ints after: the lock is
-        never held while the GIL is taken (the lock order, docs/development.md)."""
+        inbox.lock without the GIL, turned into Python ints after: the lock
+        is never held while the GIL is taken (the lock order, docs/development.md)."""
         cdef int fds[MAX_FDS_ON_WIRE]
-        cdef int i, taken = 0
+        cdef int i, taken
         count = min(count, <int>MAX_FDS_ON_WIRE)
         with nogil:
-            pthread_mutex_lock(&self.lock)
-            for i in range(count):
-                fds[taken] = fdq_pop(&self.in_fds)
-                if fds[taken] >= 0:
-                    taken += 1
-            pthread_mutex_unlock(&self.lock)
+            taken = inbox_pop_fds(&self.inbox, fds, count)
         return tuple([fds[i] for i in range(taken)])
 
 
@@ -1277,12 +1066,6 @@ cdef object decode_name(const char *p, size_t n):
         return p[:n].decode("utf-8")
     except UnicodeDecodeError:
         return False
-
-
-cdef inline void fdq_swap(FdQueue *a, FdQueue *b) noexcept nogil:
-    cdef FdQueue t = a[0]
-    a[0] = b[0]
-    b[0] = t
 
 
 cdef int duplicate_fds(object fds, int *out, bint is_unix) except -1:

@@ -37,6 +37,8 @@ include "_delivery.pxi"
 include "_message.pxi"
 include "_msgpack.pxi"
 include "_pack.pxi"
+include "_outbox.pxi"
+include "_inbox.pxi"
 include "_broker.pxi"
 include "_client.pxi"
 

@@ -116,8 +116,8 @@ cdef class MessageQueue:
     cdef void push(self, Message msg) except *:
         self.items.append(msg)
         self.bytes += msg.size
-        self.owner.held += msg.size
-        self.owner.held_fds += len(msg.fds)
+        self.owner.inbox.held += msg.size
+        self.owner.inbox.held_fds += len(msg.fds)
 
     def __len__(self):
         return len(self.items) - self.head
@@ -153,8 +153,8 @@ cdef class MessageQueue:
             size += (<Message>batch[i]).size
             fds += len((<Message>batch[i]).fds)
         self.bytes -= size
-        self.owner.held -= size
-        self.owner.held_fds -= fds
+        self.owner.inbox.held -= size
+        self.owner.inbox.held_fds -= fds
         self.owner._resume_reading()
         return batch
 
@@ -170,9 +170,9 @@ cdef class MessageQueue:
 
     cdef inline void _release(self, size_t size, size_t fds) noexcept:
         self.bytes -= size
-        self.owner.held -= size
-        self.owner.held_fds -= fds
-        if self.owner.reading_paused:
+        self.owner.inbox.held -= size
+        self.owner.inbox.held_fds -= fds
+        if self.owner.inbox.reading_paused:
             self.owner._resume_reading()
 
     def discard(self):
@@ -181,8 +181,8 @@ cdef class MessageQueue:
         cdef Message msg
         for msg in self.items[self.head:]:
             close_fd_tuple(msg.fds)
-            self.owner.held -= msg.size
-            self.owner.held_fds -= len(msg.fds)
+            self.owner.inbox.held -= msg.size
+            self.owner.inbox.held_fds -= len(msg.fds)
             self.owner.discarded += 1
         self.items = []
         self.head = 0

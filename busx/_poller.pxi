@@ -119,3 +119,14 @@ cdef int ms_until(const timespec *until) noexcept nogil:
 
 cdef inline bint timespec_before(const timespec *a, const timespec *b) noexcept nogil:
     return a.tv_sec < b.tv_sec or (a.tv_sec == b.tv_sec and a.tv_nsec < b.tv_nsec)
+
+
+cdef bint cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock,
+                          const timespec *until) noexcept nogil:
+    """Wait on cond, lock held, until signalled or the CLOCK_MONOTONIC time
+    until (NULL: no limit); False once that time has passed. The caller
+    checks its condition again either way (wake-ups may be spurious)."""
+    if until == NULL:
+        pthread_cond_wait(cond, lock)
+        return True
+    return pthread_cond_timedwait(cond, lock, until) != ETIMEDOUT
