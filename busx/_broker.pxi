@@ -6,23 +6,6 @@ cpdef enum LoopStatus:         # BrokerLoop.run() returns these
     LOOP_STOP = 0
     LOOP_SIGNAL = 1
 
-cdef enum:
-    MAX_LISTENERS = 4
-    # How long a closing connection may take to read its last words (why it
-    # is closed): a stalled client learns the reason when it resumes. Cheap:
-    # what a closing connection still holds is that one frame.
-    CLOSE_GRACE_MS = 30000
-    # How long, after its last words are sent, the broker waits for the peer
-    # to close (discarding its input) before closing anyway.
-    LINGER_MS = 2000
-    # Copies one connection's turn may route before the loop serves others
-    # (tests/test_load.py: a ping among 1,000 subscribers).
-    DELIVERY_BUDGET = 65536
-    CONTROL_COST = 512         # copies a SUB or STATS counts for in that budget: ~1 ms a turn
-    ACCEPT_RETRY_MS = 100      # pause before accepting again after EMFILE
-    # Frames before READY (preamble, CONNECT): an unauthenticated peer costs
-    # at most this much buffer (SPEC.md, Limits).
-    HANDSHAKE_MAX_FRAME = 64 * 1024
 
 cdef void append_msgpack_str(Buffer *b, const char *s, size_t n) noexcept nogil:
     n = min(n, <size_t>0xffff)
@@ -67,54 +50,7 @@ cdef class BrokerLoop:
     """The broker's connections, router and epoll loop. busx.Broker owns one
     and runs it on a thread (or the main thread for serve_forever).
 
-    Threads: every field below belongs to the loop thread, which holds
-    state_lock for each turn of the loop (without the GIL). Other threads
-    (snapshot() for stats; drain() and close_all() once the loop has
-    ended) take state_lock as well; request_stop() only sets
-    stop_requested and wakes the poller.
-
-    Lock order: state_lock, then the GIL. The loop calls into Python (the
-    control path: accept, handshake, SUB, stats) while holding state_lock,
-    which is safe because no thread ever takes state_lock while holding
-    the GIL: every caller releases the GIL first (`with nogil:`)."""
-    cdef Poller poller
-    cdef int listen_fds[MAX_LISTENERS]
-    cdef bint listen_unix[MAX_LISTENERS]
-    cdef int nlisten
-    cdef bint accept_paused
-    cdef double accept_resume_at
-    cdef Conn **conns
-    cdef size_t conns_cap
-    cdef size_t nconns
-    cdef Conn *dirty
-    cdef Conn *backlog         # connections whose frames wait for their next turn
-    cdef long budget           # deliveries left in the current connection's turn
-    cdef Conn *dead
-    cdef size_t nclosing
-    cdef Conn *handshaking        # oldest connection not yet READY (hs_next: newer)
-    cdef Conn *handshaking_last
-    cdef Router router
-    cdef Delivery delivery       # the delivery room; its totals point at ours
-    cdef Totals totals
-    cdef size_t max_pending      # = delivery.max_pending, for the control path
-    cdef size_t max_frame
-    cdef size_t max_connections
-    cdef size_t max_subscriptions
-    cdef double handshake_timeout_ms
-    cdef public double busy_poll_ms    # the longest poll: busx.Broker's busy_poll_us
-    cdef double poll_window_ms         # the poll now, adapted between 0 and busy_poll_ms
-    cdef bint check_publish     # a policy is loaded: ask it about each new topic
-    cdef volatile int stop_requested
-    cdef uint32_t next_id
-    cdef unsigned long long rr_counter      # round robin among a queue group's members
-    cdef pthread_mutex_t state_lock
-    cdef public unsigned long long read_calls, write_calls
-    cdef public unsigned long long busy_polls, busy_poll_hits     # polls begun, ended by events
-    cdef public unsigned long long refused             # connections past max_connections
-    cdef public unsigned long long limits_hit          # SUBs past max_subscriptions
-    cdef public unsigned long long handshake_timeouts
-    cdef object handler
-    cdef object snapshot_taken   # snapshot()'s result, handed across its nogil block
+    Threads and locks: busx/_core.pxd, beside its fields."""
 
     def __cinit__(self):
         poller_init(&self.poller)
@@ -281,10 +217,11 @@ cdef class BrokerLoop:
         event. Poll longer next time if the longest poll would have caught
         it; shorter if no allowed poll could, so sparse traffic costs no
         CPU. (KVM adapts its halt polling the same way.)"""
+        cdef double start_ms = POLL_WINDOW_START_US / 1000.0
         if idle_ms <= self.busy_poll_ms:
             self.poll_window_ms = min(self.busy_poll_ms,
-                                      max(POLL_WINDOW_START_MS, 2 * self.poll_window_ms))
-        elif self.poll_window_ms / 2 >= POLL_WINDOW_START_MS:
+                                      max(start_ms, 2 * self.poll_window_ms))
+        elif self.poll_window_ms / 2 >= start_ms:
             self.poll_window_ms /= 2
         else:
             self.poll_window_ms = 0

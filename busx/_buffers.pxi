@@ -6,13 +6,6 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp
 
 
-cdef struct Buffer:
-    char *data
-    size_t start        # first byte not yet consumed
-    size_t end          # one past the last byte written
-    size_t cap
-
-
 cdef inline size_t buf_len(const Buffer *b) noexcept nogil:
     return b.end - b.start
 
@@ -83,22 +76,6 @@ cdef void buf_free(Buffer *b) noexcept nogil:
     b.start = 0
     b.end = 0
     b.cap = 0
-
-
-# An fd queued to travel with the frame that starts at byte `offset` of a
-# stream (offsets count bytes ever appended, so they survive compaction).
-cdef struct QueuedFd:
-    unsigned long long offset
-    int fd
-    size_t held         # bytes of payload this fd carries (a payload memfd), else 0
-
-
-cdef struct FdQueue:
-    QueuedFd *items
-    size_t head
-    size_t tail
-    size_t cap
-    size_t held         # sum of the queued fds' held bytes
 
 
 cdef inline size_t fdq_len(const FdQueue *q) noexcept nogil:

@@ -13,12 +13,6 @@ cpdef enum RunResult:          # busx.client acts on these
     RUN_PROTOCOL = 3      # the broker sent something this client cannot parse
     RUN_FDS_LOST = 4      # received fds were dropped by the kernel (out of fds)
 
-cdef enum ClientState:
-    CL_DETACHED = 0       # no socket: before attach, or reconnecting
-    CL_ATTACHED = 1
-    CL_FAILED = 2         # disconnected for good; publish raises Disconnected
-    CL_CLOSED = 3
-
 
 FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
                   "connect again in the child with busx.connect()")
@@ -28,66 +22,7 @@ cdef class ClientIO:
     """One connection's rooms and I/O loop. busx.client.Bus owns it and
     runs run() on a daemon thread.
 
-    Threads: the I/O thread (run(), no GIL); publishers (any Python thread,
-    holding the GIL); the Python side (take() and friends, under the Bus's
-    pump lock, holding the GIL); a thread waiting for messages, which may
-    read the socket itself (_read_directly, no GIL).
-
-    Lock order: read_lock, inbox.lock, outbox.lock, watch_lock; the GIL is
-    never acquired while any of them is held. Publishers take outbox.lock,
-    and the Python side inbox.lock, while holding the GIL, so a thread
-    holding either and waiting for the GIL would deadlock the process:
-    every lock/unlock pair sits inside one `with nogil:` block or one nogil
-    function, and no code under a lock calls into Python. read_lock and
-    watch_lock are only ever taken without the GIL.
-    Beside each field: who owns it, or which lock guards it."""
-    cdef Outbox outbox          # the send side; its fields say their owners
-    cdef Inbox inbox            # the receive side; likewise
-    # The connection: written under both rooms' locks (attach, detach and
-    # state changes), so either lock is enough to read them.
-    cdef int fd
-    cdef int state              # a ClientState
-    cdef bint is_unix
-    cdef bint payload_fds       # the broker takes large payloads as memfds
-    cdef size_t max_frame
-    cdef int close_requested    # outbox.lock; the I/O thread reads it after each wake-up
-    # The I/O thread waits on it. Others wake it holding either room's lock,
-    # and release() closes it holding both, so no wake can hit a closed eventfd.
-    cdef Poller poller
-    # What the poller watches the socket for, from both rooms: the inbox
-    # turns input off while paused or read directly, the outbox asks for
-    # output while the socket is full. watch_lock, innermost.
-    cdef pthread_mutex_t watch_lock
-    cdef bint watch_in
-    cdef bint watch_out
-    # Held by whoever runs _read: the I/O thread, or a thread waiting for
-    # messages (_read_directly). It guards the partial input.
-    cdef pthread_mutex_t read_lock
-    cdef Buffer rbuf
-    cdef FdQueue recv_fds
-    cdef bint forked            # set once in a fork()ed child: touch nothing shared
-    # Python side only (under Bus's pump lock).
-    cdef Buffer taken
-    cdef size_t taken_fd_bytes  # payload bytes in memfds taken by this take()
-    cdef bytes last_topic_b
-    cdef object last_topic
-    cdef bytes last_stamp
-    cdef uint32_t last_sid
-    cdef MessageQueue last_queue
-    cdef object bus_ref         # weakref.ref to the Bus (or AsyncBus) messages respond with
-    cdef dict topic_cache       # str -> validated UTF-8 bytes
-    cdef Buffer packed          # publish's payload, reused; guarded by `packing`
-    cdef bint packing
-    cdef public int last_errno  # the I/O thread's, read after run() returns
-    # Statistics: each written by one side (outbox.lock, the reader, the
-    # Python side) and read as a snapshot.
-    cdef public unsigned long long frames_out, write_calls, frames_in, read_calls
-    cdef public unsigned long long direct_sends     # frames sent by the publishing thread
-    cdef public unsigned long long direct_reads     # reads done by a thread waiting for messages
-    cdef public unsigned long long fd_payloads_out, fd_payloads_in  # payloads sent as memfds
-    cdef public unsigned long long discarded        # messages for subscriptions already gone
-    cdef public unsigned long long malformed        # frames dropped: fields that do not decode
-    cdef public unsigned long long unread_dropped   # messages dropped: their queue was full
+    Threads and locks: busx/_core.pxd, beside its fields."""
 
     def __cinit__(self):
         self.fd = -1
@@ -747,7 +682,7 @@ cdef class ClientIO:
         cdef double gap = now - box.last_append
         cdef ssize_t n
         box.last_append = now
-        if (gap < DIRECT_SEND_GAP_MS or self.state != CL_ATTACHED or box.wake_pending
+        if (gap < DIRECT_SEND_GAP_NS / 1e6 or self.state != CL_ATTACHED or box.wake_pending
                 or box.want_out or buf_len(&box.out) or buf_len(&box.sending)):
             return False
         if write_frame(&box.sending, kind, 0, id, topic, topic_len, reply, reply_len,
@@ -796,7 +731,7 @@ cdef class ClientIO:
         if threading.current_thread() is not threading.main_thread():
             return self._wait_until(seen, room_for, deadline)
         while True:
-            deadline_after(&until, SIGNAL_CHECK_SECONDS)
+            deadline_after(&until, SIGNAL_CHECK_MS / 1000.0)
             last_slice = deadline != NULL and not timespec_before(&until, deadline)
             if self._wait_until(seen, room_for, deadline if last_slice else &until):
                 return True

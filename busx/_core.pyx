@@ -1,7 +1,9 @@
 # cython: language_level=3, embedsignature=True
 """busx's compiled core: framing, buffers, routing, and the broker's and
 client's event loops. Everything on the message path runs without the GIL;
-busx.broker and busx.client are the Python faces over it."""
+busx.broker and busx.client are the Python faces over it. The layouts of
+its structs and classes, with who owns each field, are in _core.pxd; the
+behaviour is in the rooms included below, one job each."""
 
 from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
@@ -20,8 +22,6 @@ from busx.errors import (BusError, Closed, Disconnected, FdError, PayloadTooLarg
 from busx.protocol import Frame
 from busx.credentials import Credentials
 from busx.topics import topic_bytes as validate_topic
-
-include "includes/consts.pxi"
 
 cdef const char *PREAMBLE_BYTES = b"BUSX\x01\x00\x00\x00"
 

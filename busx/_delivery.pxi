@@ -11,41 +11,6 @@
 #
 # Threads: the broker's loop thread, holding state_lock, like the Conns.
 
-cdef struct FdPayload:
-    # A routed PUB's payload carried in a memfd (F_PAYLOAD_FD).
-    int fd                  # the memfd, the frame's last fd; -1: the payload is inline
-    size_t size
-    bint loaded             # Delivery.fd_payload holds its bytes (for TCP clients)
-
-
-cdef struct Totals:
-    # The broker's counters (stats()), added to by the loop and by delivery.
-    unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
-
-
-cdef struct Delivery:
-    size_t max_pending          # busx.Broker's limits, fixed at construction
-    size_t max_pending_fds
-    bint disconnect_slow        # slow-consumer policy: cut off, or drop newest
-    # Bytes of payload memfds handed to clients and not yet received. The
-    # kernel counts fds in flight against this user's RLIMIT_NOFILE (past it
-    # sendmsg fails with ETOOMANYREFS), so over the budget a payload goes
-    # inline; every memfd holds at least PAYLOAD_FD_MIN bytes, so the budget
-    # in bytes bounds their number.
-    size_t payload_fd_bytes
-    size_t payload_fd_budget
-    Buffer fd_payload           # a memfd payload read for inline delivery (load_payload)
-    Totals *totals              # BrokerLoop.totals
-
-
-cdef enum DeliveryResult:
-    DELIVERED = 0           # queued: the subscriber has output to write
-    NOT_READY = 1           # the subscriber is closing: nothing queued
-    DROPPED = 2             # past a bound, dropped and counted (drop policy)
-    CUT_OFF = 3             # past a bound, policy disconnect: unsent frames discarded
-    NO_MEMORY = 4
-    PAYLOAD_UNREADABLE = 5
-
 
 cdef int deliver(Delivery *d, Subscription *s, Conn *src, FrameView *f, int *fds,
                  FdPayload *big) noexcept nogil:

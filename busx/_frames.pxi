@@ -30,30 +30,6 @@ cpdef enum FrameFlag:
     F_PAYLOAD_FD = 2
 
 
-cdef enum ParseStatus:
-    PARSE_MALFORMED = -1
-    PARSE_TOO_LARGE = -2
-    PARSE_NEED_MORE = 0
-    PARSE_OK = 1
-
-
-cdef struct FrameView:
-    size_t size          # whole frame, length prefix included
-    uint32_t id
-    uint8_t kind
-    uint8_t flags
-    uint8_t topic_len
-    uint8_t reply_len
-    uint8_t stamp_len
-    uint8_t nfds
-    uint8_t fds_lost
-    const char *topic
-    const char *reply
-    const char *stamp
-    const char *payload
-    size_t payload_len
-
-
 cdef int parse_frame(const char *p, size_t avail, size_t max_frame,
                      FrameView *f) noexcept nogil:
     """Read the frame at p. An absurd length is refused as soon as its four
@@ -170,9 +146,6 @@ cdef class FrameDecoder:
     the whole frames they complete. Raises ProtocolError on a malformed or
     oversize frame, after which the decoder is unusable (as the connection
     would be)."""
-    cdef Buffer buf
-    cdef size_t max_frame
-    cdef bint failed
 
     def __cinit__(self, size_t max_frame=64 << 20):
         self.max_frame = max_frame

@@ -7,35 +7,6 @@
 # Threads: `lock` is taken by Python threads holding the GIL, so no thread
 # may wait for the GIL while it holds `lock` (docs/development.md).
 
-cdef struct Inbox:
-    pthread_mutex_t lock
-    pthread_cond_t event_cond   # broadcast whenever events_seq moves
-    Buffer frames               # lock: whole frames for Python
-    FdQueue fds                 # lock: the fds those frames carry, in order
-    size_t fd_bytes             # lock: payload bytes in memfds of those frames
-    unsigned long long events_seq   # lock: bumped when frames arrive or the state changes
-    bint reading_paused         # lock: the I/O thread stopped reading (inbox_full)
-    # A thread waiting for messages may read the socket itself while the I/O
-    # thread is idle (ClientIO._read_directly).
-    bint direct_reader          # lock: such a thread watches the socket
-    bint direct_reading         # ClientIO.read_lock: ... and is inside _read
-    int direct_result           # lock: a RunResult it found, for the I/O thread
-    int direct_wake_fd          # wakes it when events happen meanwhile; lock (release closes it)
-    int notify_fd               # eventfd for asyncio, made on first use; lock (release closes it)
-    # The Python side's (under the Bus's pump lock): bytes and fds of
-    # messages waiting in MessageQueues, bytes take() is parsing, round trips
-    # awaited. The reader reads them without the lock to decide whether to
-    # read on: a stale value only delays that decision to its next look.
-    size_t held
-    size_t held_fds
-    size_t taking
-    int round_trips
-    size_t max_buffer           # fixed at construction
-    # fds of received messages the application has not taken before the
-    # client stops reading its socket, as max_buffer is for bytes: a quarter
-    # of this process's open-file limit. Fixed at construction.
-    size_t max_held_fds
-
 
 cdef void inbox_init(Inbox *box, size_t max_buffer, size_t max_held_fds) noexcept nogil:
     cdef pthread_condattr_t attr

@@ -34,16 +34,6 @@ cdef class Message:
     `sender` is stamped by the broker; `fds` are owned by the receiver. A
     payload that came in a memfd stays mapped until `raw` is asked for, so
     `data` decodes it in place."""
-    cdef readonly str topic
-    cdef bytes _raw
-    cdef const char *mapped     # the payload memfd's bytes, or NULL
-    cdef size_t size            # payload bytes
-    cdef readonly object reply_to
-    cdef readonly tuple fds
-    cdef readonly int fds_lost
-    cdef bytes stamp
-    cdef object _data
-    cdef object bus_ref         # weakref.ref to the Bus that msg.respond() publishes with
 
     def __cinit__(self):
         self._data = _UNDECODED
@@ -102,12 +92,6 @@ cdef class MessageQueue:
     except the reply inbox's, which is bounded on its own (`apart`): replies
     must never be dropped because another subscription is not read.
     Owned by whichever thread holds the Bus's pump lock (or the event loop)."""
-    cdef list items
-    cdef Py_ssize_t head
-    cdef ClientIO owner
-    cdef size_t bytes           # payload bytes of the queued messages
-    cdef public bint apart      # the reply inbox: ClientIO.has_room_for checks bytes
-    cdef public unsigned long long dropped   # by the broker, or by has_room_for
 
     def __cinit__(self, ClientIO owner):
         self.items = []

@@ -20,11 +20,6 @@ cdef extern from "Python.h":
     # at its sixth key, and a message map has that many keys often.
     dict _PyDict_NewPresized(Py_ssize_t n)
 
-cdef enum:
-    FAST_DECODE_DEPTH = 32      # deeper nesting is left to msgpack
-    SHORT_ASCII = 64            # strings up to this long are checked for ASCII first
-    KEY_CACHE_SLOTS = 512       # map keys remembered (they repeat message after message)
-    KEY_CACHE_MAX = 24          # longest key, in bytes, worth remembering
 
 # Decoded short map keys by their UTF-8 bytes: the same few keys arrive in
 # every message, and a cached str spares a decode and an allocation. Only
@@ -36,11 +31,6 @@ cdef uint8_t key_cache_len[KEY_CACHE_SLOTS]
 
 class _SlowPath(Exception):
     """Internal: this payload needs msgpack.unpackb."""
-
-
-cdef struct Reader:
-    const unsigned char *p
-    const unsigned char *end
 
 
 cdef inline const unsigned char *take(Reader *r, size_t n) except NULL:

@@ -8,43 +8,6 @@
 # wait for the GIL while it holds `lock`: every lock/unlock pair sits in one
 # nogil function or `with nogil:` block (docs/development.md, lock order).
 
-cdef enum AppendStatus:
-    APPEND_OK = 0
-    APPEND_CLOSED = -1
-    APPEND_TIMEOUT = -2
-    APPEND_FAILED = -3
-    APPEND_NOMEM = -4
-    APPEND_NO_ROOM = -5
-    APPEND_FORKED = -6
-    APPEND_TOO_LARGE = -7
-
-
-cdef struct Room:
-    # What a frame needs of the output buffer (outbox_has_room).
-    size_t bytes
-    int fds
-
-
-cdef struct Outbox:
-    pthread_mutex_t lock
-    pthread_cond_t room_cond    # broadcast when `out` may have room, or the state changed
-    Buffer out                  # lock: frames publishers queued
-    FdQueue out_fds             # lock: their fds; offsets index out.data
-    # The batch being sent: the I/O thread's, except that a publisher may
-    # send a lone frame from it under the lock while it is empty and the I/O
-    # thread idle (ClientIO._send_directly); so the I/O thread consumes it
-    # under the lock too.
-    Buffer sending
-    FdQueue sending_fds
-    # Payload bytes of memfds published and not yet reported taken by the
-    # broker (K_RECEIVED): they count against max_buffer. lock.
-    size_t fd_bytes_unacked
-    bint acks_stalled           # lock: the inbox stopped reading, so acks cannot arrive
-    bint want_out               # lock; written by the I/O thread: the socket was full
-    int wake_pending            # lock: the I/O thread is awake, or has been woken
-    double last_append          # lock: CLOCK_MONOTONIC ms of the last frame queued
-    size_t max_buffer           # fixed at construction
-
 
 cdef void outbox_init(Outbox *box, size_t max_buffer) noexcept nogil:
     cdef pthread_condattr_t attr

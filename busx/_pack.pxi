@@ -14,8 +14,6 @@ cdef extern from "Python.h":
     char *PyByteArray_AS_STRING(object)
     Py_ssize_t PyByteArray_GET_SIZE(object)
 
-cdef enum:
-    FAST_PACK_DEPTH = 32        # deeper nesting is left to msgpack (it has its own limit)
 
 cdef object _packb = msgpack.packb
 

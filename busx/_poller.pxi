@@ -5,20 +5,7 @@
 # Threads: the thread that waits on a Poller owns it. poller_wake() may be
 # called from any thread while the Poller is open (an eventfd write is
 # atomic); whoever closes it must make sure no waker is left (the client
-# wakes and closes under its lock).
-
-cdef enum PollTag:
-    # epoll data for a loop's own fds; the broker's connections carry their
-    # Conn pointer instead (always above these).
-    TAG_WAKE = 1
-    TAG_SIGNAL = 2
-    TAG_SOCKET = 3      # the client's connection to its broker
-    TAG_LISTEN = 8      # TAG_LISTEN + listener index
-
-
-cdef struct Poller:
-    int epfd            # -1: closed
-    int wake_fd         # eventfd, watched with TAG_WAKE
+# wakes under a room's lock and closes under both).
 
 
 cdef inline void poller_init(Poller *p) noexcept nogil:

@@ -14,71 +14,6 @@
 # here takes a lock or the GIL.
 
 
-cdef struct Subscription:
-    void *conn            # the owning Conn (opaque to the router)
-    uint32_t sid          # the client's subscription id
-    uint64_t queue        # hash of the queue group's name, 0 for none
-    char *queue_name      # the group's name (owned), NULL for none
-    uint8_t queue_len
-    void *node            # TrieNode holding it
-    size_t node_index     # its index in node.subs: O(1) removal
-    size_t conn_index     # its index in its Conn's subs: O(1) removal
-    unsigned long long dropped_unreported   # slow-consumer drops not yet told to the client
-    unsigned long long dropped
-
-
-cdef struct TrieNode:
-    TrieNode *parent
-    char *token
-    size_t token_len
-    uint64_t token_hash
-    TrieNode **children   # literal children, open addressing by token_hash; NULL: none yet
-    size_t children_cap   # a power of two
-    size_t nchildren
-    TrieNode *star        # the "*" child
-    TrieNode *rest        # the ">" child
-    Subscription **subs
-    size_t nsubs
-    size_t subs_cap
-
-
-cdef enum:
-    # Entries per cache set: a hot topic is evicted only by three hotter ones
-    # that hash to its set.
-    CACHE_WAYS = 4
-
-
-cdef struct RouteSlot:
-    char *topic           # NULL: empty
-    size_t topic_len
-    uint64_t hash
-    Subscription **subs   # queue members grouped together (see group_queues)
-    size_t nsubs
-    unsigned long long epoch      # Router.wild_epoch when filled: older is stale
-    # Unique per fill: a Conn's remembered slot is still its topic's while
-    # the version holds.
-    unsigned long long version
-    unsigned long long used       # Router.tick at the last hit: the set evicts the oldest
-
-
-cdef struct Router:
-    TrieNode root
-    RouteSlot *cache      # ROUTE_CACHE_SETS * CACHE_WAYS entries
-    # The matches of the last _INBOX. topic, kept out of the cache: a reply
-    # topic is used once, and caching it would only evict topics that repeat.
-    # Its subs are `scratch`; any lookup or subscription change retires it.
-    RouteSlot transient
-    unsigned long long wild_epoch   # bumped by every wildcard subscribe/unsubscribe
-    unsigned long long next_version
-    unsigned long long tick
-    size_t cached_refs    # subscription pointers held by cache entries (CACHE_MAX_REFS)
-    size_t subscriptions
-    size_t nodes
-    Subscription **scratch   # match results under construction
-    size_t scratch_len
-    size_t scratch_cap
-
-
 cdef int router_init(Router *r) noexcept nogil:
     memset(r, 0, sizeof(Router))
     r.next_version = 1
@@ -564,11 +499,6 @@ cdef RouteSlot *transient_lookup(Router *r, const char *topic, size_t length) no
 
 
 # ---- a connection's subscriptions by id: linear probing, backward-shift deletion ----
-
-cdef struct SidTable:
-    Subscription **slots   # NULL: empty
-    size_t cap             # a power of two, or 0
-    size_t count
 
 
 cdef inline size_t sid_home(uint32_t sid, size_t cap) noexcept nogil:

@@ -104,13 +104,6 @@ cdef ssize_t recv_with_fds(int fd, char *buf, size_t capacity, FdQueue *fds,
     return n
 
 
-# Large payloads over UNIX travel in a memfd sealed against every change, so
-# the broker passes the fd on instead of copying the bytes through the kernel
-# twice, and no reader can see them change or shrink (docs/protocol.md).
-cdef enum:
-    PAYLOAD_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
-
-
 cdef int payload_memfd(const char *head, size_t head_len, const char *body,
                        size_t body_len) noexcept nogil:
     """A sealed memfd holding head then body; -1 if the system cannot make

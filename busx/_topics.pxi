@@ -3,11 +3,6 @@
 # every topic it has not published to before. Non-ASCII topics need
 # Unicode categories: busx.topics decides those, in Python.
 
-cdef enum TopicCheck:
-    TOPIC_INVALID = 0
-    TOPIC_VALID = 1
-    TOPIC_ASK_PYTHON = 2        # not ASCII
-
 
 cdef inline bint is_inbox_topic(const char *topic, size_t length) noexcept nogil:
     return length > 7 and memcmp(topic, b"_INBOX.", 7) == 0

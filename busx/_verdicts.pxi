@@ -5,22 +5,6 @@
 # Threads: a connection's Verdicts belong to the broker's loop thread, like
 # the rest of its Conn.
 
-cdef enum:
-    VERDICT_SLOTS = 256        # topics whose publish verdict a connection remembers
-
-
-cdef struct Verdict:
-    char *topic                # NULL: empty slot; else owned (malloc)
-    uint8_t topic_len
-    bint allowed
-    bint reported              # denial already told since the last PING
-    uint64_t hash
-
-
-cdef struct Verdicts:
-    Verdict *slots             # VERDICT_SLOTS, open addressing; NULL until first use
-    size_t count
-
 
 cdef Verdict *verdict_slot(Verdicts *vs, const char *topic, size_t length) noexcept nogil:
     """The slot holding topic's verdict, or the empty slot to fill with

@@ -1,3 +1,7 @@
+# Included by _core.pxd, so declarations only: Cython drops the initialiser
+# of a `cdef double X = ...` in a .pxd without a word, and X reads 0. Hence
+# every tunable is an integer enum, its unit in its name.
+
 # Tunables, with their units and where they came from.
 
 cdef enum:
@@ -44,15 +48,15 @@ cdef enum:
     # CMSG_SPACE(253 * 4) = 1032 bytes on 64-bit Linux, rounded up.
     CMSG_WORDS = 136
 
-# The broker's first busy-poll window (ms), doubled after each sleep the
-# longest window would have saved (busx.Broker's busy_poll_us).
-cdef double POLL_WINDOW_START_MS = 0.01
-
-# Seconds a blocked call in the main thread waits before letting Python run
-# signal handlers (Ctrl-C) and waiting again.
-cdef double SIGNAL_CHECK_SECONDS = 0.05
-
-# A frame queued longer than this after the previous one is sent straight
-# from the publishing thread when the I/O thread is idle (see _send_directly);
-# closer frames are a burst, batched by the I/O thread.
-cdef double DIRECT_SEND_GAP_MS = 0.005
+cdef enum:
+    # The broker's first busy-poll window (µs), doubled after each sleep the
+    # longest window would have saved (busx.Broker's busy_poll_us).
+    POLL_WINDOW_START_US = 10
+    # How long a blocked call in the main thread waits (ms) before letting
+    # Python run signal handlers (Ctrl-C) and waiting again.
+    SIGNAL_CHECK_MS = 50
+    # A frame queued longer than this (ns) after the previous one is sent
+    # straight from the publishing thread when the I/O thread is idle (see
+    # ClientIO._send_directly); closer frames are a burst, batched by the
+    # I/O thread.
+    DIRECT_SEND_GAP_NS = 5000
