@@ -22,6 +22,7 @@ exactly 100 bytes, published on TOPIC; every subscriber decodes every message.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import select
@@ -386,7 +387,23 @@ def worker_main(argv: list[str]) -> None:
     role.add_argument("address")
     role.set_defaults(run=run_raw_echo)
     args = parser.parse_args(argv)
+    trace_if_asked(args.role)
     args.run(args)
+
+
+def trace_if_asked(role: str) -> None:
+    """With BUSX_TRACE_DIR set (trace_round_trip.py), turn busx's round-trip
+    tracer on and write its stamps to <dir>/<role>-<pid>.json at exit."""
+    directory = os.environ.get("BUSX_TRACE_DIR")
+    if not directory:
+        return
+    from busx import _core
+    _core.trace(True)
+
+    def dump() -> None:
+        with open(os.path.join(directory, f"{role}-{os.getpid()}.json"), "w") as out:
+            json.dump(_core.trace_events(), out)
+    atexit.register(dump)
 
 
 # ---------------------------------------------------------------- parent side

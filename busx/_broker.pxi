@@ -377,6 +377,7 @@ cdef class BrokerLoop:
             # Peer gone; a partial frame in rbuf dies with it.
             self._close_conn(c)
             return
+        busx_trace(BUSX_TRACE_BROKER_READ)
         c.rbuf.end += n
         c.stream_in += n
         c.bytes_in += n
@@ -951,10 +952,12 @@ cdef class BrokerLoop:
             length = WRITE_CHUNK
         self.write_calls += 1
         if fdq_len(&c.out_fds) == 0:
-            return send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
-        n = send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
-        # Memfd payloads now on their way: only these may be reported received.
-        c.fd_bytes_sent += queued_fd_bytes - c.out_fds.held
+            n = send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
+        else:
+            n = send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
+            # Memfd payloads now on their way: only these may be reported received.
+            c.fd_bytes_sent += queued_fd_bytes - c.out_fds.held
+        busx_trace(BUSX_TRACE_BROKER_SEND)
         return n
 
     cdef void _housekeeping(self) noexcept nogil:

@@ -286,6 +286,7 @@ cdef class ClientIO:
                 n = send_with_fds(self.fd, box.sending.data + box.sending.start,
                                   outbox_send_length(box), box.sending.start, &box.sending_fds)
                 self.write_calls += 1
+                busx_trace(BUSX_TRACE_CLIENT_SEND)
                 if n < 0:
                     if errno == EINTR:
                         continue
@@ -352,6 +353,7 @@ cdef class ClientIO:
             return RUN_FDS_LOST
         if n == 0:
             return RUN_EOF
+        busx_trace(BUSX_TRACE_CLIENT_READ)
         self.rbuf.end += n
         whole = self._whole_frames(&fd_bytes, &acked, &claimed)
         if whole == <size_t>-1:
@@ -638,6 +640,7 @@ cdef class ClientIO:
         cdef Outbox *box = &self.outbox
         cdef int status = APPEND_OK
         cdef bint wake = False
+        busx_trace(BUSX_TRACE_PUBLISH)
         if self.forked:
             return APPEND_FORKED
         pthread_mutex_lock(&box.lock)
@@ -696,6 +699,7 @@ cdef class ClientIO:
                      MSG_NOSIGNAL | MSG_DONTWAIT)
             if n >= 0 or errno != EINTR:
                 break
+        busx_trace(BUSX_TRACE_CLIENT_SEND)
         if n > 0:
             buf_consume(&box.sending, n)
         if buf_len(&box.sending):
@@ -878,6 +882,8 @@ cdef class ClientIO:
                     self.inbox.fd_bytes -= taken_fd_bytes
                     pthread_mutex_unlock(&self.inbox.lock)
             self._resume_reading()
+        if count:
+            busx_trace(BUSX_TRACE_TAKEN)
         return count
 
     cdef void _dispatch(self, FrameView *f, dict queues) except *:

@@ -37,6 +37,17 @@ WIRE: dict[str, Any]
 def debug_counters() -> dict[str, int]:
     """What the C level holds now, by kind; {} unless built with BUSX_DEBUG=1."""
 
+TRACE_STAGES: tuple[str, ...]
+
+def trace(on: bool) -> None:
+    """Turn the round-trip tracer on (emptied) or off."""
+
+def trace_mark() -> None:
+    """Stamp a "mark" of the caller's own."""
+
+def trace_events() -> list[tuple[int, int, str]]:
+    """The tracer's stamps, oldest first: (nanoseconds, thread id, stage)."""
+
 class RunResult(IntEnum):
     RUN_CLOSED = 0
     RUN_EOF = 1

@@ -59,6 +59,39 @@ def debug_counters():
             "pollers": busx_counter(BUSX_POLLERS)}
 
 
+# The round-trip tracer's stages, by their number (includes/trace.h).
+TRACE_STAGES = ("mark", "publish", "client send", "broker read", "broker send", "client read",
+                "taken")
+
+
+def trace(bint on):
+    """Turn the round-trip tracer on (emptied) or off: while on, each stage a
+    message passes in this process is stamped with CLOCK_MONOTONIC
+    (includes/trace.h; benchmarks/trace_round_trip.py reads them)."""
+    global busx_tracing, busx_trace_cursor
+    if on:
+        busx_trace_cursor = 0
+    busx_tracing = on
+
+
+def trace_mark():
+    """Stamp a "mark" of the caller's own, e.g. before and after a round trip."""
+    busx_trace(BUSX_TRACE_MARK)
+
+
+def trace_events():
+    """The tracer's stamps, oldest first (the last 65,536 at most): a list of
+    (nanoseconds, thread id, stage name)."""
+    cdef uint64_t end = busx_trace_cursor
+    cdef uint64_t first = end - min(end, <uint64_t>BUSX_TRACE_CAPACITY)
+    cdef busx_trace_event *e
+    events = []
+    for i in range(first, end):
+        e = &busx_trace_ring[i % BUSX_TRACE_CAPACITY]
+        events.append((e.ns, e.thread, TRACE_STAGES[e.stage]))
+    return events
+
+
 # The wire facts the C level is built on. busx.protocol, the tests' oracle,
 # states them independently; tests/test_frames.py holds the two equal.
 WIRE = {"preamble": PREAMBLE_BYTES[:PREAMBLE_SIZE], "header_size": HEADER_SIZE,

@@ -2,14 +2,18 @@
 that publish small messages, messages with an fd and 300 KiB payloads (which
 travel as memfds), receive them (closing the fds), flush, and subscribe and
 unsubscribe in a loop, while the broker (`busx serve` in its own process) is
-restarted every couple of seconds under them.
+restarted every couple of seconds under them. One subscription to the big
+payloads is read far slower than they come, so the client's receive side
+keeps filling up: reading pauses, the acks of the Bus's own memfds stall,
+and round trips read on past the bound - every path between the outbox's
+lock and the inbox's.
 
 Every thread records when it last finished an operation - whatever its
 outcome: a Timeout or Disconnected while the broker is away is progress too;
 only a call that never returns is not. The test fails when any thread makes
 no progress for STALL_SECONDS.
 
-A deadlock between the GIL and ClientIO's mutex freezes every Python thread
+A deadlock between the GIL and one of ClientIO's mutexes freezes every Python thread
 of the process, the watchdog included, and pytest-timeout with it. So the
 watchdog keeps re-arming faulthandler.dump_traceback_later(exit=True): once
 Python stops running, faulthandler (a C thread) prints every thread's stack
@@ -33,6 +37,7 @@ STRESS_SECONDS = float(os.environ.get("BUSX_STRESS_SECONDS", "15"))
 STALL_SECONDS = 10.0
 MAX_FDS_AHEAD = 1000    # fd messages published and not yet received
 RESTART_EVERY = 2.0
+LAG_SECONDS = 0.05          # the lagging reader takes one message per this
 HARD_STOP_MARGIN = 5.0      # faulthandler ends a frozen process this long after a stall
 
 # Expected while the broker restarts; anything else fails the test.
@@ -107,6 +112,7 @@ def test_one_bus_shared_by_busy_threads_never_stalls_while_the_broker_restarts(
     small_sub = bus.subscribe("stress.small")
     fd_sub = bus.subscribe("stress.fd")
     big_sub = bus.subscribe("stress.big")
+    lagging_sub = bus.subscribe("stress.big")
     read_end, write_end = os.pipe()
     big = os.urandom(300 << 10)        # above the memfd threshold (256 KiB)
     padding = b"p" * 4096               # bounds how many fds the 16 MiB buffer can hold
@@ -140,6 +146,10 @@ def test_one_bus_shared_by_busy_threads_never_stalls_while_the_broker_restarts(
                     assert msg.data == big
         return step
 
+    def lag():
+        stop.wait(LAG_SECONDS)      # pacing, not synchronisation: this reader is meant to lag
+        lagging_sub.recv(timeout=1)
+
     def flush():
         bus.flush(timeout=5)
 
@@ -150,7 +160,8 @@ def test_one_bus_shared_by_busy_threads_never_stalls_while_the_broker_restarts(
     workers = [Worker(name, step, stop) for name, step in [
         ("publish-small", publish_small), ("publish-fd", publish_fd), ("publish-big", publish_big),
         ("recv-small", receiver("small", small_sub)), ("recv-fd", receiver("fd", fd_sub)),
-        ("recv-big", receiver("big", big_sub)), ("flush", flush), ("churn", churn),
+        ("recv-big", receiver("big", big_sub)), ("lag-big", lag), ("flush", flush),
+        ("churn", churn),
         ("restart", lambda: restarter.step(stop)),
     ]]
     started = time.monotonic()

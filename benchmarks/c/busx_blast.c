@@ -7,7 +7,26 @@
  *                                      then count COUNT messages (received or
  *                                      reported dropped by the broker) and
  *                                      print "<msgs/s> <seconds> <dropped>"
+ *
+ * The routing scale matrix (benchmarks/scale.py) adds:
+ *
+ *   busx_blast subs SOCKET COUNT NSUBS WILD
+ *       subscribe to NSUBS patterns, "dev.<i>.temp" for i < NSUBS, WILD
+ *       percent of them as wildcards ("*.<i>.temp" or "dev.<i>.>", which
+ *       match the same topic), then count as `sub` does
+ *   busx_blast topics SOCKET COUNT SIZE NTOPICS NSUBS
+ *       publish COUNT frames cycling over NTOPICS topics "dev.<k>.temp",
+ *       spread over k < NSUBS, so each matches exactly one of the
+ *       subscriber's patterns; print "<msgs/s> <seconds>", timed from the
+ *       first write to the PONG that follows the last frame (the broker has
+ *       routed them all)
+ *   busx_blast churn SOCKET RATE NSUBS
+ *       until SIGTERM: each millisecond, RATE/1000 SUBs of "dev.<k>.temp"
+ *       for random k < NSUBS, and the UNSUBs of the previous millisecond's;
+ *       read and discard what arrives; print "<changes/s>" at the end
  */
+#include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,8 +38,8 @@
 
 #include "bench.h"
 
-enum { HEADER = 16, CONNECT = 2, READY = 3, PUB = 4, MSG = 5, SUB = 6, PING = 8, PONG = 9, OK = 10,
-       DROPPED = 12 };
+enum { HEADER = 16, CONNECT = 2, READY = 3, PUB = 4, MSG = 5, SUB = 6, UNSUB = 7, PING = 8,
+       PONG = 9, OK = 10, DROPPED = 12 };
 static const char PREAMBLE[8] = {'B', 'U', 'S', 'X', 1, 0, 0, 0};
 
 static void put_u32(unsigned char *p, uint32_t v) {
@@ -110,14 +129,14 @@ static int publish(int fd, long count, size_t size) {
     return 0;
 }
 
-static int subscribe(int fd, long count) {
+/* Count COUNT messages, received or reported dropped by the broker, and
+ * print "<msgs/s> <seconds> <dropped>". */
+static int count_messages(int fd, long count) {
     enum { CHUNK = 16 << 20 };     /* room for the largest frame the broker allows */
-    unsigned char sub[64], *buf = malloc(CHUNK);
+    unsigned char *buf = malloc(CHUNK);
     size_t have = 0;
     long seen = 0, dropped = 0;
     double start = 0;
-    write_all(fd, sub, frame(sub, SUB, 1, "bench", NULL, 0));
-    if (read_frame(fd) != OK) { fprintf(stderr, "subscribe refused\n"); return 1; }
     printf("ready\n");
     fflush(stdout);
     while (seen < count) {
@@ -146,11 +165,128 @@ static int subscribe(int fd, long count) {
     return 0;
 }
 
+static int subscribe(int fd, long count) {
+    unsigned char sub[64];
+    write_all(fd, sub, frame(sub, SUB, 1, "bench", NULL, 0));
+    if (read_frame(fd) != OK) { fprintf(stderr, "subscribe refused\n"); return 1; }
+    return count_messages(fd, count);
+}
+
+/* The pattern of scale subscription i: "dev.<i>.temp", or for WILD percent
+ * of them a wildcard matching that same topic, alternately "*" high in the
+ * tree (every lookup descends it) and ">" at the end. */
+static void scale_pattern(char *out, size_t cap, long i, int wild) {
+    if (i % 100 < wild)
+        snprintf(out, cap, (i / 100) % 2 ? "dev.%ld.>" : "*.%ld.temp", i);
+    else
+        snprintf(out, cap, "dev.%ld.temp", i);
+}
+
+/* Send SUB (or UNSUB) frames for ids [first, first + n) with their patterns
+ * in 64 KiB writes; the replies are read by the caller. */
+static void send_subs(int fd, int kind, long first, long n, const long *keys, int wild) {
+    enum { BATCH = 64 * 1024 };
+    static unsigned char batch[BATCH + 256];
+    char pattern[64];
+    size_t used = 0;
+    for (long i = first; i < first + n; i++) {
+        scale_pattern(pattern, sizeof(pattern), keys ? keys[i - first] : i, wild);
+        used += frame(batch + used, kind, (uint32_t)(i + 1), pattern, NULL, 0);
+        if (used >= BATCH) { write_all(fd, batch, used); used = 0; }
+    }
+    write_all(fd, batch, used);
+}
+
+static int subscribe_many(int fd, long count, long nsubs, int wild) {
+    enum { AT_ONCE = 10000 };      /* SUBs in flight: their OKs fit the socket buffers */
+    for (long first = 0; first < nsubs; first += AT_ONCE) {
+        long n = nsubs - first < AT_ONCE ? nsubs - first : AT_ONCE;
+        send_subs(fd, SUB, first, n, NULL, wild);
+        for (long i = 0; i < n; i++)
+            if (read_frame(fd) != OK) { fprintf(stderr, "subscribe refused\n"); return 1; }
+    }
+    return count_messages(fd, count);
+}
+
+static int publish_topics(int fd, long count, size_t size, long ntopics, long nsubs) {
+    enum { BATCH = 64 * 1024 };
+    unsigned char *payload = calloc(1, size + 5), *batch = malloc(BATCH + size + 128);
+    unsigned char ping[HEADER];
+    char topic[64];
+    size_t used = 0;
+    payload[0] = 0xc6;
+    put_u32(payload + 1, __builtin_bswap32(size));
+    /* Every topic's frame encoded once, then copied into the batches. */
+    size_t frame_cap = HEADER + sizeof(topic) + size + 5;
+    unsigned char *frames = malloc(ntopics * frame_cap);
+    size_t *sizes = malloc(ntopics * sizeof(size_t));
+    for (long j = 0; j < ntopics; j++) {
+        snprintf(topic, sizeof(topic), "dev.%ld.temp", (long)((double)j * nsubs / ntopics));
+        sizes[j] = frame(frames + j * frame_cap, PUB, 0, topic, payload, size + 5);
+    }
+    double start = now();
+    for (long i = 0; i < count; i++) {
+        long j = i % ntopics;
+        memcpy(batch + used, frames + j * frame_cap, sizes[j]);
+        used += sizes[j];
+        if (used >= BATCH) { write_all(fd, batch, used); used = 0; }
+    }
+    write_all(fd, batch, used);
+    write_all(fd, ping, frame(ping, PING, 1, NULL, NULL, 0));
+    while (read_frame(fd) != PONG) {}
+    double elapsed = now() - start;
+    printf("%.0f %.6f\n", count / elapsed, elapsed);
+    return 0;
+}
+
+static volatile sig_atomic_t stopping;
+static void on_term(int sig) { (void)sig; stopping = 1; }
+
+/* Subscription churn: SUB then, a millisecond later, UNSUB, RATE of each a
+ * second, on random hot topics, reading (and dropping) what arrives. */
+static int churn(int fd, long rate, long nsubs) {
+    long per_tick = rate / 1000 > 0 ? rate / 1000 : 1, changes = 0, next_sid = 0;
+    long *keys = malloc(per_tick * sizeof(long));
+    static unsigned char sink[1 << 16];
+    long previous = -1;
+    double start = now(), tick = start;
+    signal(SIGTERM, on_term);
+    srand(1);
+    printf("ready\n");
+    fflush(stdout);
+    while (!stopping) {
+        if (previous >= 0) {
+            send_subs(fd, UNSUB, previous, per_tick, keys, 0);
+            changes += per_tick;
+        }
+        for (long i = 0; i < per_tick; i++)
+            keys[i] = rand() % nsubs;
+        send_subs(fd, SUB, next_sid, per_tick, keys, 0);
+        previous = next_sid;
+        next_sid += per_tick;
+        changes += per_tick;
+        tick += 0.001;
+        while (!stopping && now() < tick)
+            if (recv(fd, sink, sizeof(sink), MSG_DONTWAIT) < 0 && errno != EAGAIN) die("read");
+    }
+    printf("%.0f\n", changes / (now() - start));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 5 && !strcmp(argv[1], "pub"))
         return publish(connect_bus(argv[2]), atol(argv[3]), atol(argv[4]));
     if (argc >= 4 && !strcmp(argv[1], "sub"))
         return subscribe(connect_bus(argv[2]), atol(argv[3]));
-    fprintf(stderr, "usage: busx_blast pub SOCKET COUNT SIZE | sub SOCKET COUNT\n");
+    if (argc >= 6 && !strcmp(argv[1], "subs"))
+        return subscribe_many(connect_bus(argv[2]), atol(argv[3]), atol(argv[4]), atoi(argv[5]));
+    if (argc >= 7 && !strcmp(argv[1], "topics"))
+        return publish_topics(connect_bus(argv[2]), atol(argv[3]), atol(argv[4]), atol(argv[5]),
+                              atol(argv[6]));
+    if (argc >= 5 && !strcmp(argv[1], "churn"))
+        return churn(connect_bus(argv[2]), atol(argv[3]), atol(argv[4]));
+    fprintf(stderr, "usage: busx_blast pub SOCKET COUNT SIZE | sub SOCKET COUNT | "
+                    "subs SOCKET COUNT NSUBS WILD | topics SOCKET COUNT SIZE NTOPICS NSUBS | "
+                    "churn SOCKET RATE NSUBS\n");
     return 2;
 }

@@ -211,3 +211,25 @@ cdef extern from "counters.h" nogil:
     bint BUSX_COUNTING
     void busx_count(int which, long long delta)
     long long busx_counter(int which)
+
+
+cdef extern from "trace.h" nogil:
+    enum busx_trace_stage:
+        BUSX_TRACE_MARK
+        BUSX_TRACE_PUBLISH
+        BUSX_TRACE_CLIENT_SEND
+        BUSX_TRACE_BROKER_READ
+        BUSX_TRACE_BROKER_SEND
+        BUSX_TRACE_CLIENT_READ
+        BUSX_TRACE_TAKEN
+        BUSX_TRACE_STAGES
+    enum:
+        BUSX_TRACE_CAPACITY
+    ctypedef struct busx_trace_event:
+        uint64_t ns
+        uint64_t thread
+        uint32_t stage
+    int busx_tracing
+    busx_trace_event busx_trace_ring[]
+    uint64_t busx_trace_cursor
+    void busx_trace(int stage)
