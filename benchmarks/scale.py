@@ -76,8 +76,8 @@ def rss_bytes(pid: int) -> int:
 def start_broker(directory: str) -> tuple[subprocess.Popen, str]:
     path = os.path.join(directory, "scale.sock")
     log = os.path.join(directory, "broker.log")
-    with open(log, "w") as stderr:
-        broker = subprocess.Popen([sys.executable, "-m", "busx", "serve", "--unix", path,
+    with open(log, "w") as stderr:     # -P: the installed busx, not a checkout's source tree
+        broker = subprocess.Popen([sys.executable, "-P", "-m", "busx", "serve", "--unix", path,
                                    "--max-subscriptions", "2000000"],
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 30
