@@ -33,7 +33,7 @@ SOURCE = os.path.join(HERE, "c", "busx_blast.c")
 CHURN_RATE = 10_000     # SUBs a second, and as many UNSUBs
 
 # (subscriptions, percent wildcards, hot topic counts, churn): one subscriber per group.
-FULL = [(1, 0, [1], False), (10_000, 0, [1, 1_000], False),
+FULL = [(1, 0, [1], False), (10_000, 0, [1, 1_000, 10_000], False),
         (100_000, 0, [1, 1_000, 100_000], False), (1_000_000, 0, [1, 1_000, 100_000], False),
         (1_000_000, 0, [100_000], True),
         (10_000, 10, [1_000], False), (1_000_000, 10, [1_000, 100_000], False)]
@@ -77,8 +77,7 @@ def start_broker(directory: str) -> tuple[subprocess.Popen, str]:
     path = os.path.join(directory, "scale.sock")
     log = os.path.join(directory, "broker.log")
     with open(log, "w") as stderr:     # -P: the installed busx, not a checkout's source tree
-        broker = subprocess.Popen([sys.executable, "-P", "-m", "busx", "serve", "--unix", path,
-                                   "--max-subscriptions", "2000000"],
+        broker = subprocess.Popen([sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path],
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 30
     while not accepts(path):
@@ -173,11 +172,11 @@ def run_group(binary: str, directory: str, subscriptions: int, wildcards: int,
     return Group(cells, per_subscription, scene.subscribe_seconds)
 
 
-def run_matrix(count: int, quick: bool) -> list[Group]:
+def run_matrix(count: int, quick: bool, largest: int) -> list[Group]:
     with tempfile.TemporaryDirectory(prefix="busx-scale-") as directory:
         binary = build(directory)
         return [run_group(binary, directory, subs, wild, topics, churn, count)
-                for subs, wild, topics, churn in (QUICK if quick else FULL)]
+                for subs, wild, topics, churn in (QUICK if quick else FULL) if subs <= largest]
 
 
 def format_matrix(groups: list[Group]) -> str:
@@ -227,9 +226,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, help="messages per cell (default 3,000,000; "
                         "300,000 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a smaller matrix, for a smoke test")
+    parser.add_argument("--largest", type=int, default=1_000_000,
+                        help="leave out groups with more subscriptions (older code, whose "
+                             "SUB cost grew with their number, cannot set the large ones up)")
     args = parser.parse_args()
     count = args.count or (300_000 if args.quick else 3_000_000)
-    print(format_matrix(run_matrix(count, args.quick)))
+    print(format_matrix(run_matrix(count, args.quick, args.largest)))
 
 
 if __name__ == "__main__":
