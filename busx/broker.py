@@ -15,7 +15,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,11 @@ class Broker:
         sleeping: waking a sleeping thread costs tens of microseconds. The
         poll adapts to how soon frames have lately followed, so traffic
         sparser than this costs no polling (BENCHMARKS.md). 0 turns it off.
+      sockets: listening sockets made by someone else, as systemd's socket
+        activation passes them (busx.systemd.listen_fds()). The broker serves
+        on them instead of binding its own of that kind: a UNIX one replaces
+        unix_path's (its mode, group and file are left as they are, and the
+        file is not removed at stop), TCP ones are served beside `tcp`.
 
     start() runs it on a background thread; serve_forever() in this one.
     """
@@ -124,7 +129,8 @@ class Broker:
                  max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
                  max_pending_fds: int = DEFAULT_MAX_PENDING_FDS,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
+                 busy_poll_us: int = DEFAULT_BUSY_POLL_US,
+                 sockets: Sequence[socket.socket] = ()) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:
@@ -149,11 +155,19 @@ class Broker:
             if not isinstance(identity, str) or not 0 < len(identity.encode()) <= MAX_IDENTITY:
                 raise BusError(f"token identity {identity!r} must be 1-{MAX_IDENTITY} bytes of "
                                f"text (it is stamped on every message the client sends)")
-        if tcp is not None and not self.tokens and not allow_anonymous_tcp and not _is_loopback(tcp[0]):
-            raise BusError(
-                f"refusing to accept anonymous TCP clients on {tcp[0]}: anyone who can reach "
-                f"it could use the bus. Configure tokens, bind to 127.0.0.1, or pass "
-                f"allow_anonymous_tcp=True (busx serve --allow-anonymous-tcp)")
+        self._inherited = [_listening_socket(sock) for sock in sockets]
+        tcp_hosts = [tcp[0]] if tcp is not None else []
+        tcp_hosts += [sock.getsockname()[0] for sock in self._inherited
+                      if sock.family != socket.AF_UNIX]
+        for host in tcp_hosts:
+            if not self.tokens and not allow_anonymous_tcp and not _is_loopback(host):
+                raise BusError(
+                    f"refusing to accept anonymous TCP clients on {host}: anyone who can reach "
+                    f"it could use the bus. Configure tokens, bind to 127.0.0.1, or pass "
+                    f"allow_anonymous_tcp=True (busx serve --allow-anonymous-tcp)")
+        inherited_unix = [sock for sock in self._inherited if sock.family == socket.AF_UNIX]
+        if inherited_unix:
+            unix_path = inherited_unix[0].getsockname()
         self.unix_path = os.path.abspath(unix_path or default_socket_path())
         self.tcp = tcp
         self.socket_mode = socket_mode
@@ -275,7 +289,10 @@ class Broker:
         self._loop.payload_fd_budget = payload_fd_budget()
         self._loop.busy_poll_ms = self.busy_poll_us / 1000
         try:
-            self._listen_unix()
+            if not any(sock.family == socket.AF_UNIX for sock in self._inherited):
+                self._listen_unix()
+            for sock in self._inherited:
+                self._adopt(sock)
             if self.tcp is not None:
                 self._listen_tcp()
         except BaseException:
@@ -394,6 +411,16 @@ class Broker:
                 os.rmdir(self._created_dir)
             except OSError:
                 pass
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """Serve on a listening socket someone else made (sockets=)."""
+        assert self._loop is not None
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        is_unix = sock.family == socket.AF_UNIX
+        if not is_unix and self.tcp_address is None:
+            self.tcp_address = sock.getsockname()[:2]
+        self._loop.add_listener(sock.fileno(), is_unix)
 
     def _listen_tcp(self) -> None:
         assert self.tcp is not None and self._loop is not None
@@ -540,6 +567,20 @@ class Broker:
                             uid=peer.uid, gid=peer.gid, identity=peer.identity,
                             address=list(peer.address) if peer.address else None)
         return snapshot
+
+
+def _listening_socket(sock: socket.socket) -> socket.socket:
+    """sock, checked to be a listening stream socket on a UNIX path or TCP."""
+    name = sock.getsockname()
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET,
+                                                              socket.SO_ACCEPTCONN):
+        raise BusError(f"socket {sock.fileno()} ({name!r}) is not a listening stream socket")
+    if sock.family == socket.AF_UNIX and not (isinstance(name, str) and name):
+        raise BusError(f"socket {sock.fileno()} is a UNIX socket without a path "
+                       f"(abstract or unnamed): clients find the broker by its path")
+    if sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        raise BusError(f"socket {sock.fileno()} is neither a UNIX nor a TCP socket")
+    return sock
 
 
 def new_inbox() -> str:

@@ -25,7 +25,7 @@ import msgpack
 
 import busx
 
-from . import bench, protocol
+from . import bench, protocol, systemd
 from .broker import (
     DEFAULT_BUSY_POLL_US,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         slow_consumer=args.slow_consumer, max_frame=args.max_frame,
         max_connections=args.max_connections, max_subscriptions=args.max_subscriptions,
         max_pending_fds=args.max_pending_fds, handshake_timeout=args.handshake_timeout,
-        busy_poll_us=args.busy_poll_us)
+        busy_poll_us=args.busy_poll_us, sockets=systemd.listen_fds())
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
     # thread exists, so it inherits the mask and they wait for sigwait().
@@ -164,8 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             print(f"busx serve: listening on {listen_addresses(broker)} (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
+            systemd.notify("READY=1")
             signal.sigwait(STOP_SIGNALS)
         finally:
+            systemd.notify("STOPPING=1")
             broker.stop()
         # A second Ctrl-C pressed while stopping must not turn into a traceback.
         while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
