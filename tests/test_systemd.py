@@ -176,3 +176,17 @@ def test_notify_speaks_to_abstract_sockets_and_is_quiet_without_one(monkeypatch)
         assert not systemd.notify("READY=1")
     finally:
         listener.close()
+
+
+def test_an_inherited_tcp_socket_on_a_public_address_needs_tokens(tmp_path):
+    """The anonymous-TCP rule holds for sockets systemd made too."""
+    public = socket.create_server(("0.0.0.0", 0))
+    try:
+        with pytest.raises(busx.BusError, match="refusing to accept anonymous TCP clients"):
+            busx.Broker(unix_path=str(tmp_path / "bus.sock"), sockets=[public])
+        broker = busx.Broker(unix_path=str(tmp_path / "bus.sock"), sockets=[public],
+                             tokens={"svc": "secret"})
+        with broker:
+            assert broker.tcp_address == public.getsockname()
+    finally:
+        public.close()
