@@ -718,6 +718,8 @@ cdef class BrokerLoop:
             return False
         if v.topic == NULL:
             verdict_store(&src.verdicts, v, f.topic, f.topic_len, self._py_may_publish(src, f))
+        if not v.allowed:
+            self.totals.publishes_denied += 1
         if not v.allowed and not v.reported:
             if buf_len(&src.wbuf) > self.max_pending:
                 src.denials_untold += 1     # no room: told in bulk at the next PING
@@ -1131,6 +1133,8 @@ cdef class BrokerLoop:
             "msgs_in": self.totals.msgs_in, "msgs_out": self.totals.msgs_out,
             "bytes_in": self.totals.bytes_in, "bytes_out": self.totals.bytes_out,
             "dropped": self.totals.dropped,
+            "slow_consumer_cuts": self.totals.slow_consumer_cuts,
+            "publishes_denied": self.totals.publishes_denied,
             "read_calls": self.read_calls, "write_calls": self.write_calls,
             "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
             "connections_refused": self.refused, "handshake_timeouts": self.handshake_timeouts,

@@ -287,6 +287,8 @@ cdef struct FdPayload:
 cdef struct Totals:
     # The broker's counters (stats()), added to by the loop and by delivery.
     unsigned long long msgs_in, msgs_out, bytes_in, bytes_out, dropped
+    unsigned long long slow_consumer_cuts   # subscribers cut off (slow_consumer="disconnect")
+    unsigned long long publishes_denied     # PUBs the policy refused
 
 
 cdef struct Delivery:

@@ -70,6 +70,7 @@ cdef int slow_consumer(Delivery *d, Conn *dst, Subscription *s) noexcept nogil:
     reason reaches it first), or drop this message for s and count it."""
     if d.disconnect_slow:
         discard_unsent(d, dst)
+        d.totals.slow_consumer_cuts += 1
         return CUT_OFF
     s.dropped += 1
     s.dropped_unreported += 1

@@ -184,6 +184,9 @@ class Broker:
         self.tcp_address: tuple[str, int] | None = None
         self._instance = os.urandom(8).hex()
         self._peers: dict[int, Peer] = {}
+        # The loop thread's (callbacks), read by stats() from any thread.
+        self._auth_failures = 0
+        self._subscribes_denied = 0
         self._loop: BrokerLoop | None = None
         self._listeners: list[socket.socket] = []
         self._socket_inode: tuple[int, int] | None = None
@@ -479,6 +482,7 @@ class Broker:
         if peer.transport == "tcp" and self.tokens:
             refusal = self._authenticate(peer, request)
             if refusal:
+                self._auth_failures += 1
                 log.warning("connection %d from %s: %s", conn_id, peer.address, refusal)
                 return False, error_frame("auth", refusal), b"", False
         if self.policy is not None:
@@ -513,6 +517,7 @@ class Broker:
         except (UnicodeDecodeError, InvalidTopic) as exc:
             return ("invalid", f"invalid pattern: {exc}")
         if peer.rights is not None and not peer.rights.may_subscribe(text, peer.inbox):
+            self._subscribes_denied += 1
             if text.startswith(INBOX_PREFIX):
                 return ("denied", f"policy denies subscribing to {text!r}: a connection may "
                                   f"read only its own inbox ({peer.inbox}) unless a rule "
@@ -560,6 +565,8 @@ class Broker:
         return self._merge_stats(self._loop.snapshot())
 
     def _merge_stats(self, snapshot: dict) -> dict:
+        snapshot.update(auth_failures=self._auth_failures,
+                        subscribes_denied=self._subscribes_denied)
         for conn in snapshot["connections"]:
             peer = self._peers.get(conn["id"])
             if peer is not None:

@@ -25,7 +25,7 @@ import msgpack
 
 import busx
 
-from . import bench, protocol, systemd
+from . import bench, metrics, protocol, systemd
 from .broker import (
     DEFAULT_BUSY_POLL_US,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -159,15 +159,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # port actually bound. The stop signals are blocked before the broker's
     # thread exists, so it inherits the mask and they wait for sigwait().
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    exporter = None
     try:
         broker.start()
         try:
+            if args.metrics is not None:
+                exporter = metrics.serve(broker, *args.metrics)
+                host, port = exporter.address
+                print(f"busx serve: metrics at http://{host}:{port}/metrics", file=sys.stderr)
             print(f"busx serve: listening on {listen_addresses(broker)} (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
             systemd.notify("READY=1")
             signal.sigwait(STOP_SIGNALS)
         finally:
             systemd.notify("STOPPING=1")
+            if exporter is not None:
+                exporter.close()
             broker.stop()
         # A second Ctrl-C pressed while stopping must not turn into a traceback.
         while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
@@ -506,6 +513,9 @@ def add_serve(commands: Any) -> None:
                        "else $XDG_RUNTIME_DIR/busx/bus.sock, else /tmp/busx-<uid>/bus.sock)")
     serve.add_argument("--tcp", metavar="HOST:PORT", type=host_port,
                        help="also accept TCP clients here (port 0 picks a free one)")
+    serve.add_argument("--metrics", metavar="HOST:PORT", type=host_port,
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(needs busx[metrics])")
     serve.add_argument("--socket-mode", metavar="MODE", type=octal_mode, default=0o600,
                        help="permissions of the socket file, octal (default 0600)")
     serve.add_argument("--socket-group", metavar="GROUP",

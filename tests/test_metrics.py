@@ -1,0 +1,154 @@
+"""Prometheus metrics (SPEC.md, Operations): scraped over real HTTP while
+traffic flows, parsed with prometheus_client's own text parser, and held
+against broker.stats(); each kind of event the metrics count is provoked
+and seen; `busx serve --metrics` serves them; without prometheus-client the
+error names the extra to install."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+from support import RawPeer, run_python, wait_for
+
+import busx
+from busx import metrics, protocol
+
+parser = pytest.importorskip("prometheus_client.parser",
+                             reason="prometheus-client is not installed (busx[metrics])")
+
+
+def scrape(address: tuple[str, int]) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from one GET /metrics."""
+    host, port = address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in parser.text_string_to_metric_families(text)
+            for sample in family.samples}
+
+
+@pytest.fixture
+def exporter(broker):
+    server = metrics.serve(broker, "127.0.0.1", 0)
+    yield server
+    server.close()
+
+
+def test_scrapes_agree_with_stats_while_traffic_flows(broker, exporter):
+    with busx.connect(broker.url) as pub, busx.connect(broker.url) as sub_bus:
+        sub = sub_bus.subscribe("metrics.flow")
+        stop = threading.Event()
+
+        def publish():
+            while not stop.is_set():
+                pub.publish("metrics.flow", b"x" * 100)
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        try:
+            wait_for(lambda: broker.stats()["msgs_in"] > 1000, message="traffic")
+            for _ in range(3):
+                before = broker.stats()
+                scraped = scrape(exporter.address)
+                after = broker.stats()
+                received = scraped[("busx_messages_received_total", ())]
+                assert before["msgs_in"] <= received <= after["msgs_in"]
+                delivered = scraped[("busx_messages_delivered_total", ())]
+                assert before["msgs_out"] <= delivered <= after["msgs_out"]
+                assert before["bytes_in"] <= scraped[("busx_received_bytes_total", ())] \
+                    <= after["bytes_in"]
+                assert scraped[("busx_connections", ())] == 2
+                assert scraped[("busx_subscriptions", ())] == 1
+                for _ in range(1000):
+                    sub.recv(timeout=10)
+        finally:
+            stop.set()
+            publisher.join()
+
+
+def test_denials_auth_failures_cuts_and_limits_are_counted(tmp_path):
+    policy = {"rule": [{"uid": os.getuid(), "publish": ["open.>"], "subscribe": ["open.>"]}]}
+    with busx.Broker(unix_path=str(tmp_path / "bus.sock"), tcp=("127.0.0.1", 0),
+                     tokens={"svc": "secret"}, policy=policy, slow_consumer="disconnect",
+                     max_pending=64 << 10, max_subscriptions=2) as broker:
+        server = metrics.serve(broker, "127.0.0.1", 0)
+        try:
+            host, port = broker.tcp_address
+            with pytest.raises(busx.AuthenticationFailed):
+                busx.connect(f"tcp://{host}:{port}", token=("svc", "wrong"), reconnect=False)
+            with busx.connect(broker.url, reconnect=False) as bus:
+                with pytest.raises(busx.PermissionDenied):
+                    bus.subscribe("closed.x")
+                bus.publish("closed.x", 1)
+                with pytest.raises(busx.PermissionDenied):
+                    bus.flush(timeout=10)
+                bus.subscribe("open.a")
+                bus.subscribe("open.b")
+                with pytest.raises(busx.BusError):
+                    bus.subscribe("open.c")         # past max_subscriptions
+            cut_off_slow_consumer(broker)
+            scraped = scrape(server.address)
+            stats = broker.stats()
+        finally:
+            server.close()
+    assert scraped[("busx_auth_failures_total", ())] == stats["auth_failures"] == 1
+    assert scraped[("busx_denials_total", (("action", "subscribe"),))] == 1
+    assert scraped[("busx_denials_total", (("action", "publish"),))] == 1
+    assert scraped[("busx_limits_hit_total", (("limit", "max_subscriptions"),))] == 1
+    assert scraped[("busx_slow_consumer_disconnects_total", ())] == 1
+    assert stats["slow_consumer_cuts"] == 1
+
+
+def cut_off_slow_consumer(broker: busx.Broker) -> None:
+    """A raw subscriber that never reads, fed past max_pending."""
+    reader = RawPeer(broker, "unix")
+    reader.handshake()
+    reader.send(protocol.encode_frame(protocol.SUB, b"open.flood", id=1))
+    assert reader.next_frame().kind == protocol.OK
+    with busx.connect(broker.url) as pub:
+        while broker.stats()["slow_consumer_cuts"] == 0:
+            pub.publish("open.flood", b"x" * 4096)
+            pub.flush(timeout=10)
+
+
+def test_busx_serve_metrics_over_http(tmp_path):
+    path = str(tmp_path / "bus.sock")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-P", "-m", "busx", "serve", "--unix", path,
+                                "--metrics", f"127.0.0.1:{port}"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert f"metrics at http://127.0.0.1:{port}/metrics" in line, line
+        with busx.connect(f"unix://{path}") as bus:
+            bus.publish("served", 1)
+            bus.flush(timeout=10)
+            scraped = scrape(("127.0.0.1", port))
+        assert scraped[("busx_messages_received_total", ())] == 1
+        assert scraped[("busx_connections", ())] == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+def test_without_prometheus_client_the_error_names_the_extra(tmp_path):
+    code = """
+import sys
+sys.modules["prometheus_client"] = None     # as if it were not installed
+from busx.cli import main
+sys.exit(main(["serve", "--unix", sys.argv[1], "--metrics", "127.0.0.1:0"]))
+"""
+    done = run_python(code, str(tmp_path / "bus.sock"))
+    assert done.returncode != 0
+    assert "pip install 'busx[metrics]'" in done.stderr
+    assert not os.path.exists(tmp_path / "bus.sock")
