@@ -152,3 +152,16 @@ sys.exit(main(["serve", "--unix", sys.argv[1], "--metrics", "127.0.0.1:0"]))
     assert done.returncode != 0
     assert "pip install 'busx[metrics]'" in done.stderr
     assert not os.path.exists(tmp_path / "bus.sock")
+
+
+def test_the_grafana_dashboard_plots_only_metrics_the_broker_serves(broker, exporter):
+    """contrib/grafana/busx.json: every metric its queries name is served."""
+    import json
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "contrib", "grafana", "busx.json")
+    with open(path) as dashboard:
+        queries = [target["expr"] for panel in json.load(dashboard)["panels"]
+                   for target in panel["targets"]]
+    served = {name for name, _ in scrape(exporter.address)}
+    named = {name for query in queries for name in re.findall(r"\b(busx_[a-z_]+)", query)}
+    assert named and named <= served, named - served
