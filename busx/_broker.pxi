@@ -265,6 +265,7 @@ cdef class BrokerLoop:
                 and write_error_frame(&b, 0, F_FATAL, code, message, NULL, 0) == 0):
             send(fd, b.data, buf_len(&b), MSG_NOSIGNAL | MSG_DONTWAIT)
         buf_free(&b)
+        self._py_security_event(0, fd, code, message)
         close(fd)
 
     cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:
@@ -761,6 +762,8 @@ cdef class BrokerLoop:
             self.limits_hit += 1
             self._send_error(c, f.id, b"limit", b"too many subscriptions on this connection "
                              b"(the broker's max_subscriptions): unsubscribe some first")
+            self._py_security_event(c.id, -1, b"limit", b"too many subscriptions on this "
+                                    b"connection (max_subscriptions)")
             return
         if self._py_subscribe(c, f) < 0:
             return      # refused; the error frame is queued
@@ -859,6 +862,7 @@ cdef class BrokerLoop:
         if c.state >= CS_CLOSING:
             return
         write_error_frame(&c.wbuf, 0, F_FATAL, code, message, NULL, 0)
+        self._py_security_event(c.id, -1, code, message)
         self._begin_closing(c)
 
     cdef void _begin_closing(self, Conn *c) noexcept nogil:
@@ -1020,6 +1024,17 @@ cdef class BrokerLoop:
         if self.accept_paused:
             self._resume_accept()
         self._py_closed(c.id)
+
+    cdef void _py_security_event(self, uint32_t conn_id, int fd, const char *code,
+                                 const char *message) noexcept with gil:
+        """Tell Python (busx.broker, which logs it) that a connection was
+        refused, failed or hit a limit: conn_id, or 0 and its fd when it was
+        refused before it became one. Off the message path: failures only."""
+        if self.handler is not None:
+            try:
+                self.handler.on_security_event(conn_id, fd, code.decode(), message.decode())
+            except BaseException as exc:
+                self._report(exc)
 
     cdef void _py_closed(self, uint32_t conn_id) noexcept with gil:
         if self.handler is not None:

@@ -574,6 +574,8 @@ cdef class BrokerLoop:
     cdef void _housekeeping(self) noexcept nogil
     cdef void _drop_subscriptions(self, Conn *c) noexcept nogil
     cdef void _close_conn(self, Conn *c) noexcept nogil
+    cdef void _py_security_event(self, uint32_t conn_id, int fd, const char *code,
+                                 const char *message) noexcept with gil
     cdef void _py_closed(self, uint32_t conn_id) noexcept with gil
     cdef void _undefer(self, Conn *c) noexcept nogil
     cdef void _bury_dead(self) noexcept nogil

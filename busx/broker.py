@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, protocol
+from . import __version__, events, protocol
 from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus, encode_frame, error_frame
 from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
@@ -66,6 +66,27 @@ class Peer:
     def stamp(self) -> bytes:
         host, port = self.address if self.address else (None, None)
         return pack([self.pid, self.uid, self.gid, self.identity, host, port])
+
+    def fields(self) -> dict[str, Any]:
+        """Its credentials, for a security log line."""
+        return {"id": self.id, "transport": self.transport, "pid": self.pid, "uid": self.uid,
+                "gid": self.gid, "identity": self.identity, "name": self.name,
+                "address": list(self.address) if self.address else None}
+
+    @classmethod
+    def of_socket(cls, conn_id: int, fd: int) -> Peer:
+        """The peer at the other end of fd: SO_PEERCRED over UNIX, the
+        address over TCP (the kernel's word, not the client's)."""
+        sock = socket.socket(fileno=fd)
+        try:
+            if sock.family == socket.AF_UNIX:
+                pid, uid, gid = struct.unpack("3i", sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                return cls(conn_id, "unix", pid=pid, uid=uid, gid=gid)
+            host, port = sock.getpeername()[:2]
+            return cls(conn_id, "tcp", address=(host, port))
+        finally:
+            sock.detach()
 
 
 def _is_loopback(host: str) -> bool:
@@ -187,6 +208,7 @@ class Broker:
         # The loop thread's (callbacks), read by stats() from any thread.
         self._auth_failures = 0
         self._subscribes_denied = 0
+        self._security = events.SecurityLog()
         self._loop: BrokerLoop | None = None
         self._listeners: list[socket.socket] = []
         self._socket_inode: tuple[int, int] | None = None
@@ -269,6 +291,7 @@ class Broker:
             listener.close()
         self._listeners = []
         self._remove_socket_file()
+        self._security.flush()
 
     def __enter__(self) -> Broker:
         if self._loop is None:
@@ -445,18 +468,11 @@ class Broker:
     # ---- callbacks from the event loop (GIL held, loop thread) ----
 
     def on_accept(self, conn_id: int, fd: int, is_unix: bool) -> bytes:
-        sock = socket.socket(fileno=fd)
-        try:
-            if is_unix:
-                pid, uid, gid = struct.unpack("3i", sock.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-                peer = Peer(conn_id, "unix", pid=pid, uid=uid, gid=gid)
-            else:
+        peer = Peer.of_socket(conn_id, fd)
+        if not is_unix:
+            with socket.socket(fileno=fd) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                host, port = sock.getpeername()[:2]
-                peer = Peer(conn_id, "tcp", address=(host, port))
-        finally:
-            sock.detach()
+                sock.detach()
         peer.nonce = os.urandom(32)
         self._peers[conn_id] = peer
         hello = {
@@ -483,7 +499,7 @@ class Broker:
             refusal = self._authenticate(peer, request)
             if refusal:
                 self._auth_failures += 1
-                log.warning("connection %d from %s: %s", conn_id, peer.address, refusal)
+                self._security.event(events.AUTH_FAILURE, peer.fields(), refusal)
                 return False, error_frame("auth", refusal), b"", False
         if self.policy is not None:
             peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
@@ -518,11 +534,12 @@ class Broker:
             return ("invalid", f"invalid pattern: {exc}")
         if peer.rights is not None and not peer.rights.may_subscribe(text, peer.inbox):
             self._subscribes_denied += 1
+            reason = f"policy denies subscribing to {text!r}"
             if text.startswith(INBOX_PREFIX):
-                return ("denied", f"policy denies subscribing to {text!r}: a connection may "
-                                  f"read only its own inbox ({peer.inbox}) unless a rule "
-                                  f"grants _INBOX patterns")
-            return ("denied", f"policy denies subscribing to {text!r}")
+                reason += (f": a connection may read only its own inbox ({peer.inbox}) "
+                           f"unless a rule grants _INBOX patterns")
+            self._security.event(events.DENIED, peer.fields(), reason)
+            return ("denied", reason)
         try:
             queue.decode("utf-8")
         except UnicodeDecodeError:
@@ -533,8 +550,9 @@ class Broker:
         peer = self._peers[conn_id]
         if peer.rights is None or peer.rights.may_publish(topic.decode("utf-8")):
             return True
-        log.info("policy denies connection %d (uid %s, identity %s) publishing to %r",
-                 conn_id, peer.uid, peer.identity, topic)
+        # Asked once per (connection, topic): the loop caches the verdict.
+        self._security.event(events.DENIED, peer.fields(),
+                             f"policy denies publishing to {topic.decode('utf-8', 'replace')!r}")
         return False
 
     def topic_is_valid(self, topic: bytes) -> bool:
@@ -542,6 +560,15 @@ class Broker:
             return is_valid_topic(topic.decode("utf-8"))
         except UnicodeDecodeError:
             return False
+
+    def on_security_event(self, conn_id: int, fd: int, code: str, message: str) -> None:
+        """The loop refused a connection (conn_id 0: by its fd), closed one
+        for a fatal error, or refused it something at a limit."""
+        peer = self._peers.get(conn_id) if conn_id else None
+        if peer is None and fd >= 0:
+            peer = Peer.of_socket(0, fd)
+        fields = peer.fields() if peer is not None else {"id": conn_id}
+        self._security.event(events.kind_of_code(code), fields, f"{code}: {message}")
 
     def on_close(self, conn_id: int) -> None:
         self._peers.pop(conn_id, None)

@@ -25,7 +25,7 @@ import msgpack
 
 import busx
 
-from . import bench, metrics, protocol, systemd
+from . import bench, events, metrics, protocol, systemd
 from .broker import (
     DEFAULT_BUSY_POLL_US,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -145,7 +145,10 @@ def open_bus(args: argparse.Namespace, name: str, **options: Any) -> busx.Bus:
 # ---- serve ----
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="busx serve: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(events.JsonFormatter() if args.log_format == "json"
+                         else logging.Formatter("busx serve: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     broker = busx.Broker(
         unix_path=args.unix, tcp=args.tcp, socket_mode=args.socket_mode,
         socket_group=args.socket_group, policy=args.policy,
@@ -513,6 +516,9 @@ def add_serve(commands: Any) -> None:
                        "else $XDG_RUNTIME_DIR/busx/bus.sock, else /tmp/busx-<uid>/bus.sock)")
     serve.add_argument("--tcp", metavar="HOST:PORT", type=host_port,
                        help="also accept TCP clients here (port 0 picks a free one)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="how log lines (security events among them) are written: "
+                            "text, or one JSON object per line (default text)")
     serve.add_argument("--metrics", metavar="HOST:PORT", type=host_port,
                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
                             "(needs busx[metrics])")
