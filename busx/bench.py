@@ -48,7 +48,7 @@ PUBLISH_BATCH = 1000                    # messages per publish_many call...
 PUBLISH_BATCH_BYTES = 1 << 20           # ...and at most this many payload bytes (large --size)
 RECV_BATCH = 8192                       # max_count of each recv_many
 RECV_SLICE = 0.2                        # seconds a child waits in recv before checking its parent
-SAMPLE_INTERVAL_NS = 100_000_000        # throughput-over-time resolution
+SAMPLE_INTERVAL_NS = 20_000_000         # throughput-over-time resolution (the plot re-bins)
 PROGRESS_INTERVAL = 0.1                 # seconds between the coordinator's checks
 END_MARKER_INTERVAL = 0.2               # resend the end marker: a slow subscriber may drop one
 START_TIMEOUT = 30.0                    # for a child process to start and subscribe
@@ -472,40 +472,111 @@ def check_plot_path(path: str) -> None:
                          f"{', '.join('.' + name for name in sorted(supported))} (such as .png)")
 
 
-def save_plot(path: str, document: dict, runs: list[Run]) -> None:
-    """A latency histogram and throughput over time, side by side."""
+def save_plot(path: str, document: dict, runs: list[Run]) -> list[str]:
+    """Each panel answers one question: how slow are the slowest messages
+    (latency by percentile, per transport), how fast does each role go
+    (throughput bars), and - only for a run long enough to have a shape -
+    does the rate hold (throughput over time). The panel titles are written
+    into the PNG's metadata and returned."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import StrMethodFormatter
 
-    figure = Figure(figsize=(12, 4.8), layout="constrained")
-    latency_axes, rate_axes = figure.subplots(1, 2)
-    # One set of logarithmic bins for every transport, so their bars compare.
-    lows = [latency[0] for one in runs for latency in one.latencies if latency]
-    highs = [latency[-1] for one in runs for latency in one.latencies if latency]
-    low, high = max(min(lows, default=1), 100) / 1e3, max(max(highs, default=1), 1000) / 1e3
-    bins = [low * (high / low) ** (step / 80) for step in range(81)]
-    for one in runs:
-        label = one.summary["transport"]
-        microseconds = [ns / 1e3 for latency in one.latencies for ns in latency]
-        if microseconds:
-            latency_axes.hist(microseconds, bins=bins, histtype="step", label=label)
-        plot_rates(rate_axes, one.publisher_samples, f"{label} publisher", "--")
-        for number, samples in enumerate(one.subscriber_samples, 1):
-            plot_rates(rate_axes, samples, f"{label} subscriber {number}", "-")
-    latency_axes.set(xscale="log", yscale="log", xlabel="one-way latency (µs)",
-                     ylabel="messages", title="Latency (under load: queueing latency)")
-    rate_axes.set(xlabel="seconds since the first publish", ylabel="messages/s",
-                  title="Throughput over time")
-    rate_axes.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-    for axes in (latency_axes, rate_axes):
+    seconds = max(one.summary["aggregate"]["seconds"] for one in runs)
+    timeline = seconds >= TIMELINE_MIN_SECONDS
+    figure = Figure(figsize=(18 if timeline else 12, 4.8), layout="constrained")
+    panels = figure.subplots(1, 3 if timeline else 2)
+    plot_latency_percentiles(panels[0], runs)
+    plot_throughput_bars(panels[1], runs)
+    if timeline:
+        plot_timeline(panels[2], runs, seconds)
+    else:
+        panels[1].annotate(f"The run took {seconds:.2f} s: throughput over time is drawn for "
+                           f"runs of {TIMELINE_MIN_SECONDS:.0f} s or more (raise --count).",
+                           (0.5, -0.2), xycoords="axes fraction", ha="center",
+                           fontsize="small")
+    for axes in panels:
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")
     figure.suptitle(f"busx bench: {document['count']:,} messages of {document['size']:,} B, "
                     f"{document['subscribers']} subscriber(s), {broker_name(document)}")
+    titles = [axes.get_title() for axes in panels]
     try:
-        figure.savefig(path, dpi=100)
+        figure.savefig(path, dpi=100, metadata={"Title": "busx bench",
+                                                "Description": "; ".join(titles)})
     except OSError as exc:
         raise BenchError(f"cannot write the plot {path}: {exc.strerror}") from None
+    return titles
+
+
+# Percentiles on the latency plot: the x axis is "nines", -log10(1 - p).
+PLOT_PERCENTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999)
+TIMELINE_MIN_SECONDS = 2.0      # shorter runs have no shape worth a line
+TIMELINE_POINTS = 50            # rate samples drawn over a run, whatever its length
+
+
+def plot_latency_percentiles(axes, runs: list[Run]) -> None:
+    """Latency at each percentile, per transport, up to the slowest message."""
+    for one in runs:
+        ordered = sorted(chain.from_iterable(one.latencies))
+        if not ordered:
+            continue
+        shares = [share for share in PLOT_PERCENTILES if share < 1 - 1 / len(ordered)]
+        shares.append(1 - 1 / (2 * len(ordered)))      # the maximum, placed past the rest
+        nines = [-math.log10(1 - share) for share in shares]
+        values = [ordered[max(0, math.ceil(share * len(ordered)) - 1)] / 1e3
+                  for share in shares[:-1]] + [ordered[-1] / 1e3]
+        axes.plot(nines, values, marker="o", label=f"{one.summary['transport']}")
+    ticks = [share for share in PLOT_PERCENTILES if share in (0.5, 0.9, 0.99, 0.999, 0.9999)]
+    axes.set_xticks([-math.log10(1 - share) for share in ticks],
+                    [f"{share * 100:g}%" for share in ticks])
+    axes.set(yscale="log", xlabel="percentile (the last point of a line: the slowest message)",
+             ylabel="one-way latency (µs)", title="Latency by percentile")
+
+
+def plot_throughput_bars(axes, runs: list[Run]) -> None:
+    """msgs/s of the publisher and each subscriber, grouped by transport."""
+    roles = ["publisher"] + [f"subscriber {number}"
+                             for number in range(1, len(runs[0].summary["subscribers"]) + 1)]
+    width = 0.8 / len(runs)
+    for index, one in enumerate(runs):
+        rates = [one.summary["publisher"]["msgs_per_s"]] + [
+            sub["msgs_per_s"] for sub in one.summary["subscribers"]]
+        positions = [role + index * width for role in range(len(roles))]
+        bars = axes.bar(positions, rates, width, label=one.summary["transport"])
+        axes.bar_label(bars, labels=[f"{rate:,.0f}" for rate in rates], fontsize="x-small")
+    axes.set_xticks([role + width * (len(runs) - 1) / 2 for role in range(len(roles))], roles)
+    axes.set(ylabel="messages/s", title="Throughput by role")
+    axes.yaxis.set_major_formatter(thousands())
+
+
+def thousands():
+    """A tick formatter writing 1,234,567 (matplotlib is imported only to plot)."""
+    from matplotlib.ticker import StrMethodFormatter
+    return StrMethodFormatter("{x:,.0f}")
+
+
+def plot_timeline(axes, runs: list[Run], seconds: float) -> None:
+    """Rates over time, each point averaged over 1/TIMELINE_POINTS of the run."""
+    step_ns = max(SAMPLE_INTERVAL_NS, int(seconds * 1e9 / TIMELINE_POINTS))
+    for one in runs:
+        label = one.summary["transport"]
+        plot_rates(axes, rebin(one.publisher_samples, step_ns), f"{label} publisher", "--")
+        for number, samples in enumerate(one.subscriber_samples, 1):
+            plot_rates(axes, rebin(samples, step_ns), f"{label} subscriber {number}", "-")
+    axes.set(xlabel="seconds since the first publish", ylabel="messages/s",
+             title="Throughput over time")
+    axes.yaxis.set_major_formatter(thousands())
+
+
+def rebin(samples: list, step_ns: int) -> list:
+    """The (ns, cumulative count) samples at least step_ns apart, and the last."""
+    kept, next_at = [], step_ns
+    for sample in samples:
+        if sample[0] >= next_at:
+            kept.append(sample)
+            next_at = sample[0] + step_ns
+    if samples and (not kept or kept[-1] != samples[-1]):
+        kept.append(samples[-1])
+    return kept
 
 
 def plot_rates(axes, samples: list, label: str, style: str) -> None:

@@ -10,6 +10,7 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import pytest
 from support import wait_for
 
 import busx
+from busx import bench
 
 CLI = [sys.executable, "-m", "busx.cli", "bench"]
 COUNT = 20_000      # 2.6 MB on the wire: far below max_pending, so nothing may be dropped
@@ -237,12 +239,45 @@ def read_pids(path: str) -> list[int]:
         return []
 
 
-def test_plot_writes_a_png(tmp_path):
+def png_text(path) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (where save_plot writes its panel titles)."""
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    text, at = {}, len(PNG_SIGNATURE)
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"tEXt":
+            key, _, value = data[at + 8:at + 8 + length].partition(b"\0")
+            text[key.decode("latin-1")] = value.decode("latin-1")
+        at += 12 + length
+    return text
+
+
+def test_plot_of_a_short_run_shows_latency_percentiles_and_throughput_bars(tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "bench.png"
     result = run_bench("--count", str(COUNT), "--subscribers", "2", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
-    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    # A run of a fraction of a second has no shape over time: no such panel.
+    assert png_text(plot)["Description"] == "Latency by percentile; Throughput by role"
+
+
+def test_plot_of_a_long_run_adds_throughput_over_time_at_a_resolution_that_suits_it(tmp_path):
+    """save_plot given a 6-second run's data: 50 points over the run, not
+    one per 20 ms sample."""
+    pytest.importorskip("matplotlib")
+    step = bench.SAMPLE_INTERVAL_NS
+    samples = [(at, at // 10_000) for at in range(step, 6_000_000_000 + 1, step)]
+    latencies = [sorted(range(1000, 101_000, 100))]
+    summary = {"transport": "unix", "publisher": {"msgs_per_s": 100_000.0},
+               "subscribers": [{"msgs_per_s": 99_000.0}], "aggregate": {"seconds": 6.0}}
+    document = {"count": 600_000, "size": 100, "subscribers": 1, "broker": "embedded"}
+    plot = tmp_path / "long.png"
+    titles = bench.save_plot(str(plot), document,
+                             [bench.Run(summary, latencies, samples, [samples])])
+    assert titles == ["Latency by percentile", "Throughput by role", "Throughput over time"]
+    assert png_text(plot)["Description"] == "; ".join(titles)
+    assert 45 <= len(bench.rebin(samples, int(6e9 / bench.TIMELINE_POINTS))) <= 51
 
 
 def test_plot_with_an_unknown_format_fails_before_running(tmp_path):
