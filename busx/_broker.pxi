@@ -261,11 +261,11 @@ cdef class BrokerLoop:
         it: a client learns why (connect raises ConnectError saying so)."""
         cdef Buffer b
         memset(&b, 0, sizeof(Buffer))
+        self._py_security_event(0, fd, code, message)     # logged before the peer can know
         if (buf_append(&b, PREAMBLE_BYTES, PREAMBLE_SIZE) == 0
                 and write_error_frame(&b, 0, F_FATAL, code, message, NULL, 0) == 0):
             send(fd, b.data, buf_len(&b), MSG_NOSIGNAL | MSG_DONTWAIT)
         buf_free(&b)
-        self._py_security_event(0, fd, code, message)
         close(fd)
 
     cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:

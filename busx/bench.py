@@ -22,6 +22,7 @@ import select
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -161,6 +162,86 @@ def run_subscriber(url: str, topic: str, result_prefix: str) -> None:
                                "last_received_ns": last_received or None, "samples": samples})
 
 
+# ---- pyzmq beside busx (the plot's comparison; pip install pyzmq) ----
+
+ZMQ_QUIET_SECONDS = 2.0     # a pyzmq subscriber gives up this long after its last message
+ZMQ_END = b"end"            # pyzmq's end marker: PUB drops at its HWM, so it is repeated
+
+
+def zmq_available() -> bool:
+    try:
+        import zmq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_zmq_publisher(endpoint: str, size: int, count: int, subscribers: int,
+                      result_prefix: str) -> None:
+    """The busx publisher's workload over pyzmq PUB/SUB, without a broker:
+    bind, print the endpoint, wait until every subscriber is attached (XPUB
+    shows the subscriptions, so no sleeping for the "slow joiner"), send
+    count stamped messages (PUB drops at its high-water mark, as pyzmq does),
+    write the summary, then repeat the end marker until stopped."""
+    import zmq
+    tail = payload_tail(size)
+    pack, packb, clock = STAMP.pack, msgpack.packb, time.monotonic_ns
+    context = zmq.Context()
+    sock = context.socket(zmq.XPUB)
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    sock.bind(endpoint)
+    print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    for _ in range(subscribers):
+        sock.recv()
+    start = clock()
+    samples, next_sample = [], start + SAMPLE_INTERVAL_NS
+    for seq in range(count):
+        sock.send(packb([pack(seq, clock())] + tail))
+        if seq & 1023 == 0 and clock() >= next_sample:
+            samples.append((clock() - start, seq))
+            next_sample = clock() + SAMPLE_INTERVAL_NS
+    end = clock()
+    samples.append((end - start, count))
+    write_json(result_prefix, {"start_ns": start, "end_ns": end, "samples": samples})
+    while True:         # until the coordinator stops this process
+        sock.send(ZMQ_END)
+        time.sleep(0.005)
+
+
+def run_zmq_subscriber(endpoint: str, result_prefix: str) -> None:
+    """Receive and stamp like run_subscriber, until the end marker or
+    ZMQ_QUIET_SECONDS without a message; pyzmq reports no drops."""
+    import zmq
+    unpack, unpackb, clock = STAMP.unpack, msgpack.unpackb, time.monotonic_ns
+    latencies = array("q")
+    samples: list = []
+    last_received = next_sample = 0
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.RCVTIMEO, int(ZMQ_QUIET_SECONDS * 1000))
+    sock.connect(endpoint)
+    print("ready", flush=True)
+    try:
+        while (payload := sock.recv()) != ZMQ_END:
+            now = clock()
+            latencies.append(now - unpack(unpackb(payload)[0])[1])
+            last_received = now
+            if now >= next_sample:
+                samples.append((now, len(latencies)))
+                next_sample = now + SAMPLE_INTERVAL_NS
+    except zmq.Again:
+        pass
+    if latencies:
+        samples.append((last_received, len(latencies)))
+    with open(result_prefix + ".latency", "wb") as file:
+        latencies.tofile(file)
+    write_json(result_prefix, {"received": len(latencies), "dropped": 0,
+                               "last_received_ns": last_received or None, "samples": samples})
+    sock.close(linger=0)
+    context.term()
+
+
 def write_json(result_prefix: str, summary: dict) -> None:
     # Written whole under another name, then renamed: the coordinator never
     # reads half a file.
@@ -190,13 +271,16 @@ def run(url: str | None, transport: str | None, size: int, count: int, subscribe
         else:
             runs = [run_one(target, size, count, subscribers, workdir)
                     for target in url_targets(url, transport)]
+        document = {"broker": url or "embedded", "size": size, "count": count,
+                    "subscribers": subscribers, "runs": [one.summary for one in runs]}
+        print(json.dumps(document) if as_json else format_table(document), flush=True)
+        if plot_path is not None:
+            # pyzmq beside busx in the picture, over the same transports, when installed.
+            beside = ([run_zmq_one(one.summary["transport"], size, count, subscribers, workdir)
+                       for one in runs] if zmq_available() else [])
+            save_plot(plot_path, document, runs + beside)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    document = {"broker": url or "embedded", "size": size, "count": count,
-                "subscribers": subscribers, "runs": [one.summary for one in runs]}
-    print(json.dumps(document) if as_json else format_table(document), flush=True)
-    if plot_path is not None:
-        save_plot(plot_path, document, runs)
     return 0
 
 
@@ -250,6 +334,36 @@ def run_one(target: Target, size: int, count: int, subscribers: int, workdir: st
         finally:
             stop_all(children)
     return collect(label, target.url, size, count, publisher, children[:-1])
+
+
+def run_zmq_one(transport: str, size: int, count: int, subscribers: int, workdir: str) -> Run:
+    """The same workload over pyzmq PUB/SUB, publisher straight to the
+    subscribers: ipc:// beside busx's unix, tcp:// beside its tcp."""
+    endpoint = f"ipc://{workdir}/zmq.ipc" if transport == "unix" else "tcp://127.0.0.1:*"
+    label = f"pyzmq {'ipc' if transport == 'unix' else 'tcp'}"
+    children: list[Child] = []
+    try:
+        publisher = spawn_child(children, f"{label} publisher", workdir, "zmq-publisher",
+                                endpoint, str(size), str(count), str(subscribers))
+        assert publisher.output is not None
+        bound = publisher.output.readline().decode().strip()
+        if not bound:
+            publisher.process.wait()
+            raise BenchError(f"the bench {publisher.role} stopped: {failure_reason(publisher)}")
+        for number in range(1, subscribers + 1):
+            spawn_child(children, f"{label} subscriber {number}", workdir, "zmq-subscriber",
+                        bound)
+        wait_ready(children[1:])
+        deadline = time.monotonic() + STALL_TIMEOUT + count / 10_000
+        for child in children[1:]:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if child.process.returncode != 0:
+                raise BenchError(f"the bench {child.role} stopped: {failure_reason(child)}")
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the {label} comparison did not finish") from None
+    finally:
+        stop_all(children)
+    return collect(label, endpoint, size, count, publisher, children[1:])
 
 
 def spawn_child(children: list[Child], role: str, workdir: str, command: str,
@@ -476,8 +590,9 @@ def save_plot(path: str, document: dict, runs: list[Run]) -> list[str]:
     """Each panel answers one question: how slow are the slowest messages
     (latency by percentile, per transport), how fast does each role go
     (throughput bars), and - only for a run long enough to have a shape -
-    does the rate hold (throughput over time). The panel titles are written
-    into the PNG's metadata and returned."""
+    does the rate hold (throughput over time). The panel titles and the
+    series (busx's transports, then pyzmq's beside them) are written into
+    the PNG's metadata; the titles are returned."""
     from matplotlib.figure import Figure
 
     seconds = max(one.summary["aggregate"]["seconds"] for one in runs)
@@ -500,8 +615,9 @@ def save_plot(path: str, document: dict, runs: list[Run]) -> list[str]:
                     f"{document['subscribers']} subscriber(s), {broker_name(document)}")
     titles = [axes.get_title() for axes in panels]
     try:
-        figure.savefig(path, dpi=100, metadata={"Title": "busx bench",
-                                                "Description": "; ".join(titles)})
+        figure.savefig(path, dpi=100, metadata={
+            "Title": "busx bench", "Description": "; ".join(titles),
+            "Comment": ", ".join(one.summary["transport"] for one in runs)})
     except OSError as exc:
         raise BenchError(f"cannot write the plot {path}: {exc.strerror}") from None
     return titles
@@ -540,9 +656,13 @@ def plot_throughput_bars(axes, runs: list[Run]) -> None:
     for index, one in enumerate(runs):
         rates = [one.summary["publisher"]["msgs_per_s"]] + [
             sub["msgs_per_s"] for sub in one.summary["subscribers"]]
+        # What never arrived is part of the answer: pyzmq's PUB drops at its HWM.
+        lost = [0] + [sub["missing"] for sub in one.summary["subscribers"]]
         positions = [role + index * width for role in range(len(roles))]
         bars = axes.bar(positions, rates, width, label=one.summary["transport"])
-        axes.bar_label(bars, labels=[f"{rate:,.0f}" for rate in rates], fontsize="x-small")
+        axes.bar_label(bars, fontsize="x-small", labels=[
+            f"{rate:,.0f}" + (f"\n{missing:,} lost" if missing else "")
+            for rate, missing in zip(rates, lost)])
     axes.set_xticks([role + width * (len(runs) - 1) / 2 for role in range(len(roles))], roles)
     axes.set(ylabel="messages/s", title="Throughput by role")
     axes.yaxis.set_major_formatter(thousands())
@@ -607,12 +727,24 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     subscriber.add_argument("url")
     subscriber.add_argument("topic")
     subscriber.add_argument("result_prefix")
+    zmq_publisher = roles.add_parser("zmq-publisher")
+    for name, kind in (("endpoint", str), ("size", int), ("count", int), ("subscribers", int),
+                       ("result_prefix", str)):
+        zmq_publisher.add_argument(name, type=kind)
+    zmq_subscriber = roles.add_parser("zmq-subscriber")
+    zmq_subscriber.add_argument("endpoint")
+    zmq_subscriber.add_argument("result_prefix")
     args = parser.parse_args(argv)
     try:
         if args.role == "publisher":
             run_publisher(args.url, args.topic, args.size, args.count, args.result_prefix)
-        else:
+        elif args.role == "subscriber":
             run_subscriber(args.url, args.topic, args.result_prefix)
+        elif args.role == "zmq-publisher":
+            run_zmq_publisher(args.endpoint, args.size, args.count, args.subscribers,
+                              args.result_prefix)
+        else:
+            run_zmq_subscriber(args.endpoint, args.result_prefix)
     except (busx.BusError, BenchError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

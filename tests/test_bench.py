@@ -259,7 +259,11 @@ def test_plot_of_a_short_run_shows_latency_percentiles_and_throughput_bars(tmp_p
     result = run_bench("--count", str(COUNT), "--subscribers", "2", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     # A run of a fraction of a second has no shape over time: no such panel.
-    assert png_text(plot)["Description"] == "Latency by percentile; Throughput by role"
+    text = png_text(plot)
+    assert text["Description"] == "Latency by percentile; Throughput by role"
+    # pyzmq beside busx, over the same transports, when it is installed.
+    assert text["Comment"] == ("unix, tcp, pyzmq ipc, pyzmq tcp" if bench.zmq_available()
+                               else "unix, tcp")
 
 
 def test_plot_of_a_long_run_adds_throughput_over_time_at_a_resolution_that_suits_it(tmp_path):
@@ -270,7 +274,7 @@ def test_plot_of_a_long_run_adds_throughput_over_time_at_a_resolution_that_suits
     samples = [(at, at // 10_000) for at in range(step, 6_000_000_000 + 1, step)]
     latencies = [sorted(range(1000, 101_000, 100))]
     summary = {"transport": "unix", "publisher": {"msgs_per_s": 100_000.0},
-               "subscribers": [{"msgs_per_s": 99_000.0}], "aggregate": {"seconds": 6.0}}
+               "subscribers": [{"msgs_per_s": 99_000.0, "missing": 0}], "aggregate": {"seconds": 6.0}}
     document = {"count": 600_000, "size": 100, "subscribers": 1, "broker": "embedded"}
     plot = tmp_path / "long.png"
     titles = bench.save_plot(str(plot), document,
