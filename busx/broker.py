@@ -531,6 +531,7 @@ class Broker:
             text = pattern.decode("utf-8")
             pattern_bytes(text)
         except (UnicodeDecodeError, InvalidTopic) as exc:
+            self._security.event(events.MALFORMED, peer.fields(), f"invalid pattern: {exc}")
             return ("invalid", f"invalid pattern: {exc}")
         if peer.rights is not None and not peer.rights.may_subscribe(text, peer.inbox):
             self._subscribes_denied += 1
