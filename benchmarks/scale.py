@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import NamedTuple
 
+from subscriptions import rss_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "c", "busx_blast.c")
 CHURN_RATE = 10_000     # SUBs a second, and as many UNSUBs
@@ -63,14 +65,6 @@ def build(directory: str) -> str:
     binary = os.path.join(directory, "busx_blast")
     subprocess.run([compiler, "-O2", "-o", binary, SOURCE], check=True)
     return binary
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def start_broker(directory: str) -> tuple[subprocess.Popen, str]:

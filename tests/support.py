@@ -184,3 +184,37 @@ class RawPeer:
 
     def close(self):
         self.sock.close()
+
+
+def provoke_refusals(broker, name: str = "nosy") -> None:
+    """One of each refusal a client can meet, for a broker with tokens
+    {"svc": "secret"} on TCP, a policy that allows this uid open.> only, and
+    max_subscriptions=1: a failed token proof, a denied subscribe
+    ("closed.x"), a denied publish ("closed.y"), a SUB past the limit."""
+    import busx
+    host, port = broker.tcp_address
+    with pytest.raises(busx.AuthenticationFailed):
+        busx.connect(f"tcp://{host}:{port}", token=("svc", "wrong"), reconnect=False)
+    with busx.connect(broker.url, name=name, reconnect=False) as bus:
+        with pytest.raises(busx.PermissionDenied):
+            bus.subscribe("closed.x")
+        bus.publish("closed.y", 1)
+        with pytest.raises(busx.PermissionDenied):
+            bus.flush(timeout=10)
+        bus.subscribe("open.a")
+        with pytest.raises(busx.BusError, match="max_subscriptions"):
+            bus.subscribe("open.b")
+
+
+def cut_off_slow_consumer(broker) -> None:
+    """A raw subscriber to open.flood that never reads, fed past the
+    broker's max_pending (slow_consumer="disconnect") until it is cut off."""
+    import busx
+    reader = RawPeer(broker, "unix")
+    reader.handshake()
+    reader.send(protocol.encode_frame(protocol.SUB, b"open.flood", id=1))
+    assert reader.next_frame().kind == protocol.OK
+    with busx.connect(broker.url) as pub:
+        while broker.stats()["slow_consumer_cuts"] == 0:
+            pub.publish("open.flood", b"x" * 4096)
+            pub.flush(timeout=10)

@@ -14,10 +14,10 @@ import threading
 import urllib.request
 
 import pytest
-from support import RawPeer, run_python, wait_for
+from support import cut_off_slow_consumer, provoke_refusals, run_python, wait_for
 
 import busx
-from busx import metrics, protocol
+from busx import metrics
 
 parser = pytest.importorskip("prometheus_client.parser",
                              reason="prometheus-client is not installed (busx[metrics])")
@@ -77,22 +77,10 @@ def test_denials_auth_failures_cuts_and_limits_are_counted(tmp_path):
     policy = {"rule": [{"uid": os.getuid(), "publish": ["open.>"], "subscribe": ["open.>"]}]}
     with busx.Broker(unix_path=str(tmp_path / "bus.sock"), tcp=("127.0.0.1", 0),
                      tokens={"svc": "secret"}, policy=policy, slow_consumer="disconnect",
-                     max_pending=64 << 10, max_subscriptions=2) as broker:
+                     max_pending=64 << 10, max_subscriptions=1) as broker:
         server = metrics.serve(broker, "127.0.0.1", 0)
         try:
-            host, port = broker.tcp_address
-            with pytest.raises(busx.AuthenticationFailed):
-                busx.connect(f"tcp://{host}:{port}", token=("svc", "wrong"), reconnect=False)
-            with busx.connect(broker.url, reconnect=False) as bus:
-                with pytest.raises(busx.PermissionDenied):
-                    bus.subscribe("closed.x")
-                bus.publish("closed.x", 1)
-                with pytest.raises(busx.PermissionDenied):
-                    bus.flush(timeout=10)
-                bus.subscribe("open.a")
-                bus.subscribe("open.b")
-                with pytest.raises(busx.BusError):
-                    bus.subscribe("open.c")         # past max_subscriptions
+            provoke_refusals(broker)
             cut_off_slow_consumer(broker)
             scraped = scrape(server.address)
             stats = broker.stats()
@@ -104,18 +92,6 @@ def test_denials_auth_failures_cuts_and_limits_are_counted(tmp_path):
     assert scraped[("busx_limits_hit_total", (("limit", "max_subscriptions"),))] == 1
     assert scraped[("busx_slow_consumer_disconnects_total", ())] == 1
     assert stats["slow_consumer_cuts"] == 1
-
-
-def cut_off_slow_consumer(broker: busx.Broker) -> None:
-    """A raw subscriber that never reads, fed past max_pending."""
-    reader = RawPeer(broker, "unix")
-    reader.handshake()
-    reader.send(protocol.encode_frame(protocol.SUB, b"open.flood", id=1))
-    assert reader.next_frame().kind == protocol.OK
-    with busx.connect(broker.url) as pub:
-        while broker.stats()["slow_consumer_cuts"] == 0:
-            pub.publish("open.flood", b"x" * 4096)
-            pub.flush(timeout=10)
 
 
 def test_busx_serve_metrics_over_http(tmp_path):
