@@ -947,7 +947,7 @@ cdef class ClientIO:
     cdef inline bint _has_room_for(self, MessageQueue queue, size_t size,
                                    size_t nfds) noexcept:
         """Whether a message of size payload bytes and nfds fds may join
-        queue. Reading stops at max_buffer (_receive_full), and one read adds
+        queue. Reading stops at max_buffer (inbox_full), and one read adds
         at most a chunk or a frame, so a reader never meets this bound; only
         round trips read on past it (their answer may be behind messages
         nobody reads), and what they bring beyond it is dropped and counted,

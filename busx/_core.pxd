@@ -335,7 +335,7 @@ cdef class MessageQueue:
     cdef Py_ssize_t head
     cdef ClientIO owner
     cdef size_t bytes           # payload bytes of the queued messages
-    cdef public bint apart      # the reply inbox: ClientIO.has_room_for checks bytes
+    cdef public bint apart      # the reply inbox: ClientIO._has_room_for checks its bytes
     cdef public unsigned long long dropped   # by the broker, or by has_room_for
 
     # Methods, defined in _message.pxi:
