@@ -218,6 +218,8 @@ cdef class ClientIO:
         """An eventfd that becomes readable when new frames reach the inbox
         (for asyncio's add_reader); created on first use."""
         cdef int fd
+        if self.forked:     # the parent's threads may have held inbox.lock at fork()
+            raise Closed(FORKED_MESSAGE)
         with nogil:
             pthread_mutex_lock(&self.inbox.lock)
             if self.inbox.notify_fd < 0:
@@ -364,7 +366,7 @@ cdef class ClientIO:
             self._wake_io()
         pthread_mutex_lock(&self.inbox.lock)
         inbox_add(&self.inbox, &self.rbuf, whole, &self.recv_fds, claimed, fd_bytes)
-        if inbox_full(&self.inbox):
+        if inbox_full(&self.inbox) and not self.inbox.reading_paused:
             # Python is not keeping up: stop reading the socket, so the
             # broker's slow-consumer policy sees it (SPEC.md, Guarantees).
             self.inbox.reading_paused = True

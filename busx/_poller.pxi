@@ -4,8 +4,10 @@
 #
 # Threads: the thread that waits on a Poller owns it. poller_wake() may be
 # called from any thread while the Poller is open (an eventfd write is
-# atomic); whoever closes it must make sure no waker is left (the client
-# wakes under a room's lock and closes under both).
+# atomic); whoever closes it must make sure no waker is left. The client
+# wakes holding a room's lock or read_lock, and closes under both room
+# locks only once its I/O thread has ended and no direct reader is left
+# (ClientIO.release), so no waker can be.
 
 
 cdef inline void poller_init(Poller *p) noexcept nogil:

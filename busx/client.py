@@ -424,6 +424,7 @@ class Bus:
         """An eventfd that becomes readable whenever something arrives or the
         connection changes; msg.respond() on this bus's messages then goes
         through responder (the AsyncBus)."""
+        self._check_open()
         self._io.bus = responder
         return self._io.notify_fd_open()
 
