@@ -113,7 +113,7 @@ def test_busx_serve_metrics_over_http(tmp_path):
         assert scraped[("busx_connections", ())] == 1
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.communicate(timeout=30)     # and closes its stderr pipe
     assert process.returncode == 0
 
 
