@@ -61,7 +61,7 @@ cdef class BrokerLoop:
     def __init__(self, handler, size_t max_pending, size_t max_frame,
                  bint disconnect_slow, bint check_publish, size_t max_connections=65536,
                  size_t max_subscriptions=1000000, size_t max_pending_fds=1024,
-                 double handshake_timeout=5.0):
+                 double handshake_timeout=5.0, double heartbeat=0.0):
         """handler: the Python side (busx.broker) with on_accept, on_connect,
         on_subscribe, on_close and on_stats callbacks. The limits are
         busx.Broker's (SPEC.md, Limits)."""
@@ -71,6 +71,7 @@ cdef class BrokerLoop:
         self.max_connections = max_connections
         self.max_subscriptions = max_subscriptions
         self.handshake_timeout_ms = handshake_timeout * 1000
+        self.heartbeat_ms = heartbeat * 1000
         self.check_publish = check_publish
         self.next_id = 1
         self.delivery.max_pending = max_pending
@@ -98,8 +99,12 @@ cdef class BrokerLoop:
         return self.totals.msgs_in
 
     def __dealloc__(self):
+        cdef int i
         self.handler = None
         self.close_all()
+        for i in range(self.nlisten):
+            if self.listen_tls[i] != NULL:
+                SSL_CTX_free(self.listen_tls[i])
         router_free(&self.router)
         pthread_mutex_destroy(&self.state_lock)
 
@@ -107,13 +112,17 @@ cdef class BrokerLoop:
         if poller_add(&self.poller, fd, EPOLLIN, tag) < 0:
             raise_os_error("epoll_ctl")
 
-    def add_listener(self, int fd, bint is_unix):
+    def add_listener(self, int fd, bint is_unix, TlsContext tls=None):
         """Accept connections on fd (a listening, non-blocking socket the
-        broker keeps owning: this loop never closes it)."""
+        broker keeps owning: this loop never closes it), speaking TLS with
+        tls's certificates when given."""
         if self.nlisten == MAX_LISTENERS:
             raise ValueError("too many listeners")
         self.listen_fds[self.nlisten] = fd
         self.listen_unix[self.nlisten] = is_unix
+        if tls is not None:
+            SSL_CTX_up_ref(tls.ctx)
+            self.listen_tls[self.nlisten] = tls.ctx
         self._watch(fd, TAG_LISTEN + self.nlisten)
         self.nlisten += 1
 
@@ -158,6 +167,7 @@ cdef class BrokerLoop:
                 if errno == EINTR:
                     continue
                 return -errno
+            self.turn_ms = now_ms()
             pthread_mutex_lock(&self.state_lock)
             routed_before = self.totals.msgs_in
             for i in range(n):
@@ -195,6 +205,10 @@ cdef class BrokerLoop:
         if self.handshaking != NULL:
             due = self.handshaking.opened_at + self.handshake_timeout_ms - now_ms()
             due = max(due, 0.0) + 1
+            if timeout < 0 or due < timeout:
+                timeout = <int>min(due, <double>INT_MAX)
+        if self.heartbeat_ms > 0 and self.nconns:
+            due = max(self.next_heartbeat_ms - now_ms(), 0.0) + 1
             if timeout < 0 or due < timeout:
                 timeout = <int>min(due, <double>INT_MAX)
         return timeout
@@ -241,7 +255,7 @@ cdef class BrokerLoop:
                     # instead of spinning on a backlog we cannot take.
                     self._pause_accept()
                 return
-            self._open_conn(fd, is_unix)
+            self._open_conn(fd, is_unix, self.listen_tls[index])
 
     cdef void _pause_accept(self) noexcept nogil:
         cdef int i
@@ -268,11 +282,15 @@ cdef class BrokerLoop:
         buf_free(&b)
         close(fd)
 
-    cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil:
+    cdef void _open_conn(self, int fd, bint is_unix, SSL_CTX *tls) noexcept nogil:
         cdef Conn *c
         cdef Conn **grown
         if self.nconns >= self.max_connections:
             self.refused += 1
+            if tls != NULL:     # no words before TLS: the refusal is only logged
+                self._py_security_event(0, fd, b"limit", b"too many connections")
+                close(fd)
+                return
             self._refuse(fd, b"limit", b"too many connections: the broker serves at most "
                          b"max_connections clients; try again later or raise the limit")
             return
@@ -289,17 +307,21 @@ cdef class BrokerLoop:
             return
         busx_count(BUSX_CONNS, 1)
         c.fd = fd
+        if tls != NULL:
+            c.tls = tls_new(tls, fd, True)
         c.next_frame = PREAMBLE_SIZE       # the greeting starts with the preamble
         c.id = self.next_id
         self.next_id += 1
         c.is_unix = is_unix
         c.state = CS_PREAMBLE
         c.opened_at = now_ms()
+        c.last_in_ms = c.last_out_ms = c.opened_at
         self._queue_handshake(c)
         c.slot = self.nconns
         self.conns[self.nconns] = c
         self.nconns += 1
-        if poller_add(&self.poller, fd, EPOLLIN | EPOLLRDHUP, <uint64_t><uintptr_t>c) < 0:
+        if ((tls != NULL and c.tls == NULL)
+                or poller_add(&self.poller, fd, EPOLLIN | EPOLLRDHUP, <uint64_t><uintptr_t>c) < 0):
             self._close_conn(c)
             return
         if self._py_accept(c) < 0:
@@ -310,7 +332,7 @@ cdef class BrokerLoop:
     cdef int _py_accept(self, Conn *c) noexcept with gil:
         """Ask Python for the HELLO to greet c with (it reads SO_PEERCRED)."""
         try:
-            self._queue_bytes(c, self.handler.on_accept(c.id, c.fd, c.is_unix))
+            self._queue_bytes(c, self.handler.on_accept(c.id, c.fd, c.is_unix, c.tls != NULL))
             return 0
         except BaseException as exc:
             self._report(exc)
@@ -332,6 +354,8 @@ cdef class BrokerLoop:
             return          # closed earlier in this batch
         if events & EPOLLOUT:
             self._mark_dirty(c)
+            if c.tls_want == SSL_ERROR_WANT_WRITE and c.state != CS_CLOSING:
+                events |= EPOLLIN       # the last read waited for room to write
         if events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP):
             if c.state == CS_CLOSING:
                 self._discard_input(c)
@@ -362,11 +386,12 @@ cdef class BrokerLoop:
         if buf_reserve(&c.rbuf, READ_CHUNK) < 0:
             self._fail(c, b"internal", b"broker out of memory")
             return
-        n = recv_with_fds(c.fd, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end,
-                          &c.in_fds if c.is_unix else NULL, &truncated, c.stream_in)
+        n = self._recv(c, &truncated)
         self.read_calls += 1
         if n < 0:
-            if errno != EAGAIN:
+            if errno == EPROTO:
+                self._tls_failed(c)
+            elif errno != EAGAIN:
                 self._close_conn(c)
             return
         if truncated:
@@ -379,6 +404,7 @@ cdef class BrokerLoop:
             self._close_conn(c)
             return
         busx_trace(BUSX_TRACE_BROKER_READ)
+        c.last_in_ms = self.turn_ms
         c.rbuf.end += n
         c.stream_in += n
         c.bytes_in += n
@@ -387,6 +413,33 @@ cdef class BrokerLoop:
             self._fail(c, b"protocol", b"file descriptors sent during the handshake")
             return
         self._take_frames(c)
+
+    cdef ssize_t _recv(self, Conn *c, bint *truncated) noexcept nogil:
+        """One recv into c's rbuf (reserved): with the fds that came along
+        over UNIX, decrypted over TLS. TLS may have to write to read (its
+        handshake): then the bytes c is owed are tried again too."""
+        cdef ssize_t n
+        if c.tls == NULL:
+            return recv_with_fds(c.fd, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end,
+                                 &c.in_fds if c.is_unix else NULL, truncated, c.stream_in)
+        c.tls_want = 0
+        n = tls_recv(c.tls, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end, &c.tls_want)
+        if buf_len(&c.wbuf):
+            self._mark_dirty(c)     # a write that waited for the handshake may go now
+        if c.tls_want == SSL_ERROR_WANT_WRITE and not c.want_out:
+            c.want_out = True
+            self._set_events(c)
+        return n
+
+    cdef void _tls_failed(self, Conn *c) noexcept nogil:
+        """TLS failed on c (a bad handshake: no certificate, an unknown CA,
+        plain bytes at a TLS listener): logged and closed. Nothing can be
+        said to the peer: no words pass outside TLS."""
+        cdef char why[256]
+        tls_error_text(c.tls, why, sizeof(why))
+        self.tls_failures += 1
+        self._py_security_event(c.id, c.fd, b"tls", why)
+        self._close_conn(c)
 
     cdef void _defer(self, Conn *c) noexcept nogil:
         if not c.backlogged and buf_len(&c.rbuf):
@@ -479,6 +532,7 @@ cdef class BrokerLoop:
     cdef void _resume_input(self, Conn *c) noexcept nogil:
         """c read enough of its answers: take its waiting frames again."""
         c.input_paused = False
+        c.last_in_ms = self.turn_ms      # its silence counts from now
         self._set_events(c)
         self._defer(c)
 
@@ -519,6 +573,8 @@ cdef class BrokerLoop:
             self._unsubscribe(c, f.id)
         elif f.kind == K_STATS:
             self._stats(c, f)
+        elif f.kind == K_PONG:
+            pass                        # a heartbeat's answer: arriving was its job
         elif f.kind == K_RECEIVED and f.payload_len == 8:
             fd_bytes_received(&self.delivery, c, busx_load_u64(f.payload))
             self._mark_dirty(c)         # room again: owed drop reports may go out
@@ -564,7 +620,8 @@ cdef class BrokerLoop:
         1 when accepted."""
         try:
             accepted, reply, stamp, payload_fds = self.handler.on_connect(
-                c.id, f.payload[:f.payload_len])
+                c.id, f.payload[:f.payload_len],
+                tls_peer_common_name(c.tls) if c.tls != NULL else None)
             self._queue_bytes(c, reply)
             if not accepted:
                 return 0
@@ -887,6 +944,9 @@ cdef class BrokerLoop:
             return
         if not c.lingering:
             c.lingering = True
+            if c.tls != NULL:
+                ERR_clear_error()
+                SSL_shutdown(c.tls)     # close_notify, best effort: it ends c's TLS stream
             shutdown(c.fd, SHUT_WR)
             c.close_by = min(c.close_by, now_ms() + LINGER_MS)
         self._discard_input(c)
@@ -920,6 +980,7 @@ cdef class BrokerLoop:
                 self._close_conn(c)
                 return
             self._pass_frames(c, c.wbuf_sent + n)
+            c.last_out_ms = self.turn_ms
             buf_consume(&c.wbuf, n)
             c.wbuf_sent += n
             c.bytes_out += n
@@ -936,7 +997,7 @@ cdef class BrokerLoop:
                 self._report_fd_bytes_taken(c)      # held back while output was full
             if c.input_paused:
                 self._resume_input(c)
-        if (buf_len(&c.wbuf) != 0) != c.want_out:
+        if wants_output(c) != c.want_out:
             c.want_out = not c.want_out
             self._set_events(c)
 
@@ -957,7 +1018,10 @@ cdef class BrokerLoop:
         if length > WRITE_CHUNK:
             length = WRITE_CHUNK
         self.write_calls += 1
-        if fdq_len(&c.out_fds) == 0:
+        if c.tls != NULL:
+            c.tls_want = 0
+            n = tls_send(c.tls, c.wbuf.data + c.wbuf.start, length, &c.tls_want)
+        elif fdq_len(&c.out_fds) == 0:
             n = send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
         else:
             n = send_with_fds(c.fd, c.wbuf.data + c.wbuf.start, length, c.wbuf_sent, &c.out_fds)
@@ -972,6 +1036,8 @@ cdef class BrokerLoop:
         words in time, or whose peer did not close after them."""
         cdef double now
         cdef size_t i
+        if self.heartbeat_ms > 0 and self.turn_ms >= self.next_heartbeat_ms:
+            self._check_heartbeats()
         if not (self.accept_paused or self.nclosing or self.handshaking != NULL):
             return
         now = now_ms()
@@ -989,6 +1055,30 @@ cdef class BrokerLoop:
                     self._close_conn(self.conns[i])    # moves the last conn into slot i
                 else:
                     i += 1
+
+    cdef void _check_heartbeats(self) noexcept nogil:
+        """Every quarter heartbeat: PING the clients sent nothing for a
+        heartbeat, close those heard nothing from for three (SPEC.md,
+        Heartbeats). So a dead client is freed within 3.25 heartbeats. A
+        sweep visits every connection, a few nanoseconds each: 10,000 idle
+        clients cost tens of microseconds a sweep (BENCHMARKS.md)."""
+        cdef double now = self.turn_ms
+        cdef size_t i = 0
+        cdef Conn *c
+        cdef int verdict
+        self.next_heartbeat_ms = now + self.heartbeat_ms / 4
+        while i < self.nconns:
+            c = self.conns[i]
+            verdict = heartbeat_verdict(c, now, self.heartbeat_ms)
+            if verdict == HB_DEAD:
+                self.heartbeat_timeouts += 1
+                self._close_conn(c)     # moves the last conn into slot i
+                continue
+            if verdict == HB_PING:
+                write_frame(&c.wbuf, K_PING, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
+                c.last_out_ms = now     # pinged once per heartbeat, even if it cannot leave
+                self._mark_dirty(c)
+            i += 1
 
     cdef void _drop_subscriptions(self, Conn *c) noexcept nogil:
         cdef size_t i
@@ -1011,6 +1101,9 @@ cdef class BrokerLoop:
         self._undefer(c)
         self._drop_subscriptions(c)
         poller_remove(&self.poller, c.fd)
+        if c.tls != NULL:
+            SSL_free(c.tls)
+            c.tls = NULL
         close(c.fd)
         fdq_close_all(&c.in_fds)
         fdq_close_all(&c.out_fds)
@@ -1153,6 +1246,7 @@ cdef class BrokerLoop:
             "read_calls": self.read_calls, "write_calls": self.write_calls,
             "busy_polls": self.busy_polls, "busy_poll_hits": self.busy_poll_hits,
             "connections_refused": self.refused, "handshake_timeouts": self.handshake_timeouts,
+            "heartbeat_timeouts": self.heartbeat_timeouts, "tls_failures": self.tls_failures,
             "subscriptions_refused": self.limits_hit,
             "busy_poll_window_us": round(self.poll_window_ms * 1000, 1),
         }

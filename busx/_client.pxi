@@ -12,6 +12,7 @@ cpdef enum RunResult:          # busx.client acts on these
     RUN_ERROR = 2         # socket error: last_errno says which
     RUN_PROTOCOL = 3      # the broker sent something this client cannot parse
     RUN_FDS_LOST = 4      # received fds were dropped by the kernel (out of fds)
+    RUN_SILENT = 5        # nothing arrived for 3 heartbeats: the broker or the path is gone
 
 
 FORKED_MESSAGE = ("this bus was connected by the parent process before fork(); "
@@ -31,8 +32,9 @@ cdef class ClientIO:
         inbox_init(&self.inbox, 0, 0)
         pthread_mutex_init(&self.read_lock, NULL)
         pthread_mutex_init(&self.watch_lock, NULL)
+        pthread_mutex_init(&self.tls_lock, NULL)
 
-    def __init__(self, size_t max_buffer, size_t max_frame):
+    def __init__(self, size_t max_buffer, size_t max_frame, double heartbeat=0.0):
         cdef rlimit files
         cdef size_t max_held_fds = 1024
         if getrlimit(RLIMIT_NOFILE, &files) == 0 and files.rlim_cur != RLIM_INFINITY:
@@ -41,6 +43,7 @@ cdef class ClientIO:
         self.inbox.max_buffer = max_buffer
         self.inbox.max_held_fds = max_held_fds
         self.max_frame = max_frame
+        self.heartbeat_ms = heartbeat * 1000
         self.topic_cache = {}
         cdef int status = poller_open(&self.poller)
         if status < 0:
@@ -56,6 +59,7 @@ cdef class ClientIO:
         inbox_destroy(&self.inbox)
         pthread_mutex_destroy(&self.read_lock)
         pthread_mutex_destroy(&self.watch_lock)
+        pthread_mutex_destroy(&self.tls_lock)
 
     def release(self):
         """Free fds and buffers. Only once the I/O thread has ended, and
@@ -77,7 +81,7 @@ cdef class ClientIO:
             buf_free(&self.packed)
 
     cdef void _release_shared(self) noexcept nogil:
-        close_fd(&self.fd)
+        self._close_socket()
         poller_close(&self.poller)
         outbox_free(&self.outbox)
         inbox_free(&self.inbox)
@@ -96,19 +100,20 @@ cdef class ClientIO:
     # ---- connection lifecycle (the I/O thread, or before it starts) ----
 
     def attach(self, int fd, bint is_unix, bytes prologue, size_t max_frame,
-               bint payload_fds=False):
+               bint payload_fds=False, TlsStream tls=None):
         """Start using fd (connected, handshake done; this object owns it from
-        now on). prologue (re-subscriptions) goes out before anything still
-        buffered from a previous connection; a frame the previous connection
-        cut in half is dropped whole. payload_fds: the broker takes large
-        payloads as memfds."""
+        now on), through tls's TLS session when given. prologue
+        (re-subscriptions) goes out before anything still buffered from a
+        previous connection; a frame the previous connection cut in half is
+        dropped whole. payload_fds: the broker takes large payloads as memfds."""
         cdef const char *head = prologue
         cdef size_t head_len = len(prologue)
         cdef int status
+        cdef SSL *session = tls.take() if tls is not None else NULL
         with nogil:
             pthread_mutex_lock(&self.inbox.lock)
             pthread_mutex_lock(&self.outbox.lock)
-            status = self._attach(fd, is_unix, head, head_len, max_frame, payload_fds)
+            status = self._attach(fd, session, is_unix, head, head_len, max_frame, payload_fds)
             pthread_mutex_unlock(&self.outbox.lock)
             pthread_mutex_unlock(&self.inbox.lock)
         if status == -1:
@@ -116,10 +121,11 @@ cdef class ClientIO:
         if status < 0:
             raise_os_error("epoll_ctl", -status)
 
-    cdef int _attach(self, int fd, bint is_unix, const char *prologue, size_t prologue_len,
-                     size_t max_frame, bint payload_fds) noexcept nogil:
+    cdef int _attach(self, int fd, SSL *tls, bint is_unix, const char *prologue,
+                     size_t prologue_len, size_t max_frame, bint payload_fds) noexcept nogil:
         """attach() under both rooms' locks: 0, -1 when memory runs out, or -errno."""
         cdef int status
+        self.tls = tls
         self.is_unix = is_unix
         self.payload_fds = payload_fds and is_unix
         if outbox_reattach(&self.outbox, prologue, prologue_len, is_unix, self.payload_fds) < 0:
@@ -130,6 +136,7 @@ cdef class ClientIO:
         self.max_frame = max_frame
         self.inbox.direct_result = -1
         self.inbox.reading_paused = False
+        self.last_in_ms = now_ms()
         self.state = CL_ATTACHED
         inbox_signal(&self.inbox)
         pthread_mutex_lock(&self.watch_lock)
@@ -155,14 +162,35 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.outbox.lock)
             if self.fd >= 0:
                 poller_remove(&self.poller, self.fd)
-                close(self.fd)
-                self.fd = -1
+            self._close_socket()
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
             inbox_signal(&self.inbox)
             pthread_cond_broadcast(&self.outbox.room_cond)
             pthread_mutex_unlock(&self.outbox.lock)
             pthread_mutex_unlock(&self.inbox.lock)
+
+    cdef void _close_socket(self) noexcept nogil:
+        """Close the socket and free its TLS session. Both rooms' locks
+        held (or the only thread left): nobody else is inside a call on them."""
+        if self.tls != NULL:
+            SSL_free(self.tls)
+            self.tls = NULL
+        close_fd(&self.fd)
+
+    cdef ssize_t _send(self, const char *data, size_t length, FdQueue *fds,
+                       unsigned long long base, int *tls_want) noexcept nogil:
+        """One send() of data (fds over UNIX, see send_with_fds; through
+        TLS when the connection has it). -1 with errno, as send()."""
+        cdef ssize_t n
+        if self.tls == NULL:
+            if fds == NULL:
+                return send(self.fd, data, length, MSG_NOSIGNAL | MSG_DONTWAIT)
+            return send_with_fds(self.fd, data, length, base, fds)
+        pthread_mutex_lock(&self.tls_lock)
+        n = tls_send(self.tls, data, length, tls_want)
+        pthread_mutex_unlock(&self.tls_lock)
+        return n
 
     def forget_in_child(self):
         """After fork(), in the child: close this copy's fds without touching
@@ -243,7 +271,7 @@ cdef class ClientIO:
         cdef epoll_event events[4]
         cdef int n, i, result
         while True:
-            n = poller_wait(&self.poller, events, 4, -1)
+            n = poller_wait(&self.poller, events, 4, self._heartbeat_wait_ms())
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -264,9 +292,41 @@ cdef class ClientIO:
                 return self.inbox.direct_result
             if self.inbox.reading_paused:    # a peek; _resume_input looks under the lock
                 self._resume_input()
+            result = self._heartbeat()
+            if result >= 0:
+                return result
             result = self._write()
             if result >= 0:
                 return result
+
+    cdef int _heartbeat(self) noexcept nogil:
+        """SPEC.md, Heartbeats: PING a broker we sent nothing for a
+        heartbeat (its PONG is what we hear back); a broker we heard nothing
+        from for three is gone, or the path to it is. Silence does not count
+        while we stopped reading (the inbox is full). -1 to carry on, else
+        RUN_SILENT."""
+        cdef double now
+        if self.heartbeat_ms <= 0:
+            return -1
+        now = now_ms()
+        if not self.inbox.reading_paused and now - self.last_in_ms >= 3 * self.heartbeat_ms:
+            self.last_errno = ETIMEDOUT
+            return RUN_SILENT
+        outbox_keep_alive(&self.outbox, now, self.heartbeat_ms)
+        return -1
+
+    cdef int _heartbeat_wait_ms(self) noexcept nogil:
+        """How long the I/O thread may sleep before _heartbeat has work:
+        -1 (for good) with heartbeats off. Peeks without locks: a stale
+        value only moves one wake-up."""
+        cdef double now, due
+        if self.heartbeat_ms <= 0:
+            return -1
+        now = now_ms()
+        due = self.outbox.last_append + self.heartbeat_ms
+        if not self.inbox.reading_paused:
+            due = min(due, self.last_in_ms + 3 * self.heartbeat_ms)
+        return <int>min(max(due - now, 0.0) + 1, 3600000.0)
 
     cdef int _write(self) noexcept nogil:
         """Send what is buffered until nothing is left or the socket is full.
@@ -274,8 +334,10 @@ cdef class ClientIO:
         cdef Outbox *box = &self.outbox
         cdef ssize_t n
         cdef bint socket_full = False
+        cdef bint blocked = False
         cdef bint chasing = False
-        while not socket_full:
+        cdef int tls_want = 0
+        while not blocked:
             if chasing and buf_len(&box.out) < YIELD_BELOW:
                 # Publishers are still appending: let them (or the broker)
                 # have this core for a moment so the next send carries a
@@ -285,15 +347,18 @@ cdef class ClientIO:
                 break
             chasing = True
             while buf_len(&box.sending):
-                n = send_with_fds(self.fd, box.sending.data + box.sending.start,
-                                  outbox_send_length(box), box.sending.start, &box.sending_fds)
+                n = self._send(box.sending.data + box.sending.start, outbox_send_length(box),
+                               &box.sending_fds, box.sending.start, &tls_want)
                 self.write_calls += 1
                 busx_trace(BUSX_TRACE_CLIENT_SEND)
                 if n < 0:
                     if errno == EINTR:
                         continue
                     if errno == EAGAIN:
-                        socket_full = True
+                        # Full, or TLS waits for the broker's bytes (read
+                        # anyway): only a full socket is watched for room.
+                        blocked = True
+                        socket_full = tls_want != SSL_ERROR_WANT_READ
                         break
                     self.last_errno = errno
                     return RUN_ERROR
@@ -327,6 +392,7 @@ cdef class ClientIO:
         pthread_mutex_lock(&self.inbox.lock)
         if self.inbox.reading_paused and not inbox_full(&self.inbox):
             self.inbox.reading_paused = False
+            self.last_in_ms = now_ms()       # silence counts from now
             self._watch_input()
             outbox_stall_acks(&self.outbox, False)
         pthread_mutex_unlock(&self.inbox.lock)
@@ -337,14 +403,22 @@ cdef class ClientIO:
         cdef ssize_t n
         cdef size_t whole
         cdef size_t fd_bytes = 0, acked = 0, claimed = 0
+        cdef bint pinged = False
+        cdef int tls_want = 0
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
             self.last_errno = ENOMEM
             return RUN_ERROR
         # At most READ_CHUNK per call keeps received-but-unread bytes within
         # max_buffer + READ_CHUNK (SPEC.md: the receive side is bounded).
-        n = recv_with_fds(self.fd, self.rbuf.data + self.rbuf.end,
-                          min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK),
-                          &self.recv_fds if self.is_unix else NULL, &truncated)
+        if self.tls == NULL:
+            n = recv_with_fds(self.fd, self.rbuf.data + self.rbuf.end,
+                              min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK),
+                              &self.recv_fds if self.is_unix else NULL, &truncated)
+        else:
+            pthread_mutex_lock(&self.tls_lock)
+            n = tls_recv(self.tls, self.rbuf.data + self.rbuf.end,
+                         min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK), &tls_want)
+            pthread_mutex_unlock(&self.tls_lock)
         self.read_calls += 1
         if n < 0:
             if errno == EAGAIN:
@@ -356,13 +430,15 @@ cdef class ClientIO:
         if n == 0:
             return RUN_EOF
         busx_trace(BUSX_TRACE_CLIENT_READ)
+        self.last_in_ms = now_ms()
         self.rbuf.end += n
-        whole = self._whole_frames(&fd_bytes, &acked, &claimed)
+        whole = self._whole_frames(&fd_bytes, &acked, &claimed, &pinged)
         if whole == <size_t>-1:
             return RUN_PROTOCOL
         if whole == 0:
             return -1
-        if (acked or fd_bytes) and outbox_received(&self.outbox, acked, fd_bytes):
+        if ((acked or fd_bytes or pinged)
+                and outbox_received(&self.outbox, acked, fd_bytes, pinged)):
             self._wake_io()
         pthread_mutex_lock(&self.inbox.lock)
         inbox_add(&self.inbox, &self.rbuf, whole, &self.recv_fds, claimed, fd_bytes)
@@ -400,11 +476,11 @@ cdef class ClientIO:
         poller_wake(&self.poller)
 
     cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
-                              size_t *claimed) noexcept nogil:
+                              size_t *claimed, bint *pinged) noexcept nogil:
         """Bytes of whole frames at the front of rbuf, adding the payload
         bytes their memfds hold to fd_bytes, the bytes of our memfds the
         broker reports taken to acked, and the fds they carry to claimed;
-        (size_t)-1 if malformed."""
+        *pinged set when the broker PINGed. (size_t)-1 if malformed."""
         cdef size_t at = 0, avail = buf_len(&self.rbuf)
         cdef FrameView f
         cdef int status
@@ -421,6 +497,8 @@ cdef class ClientIO:
                 fd_bytes[0] += busx_load_u64(f.payload)
             elif f.kind == K_RECEIVED and f.payload_len == 8:
                 acked[0] += busx_load_u64(f.payload)
+            elif f.kind == K_PING:
+                pinged[0] = True
             claimed[0] += f.nfds
             at += f.size
             self.frames_in += 1
@@ -686,6 +764,7 @@ cdef class ClientIO:
         cdef double now = now_ms()
         cdef double gap = now - box.last_append
         cdef ssize_t n
+        cdef int tls_want = 0
         box.last_append = now
         if (gap < DIRECT_SEND_GAP_NS / 1e6 or self.state != CL_ATTACHED or box.wake_pending
                 or box.want_out or buf_len(&box.out) or buf_len(&box.sending)):
@@ -697,8 +776,7 @@ cdef class ClientIO:
         self.write_calls += 1
         self.direct_sends += 1
         while True:
-            n = send(self.fd, box.sending.data, buf_len(&box.sending),
-                     MSG_NOSIGNAL | MSG_DONTWAIT)
+            n = self._send(box.sending.data, buf_len(&box.sending), NULL, 0, &tls_want)
             if n >= 0 or errno != EINTR:
                 break
         busx_trace(BUSX_TRACE_CLIENT_SEND)
@@ -869,7 +947,7 @@ cdef class ClientIO:
                 count += 1
                 if f.kind == K_MSG:
                     self._dispatch(&f, queues)
-                elif f.kind != K_RECEIVED:     # the I/O thread has counted it
+                elif f.kind != K_RECEIVED and f.kind != K_PING:    # the I/O thread's
                     control.append(view_to_frame(&f))
         finally:
             buf_shrink(&self.taken, READ_CHUNK * 2)

@@ -12,9 +12,36 @@ cdef inline size_t pending_bytes(const Conn *c) noexcept nogil:
     return buf_len(&c.wbuf) + c.fd_bytes_unreceived
 
 
+cdef inline bint wants_output(const Conn *c) noexcept nogil:
+    """Whether c's socket must be watched for room: bytes are owed and the
+    socket, not TLS waiting for the peer's next handshake message, holds
+    them up; or TLS must write before it can read."""
+    if c.tls_want == SSL_ERROR_WANT_WRITE:
+        return True
+    return buf_len(&c.wbuf) != 0 and c.tls_want != SSL_ERROR_WANT_READ
+
+
 cdef inline unsigned long long stream_end(Conn *c) noexcept nogil:
     """Stream offset one past the last byte queued for c."""
     return c.wbuf_sent + buf_len(&c.wbuf)
+
+
+cdef inline int heartbeat_verdict(const Conn *c, double now, double interval) noexcept nogil:
+    """What c's silence calls for (SPEC.md, Heartbeats). Silence counts
+    only while the broker reads c: a client whose input is paused
+    (back-pressure) or waiting for its next turn is judged by its output
+    instead - queued bytes that leave for three heartbeats mean it reads
+    nothing. Clients not yet READY have handshake_timeout instead."""
+    cdef double heard_at = c.last_in_ms
+    if c.state != CS_READY or c.backlogged:
+        return HB_FINE
+    if c.input_paused:
+        heard_at = c.last_out_ms if buf_len(&c.wbuf) else now
+    if now - heard_at >= 3 * interval:
+        return HB_DEAD
+    if buf_len(&c.wbuf) == 0 and now - c.last_out_ms >= interval:
+        return HB_PING
+    return HB_FINE
 
 
 # ---- which frame the fds a client sent belong to ----

@@ -12,6 +12,7 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from busx.includes.system cimport *
+from busx.includes.openssl cimport *
 
 include "includes/consts.pxi"
 
@@ -198,6 +199,24 @@ cdef struct Verdicts:
     size_t count
 
 
+# ---- TLS (_tls.pxi) ----
+
+cdef class TlsContext:
+    cdef SSL_CTX *ctx           # set once by for_broker/for_client; freed with the object
+    cdef int _start(self, const SSL_METHOD *method) except -1
+    cdef int _load_identity(self, str cert, str key) except -1
+    cdef int _trust(self, str ca) except -1
+
+
+cdef class TlsStream:
+    # The thread running busx's handshake owns it, until take().
+    cdef SSL *ssl
+    cdef int fd
+    cdef double timeout         # seconds; < 0: none
+    cdef int _wait_or_raise(self, int rc) except -1
+    cdef SSL *take(self)
+
+
 # ---- conn (_conn.pxi) ----
 
 cdef enum ConnState:
@@ -208,6 +227,12 @@ cdef enum ConnState:
     CS_CLOSED = 4
 
 
+cdef enum HeartbeatVerdict:      # heartbeat_verdict(): what a connection's silence calls for
+    HB_FINE = 0
+    HB_PING = 1         # nothing sent to it for a heartbeat
+    HB_DEAD = 2         # nothing heard from it for three
+
+
 cdef enum:
     # fds a connection may have sent ahead of the frame that claims them:
     # one frame's worth (docs/protocol.md, fd passing).
@@ -216,6 +241,8 @@ cdef enum:
 
 cdef struct Conn:
     int fd
+    SSL *tls                # TLS listener's connections: every byte goes through it
+    int tls_want            # what OpenSSL waited for when it last said EAGAIN
     uint32_t id
     int state
     bint is_unix
@@ -260,6 +287,10 @@ cdef struct Conn:
     # frame asks for an answer (SPEC.md, Limits: control replies).
     bint input_paused
     double opened_at           # handshake_timeout counts from here
+    # Heartbeats (SPEC.md): the loop's turn clock when bytes last arrived
+    # from this client, and when bytes last left for it.
+    double last_in_ms
+    double last_out_ms
     Conn *hs_next              # the handshake queue, oldest first (until READY)
     Conn *hs_prev
     # The last topic this connection published to, already validated,
@@ -473,6 +504,7 @@ cdef class BrokerLoop:
     cdef Poller poller
     cdef int listen_fds[MAX_LISTENERS]
     cdef bint listen_unix[MAX_LISTENERS]
+    cdef SSL_CTX *listen_tls[MAX_LISTENERS]    # a reference each; NULL: plain
     cdef int nlisten
     cdef bint accept_paused
     cdef double accept_resume_at
@@ -494,6 +526,9 @@ cdef class BrokerLoop:
     cdef size_t max_connections
     cdef size_t max_subscriptions
     cdef double handshake_timeout_ms
+    cdef double heartbeat_ms           # 0: heartbeats off
+    cdef double next_heartbeat_ms      # when _check_heartbeats next runs
+    cdef double turn_ms                # now_ms() read once per turn of the loop
     cdef public double busy_poll_ms    # the longest poll: busx.Broker's busy_poll_us
     cdef double poll_window_ms         # the poll now, adapted between 0 and busy_poll_ms
     cdef bint check_publish     # a policy is loaded: ask it about each new topic
@@ -506,6 +541,8 @@ cdef class BrokerLoop:
     cdef public unsigned long long refused             # connections past max_connections
     cdef public unsigned long long limits_hit          # SUBs past max_subscriptions
     cdef public unsigned long long handshake_timeouts
+    cdef public unsigned long long heartbeat_timeouts  # clients closed: silent for 3 heartbeats
+    cdef public unsigned long long tls_failures        # connections closed: TLS failed
     cdef object handler
     cdef object snapshot_taken   # snapshot()'s result, handed across its nogil block
 
@@ -519,13 +556,15 @@ cdef class BrokerLoop:
     cdef void _pause_accept(self) noexcept nogil
     cdef void _resume_accept(self) noexcept nogil
     cdef void _refuse(self, int fd, const char *code, const char *message) noexcept nogil
-    cdef void _open_conn(self, int fd, bint is_unix) noexcept nogil
+    cdef void _open_conn(self, int fd, bint is_unix, SSL_CTX *tls) noexcept nogil
     cdef int _py_accept(self, Conn *c) noexcept with gil
     cdef int _queue_bytes(self, Conn *c, bytes data) except -1
     cdef void _report(self, BaseException exc) noexcept
     cdef void _on_conn_event(self, Conn *c, uint32_t events) noexcept nogil
     cdef void _discard_input(self, Conn *c) noexcept nogil
     cdef void _read(self, Conn *c) noexcept nogil
+    cdef ssize_t _recv(self, Conn *c, bint *truncated) noexcept nogil
+    cdef void _tls_failed(self, Conn *c) noexcept nogil
     cdef void _defer(self, Conn *c) noexcept nogil
     cdef void _take_backlog(self) noexcept nogil
     cdef void _take_frames(self, Conn *c) noexcept nogil
@@ -572,6 +611,7 @@ cdef class BrokerLoop:
     cdef inline void _pass_frames(self, Conn *c, unsigned long long sent_end) noexcept nogil
     cdef ssize_t _send_some(self, Conn *c) noexcept nogil
     cdef void _housekeeping(self) noexcept nogil
+    cdef void _check_heartbeats(self) noexcept nogil
     cdef void _drop_subscriptions(self, Conn *c) noexcept nogil
     cdef void _close_conn(self, Conn *c) noexcept nogil
     cdef void _py_security_event(self, uint32_t conn_id, int fd, const char *code,
@@ -598,7 +638,8 @@ cdef class ClientIO:
     # pump lock, holding the GIL); a thread waiting for messages, which may
     # read the socket itself (_read_directly, no GIL).
     #
-    # Lock order: read_lock, inbox.lock, outbox.lock, watch_lock; the GIL is
+    # Lock order: read_lock, inbox.lock, outbox.lock, watch_lock (tls_lock is
+    # a leaf, taken under any of them and nothing under it); the GIL is
     # never acquired while any of them is held. Publishers take outbox.lock,
     # and the Python side inbox.lock, while holding the GIL, so a thread
     # holding either and waiting for the GIL would deadlock the process:
@@ -611,10 +652,21 @@ cdef class ClientIO:
     # The connection: written under both rooms' locks (attach, detach and
     # state changes), so either lock is enough to read them.
     cdef int fd
+    cdef SSL *tls               # TLS connections: every byte goes through it
+    # Serialises the calls on tls, which the I/O thread, a publisher
+    # sending directly and a direct reader may each make: a leaf, held for
+    # one OpenSSL call and nothing else.
+    cdef pthread_mutex_t tls_lock
     cdef int state              # a ClientState
     cdef bint is_unix
     cdef bint payload_fds       # the broker takes large payloads as memfds
     cdef size_t max_frame
+    cdef double heartbeat_ms    # fixed at construction; 0: heartbeats off
+    # When bytes last arrived: written by whoever holds read_lock (and by
+    # _resume_input, when silence starts to count again). The I/O thread's
+    # heartbeat check reads it without the lock: one aligned word, and a
+    # stale value only delays that check's verdict by a turn.
+    cdef double last_in_ms
     cdef int close_requested    # outbox.lock; the I/O thread reads it after each wake-up
     # The I/O thread waits on it. Others wake it holding either room's lock,
     # and release() closes it holding both, so no wake can hit a closed eventfd.
@@ -656,8 +708,11 @@ cdef class ClientIO:
 
     # Methods, defined in _client.pxi:
     cdef void _release_shared(self) noexcept nogil
-    cdef int _attach(self, int fd, bint is_unix, const char *prologue, size_t prologue_len,
-                     size_t max_frame, bint payload_fds) noexcept nogil
+    cdef int _attach(self, int fd, SSL *tls, bint is_unix, const char *prologue,
+                     size_t prologue_len, size_t max_frame, bint payload_fds) noexcept nogil
+    cdef void _close_socket(self) noexcept nogil
+    cdef ssize_t _send(self, const char *data, size_t length, FdQueue *fds,
+                       unsigned long long base, int *tls_want) noexcept nogil
     cdef void _set_state(self, int state)
     cdef int _run(self) noexcept nogil
     cdef int _write(self) noexcept nogil
@@ -668,7 +723,9 @@ cdef class ClientIO:
     cdef void _resume_reading(self) noexcept
     cdef inline void _wake_io(self) noexcept nogil
     cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
-                              size_t *claimed) noexcept nogil
+                              size_t *claimed, bint *pinged) noexcept nogil
+    cdef int _heartbeat(self) noexcept nogil
+    cdef int _heartbeat_wait_ms(self) noexcept nogil
     cdef bint _publish_bytes_by_fd(self, bytes topic, bytes data, bytes reply, object fds,
                                    double timeout) except -1
     cdef bytes _topic(self, topic)

@@ -8,12 +8,14 @@ behaviour is in the rooms included below, one job each."""
 from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, malloc, realloc, free, qsort
+from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 
 from cpython.exc cimport PyErr_CheckSignals
 
 from busx.includes.system cimport *
 
+import os
 import threading
 import weakref
 
@@ -28,6 +30,7 @@ cdef const char *PREAMBLE_BYTES = b"BUSX\x01\x00\x00\x00"
 include "_buffers.pxi"
 include "_poller.pxi"
 include "_sockio.pxi"
+include "_tls.pxi"
 include "_frames.pxi"
 include "_topics.pxi"
 include "_router.pxi"

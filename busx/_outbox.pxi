@@ -123,11 +123,13 @@ cdef size_t outbox_send_length(Outbox *box) noexcept nogil:
     return min(length, <size_t>busx_load_u32(box.sending.data + start) + 4)
 
 
-cdef bint outbox_received(Outbox *box, size_t acked, size_t fd_bytes) noexcept nogil:
+cdef bint outbox_received(Outbox *box, size_t acked, size_t fd_bytes,
+                          bint pinged) noexcept nogil:
     """The reader's news for the send side: the broker took `acked` bytes of
     our memfds, and we took fd_bytes of its (said back to it in a K_RECEIVED
-    frame, since it counts them against max_pending until then). Returns
-    whether the I/O thread must be woken to send that frame."""
+    frame, since it counts them against max_pending until then); it PINGed
+    us (a heartbeat: answered with a PONG). Returns whether the I/O thread
+    must be woken to send those frames."""
     cdef char received[8]
     cdef bint wake = False
     pthread_mutex_lock(&box.lock)
@@ -138,8 +140,22 @@ cdef bint outbox_received(Outbox *box, size_t acked, size_t fd_bytes) noexcept n
         busx_store_u64(received, fd_bytes)
         write_frame(&box.out, K_RECEIVED, 0, 0, NULL, 0, NULL, 0, NULL, 0, received, 8, 0, 0)
         wake = outbox_claim_wake(box)
+    if pinged:
+        write_frame(&box.out, K_PONG, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
+        wake = outbox_claim_wake(box) or wake
     pthread_mutex_unlock(&box.lock)
     return wake
+
+
+cdef void outbox_keep_alive(Outbox *box, double now, double interval) noexcept nogil:
+    """Queue a PING when nothing was queued for `interval` ms, so the
+    broker hears from us and answers (SPEC.md, Heartbeats). The I/O
+    thread's, which sends what it queued on its way round."""
+    pthread_mutex_lock(&box.lock)
+    if now - box.last_append >= interval:
+        box.last_append = now
+        write_frame(&box.out, K_PING, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
+    pthread_mutex_unlock(&box.lock)
 
 
 cdef void outbox_stall_acks(Outbox *box, bint stalled) noexcept nogil:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from typing import Any
 
 from ._core import Message
-from .client import Bus, Step, Subscription, _deadline
+from .client import DEFAULT_HEARTBEAT, Bus, Step, Subscription, _deadline
 from .errors import Closed, Timeout
 
 __all__ = ["AsyncBus", "AsyncSubscription", "connect"]
@@ -188,10 +188,14 @@ class AsyncBus:
 async def connect(url: None | str | Sequence[str] = None, *,
                   token: tuple[str, str] | None = None, name: str | None = None,
                   timeout: float = 5.0, reconnect: bool = True,
-                  max_buffer: int = 16 << 20) -> AsyncBus:
+                  max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
+                  tls_ca: str | os.PathLike | None = None,
+                  tls_cert: str | os.PathLike | None = None,
+                  tls_key: str | os.PathLike | None = None) -> AsyncBus:
     """Connect to a broker; the same parameters as busx.connect."""
     loop = asyncio.get_running_loop()
     bus = await loop.run_in_executor(None, functools.partial(
         Bus, url, token=token, name=name, timeout=timeout, reconnect=reconnect,
-        max_buffer=max_buffer))
+        max_buffer=max_buffer, heartbeat=heartbeat, tls_ca=tls_ca, tls_cert=tls_cert,
+        tls_key=tls_key))
     return AsyncBus(bus, loop)

@@ -25,6 +25,7 @@ from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity
 from .policy import Policy, Rights, load_policy
+from .tls import tls_context
 from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
 
 log = logging.getLogger("busx.broker")
@@ -39,6 +40,7 @@ DEFAULT_MAX_CONNECTIONS = 65536
 DEFAULT_MAX_SUBSCRIPTIONS = 1_000_000
 DEFAULT_MAX_PENDING_FDS = 1024
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_HEARTBEAT = 5.0
 DEFAULT_BUSY_POLL_US = 200
 # The sender stamp (msgpack [pid, uid, gid, identity, host, port]) travels in
 # a 255-byte field: an identity of up to 128 bytes always fits beside the rest.
@@ -73,8 +75,13 @@ class Peer:
                 "gid": self.gid, "identity": self.identity, "name": self.name,
                 "address": list(self.address) if self.address else None}
 
+    @property
+    def remote(self) -> bool:
+        """Over TCP, with or without TLS: tokens and addresses apply."""
+        return self.transport != "unix"
+
     @classmethod
-    def of_socket(cls, conn_id: int, fd: int) -> Peer:
+    def of_socket(cls, conn_id: int, fd: int, tls: bool = False) -> Peer:
         """The peer at the other end of fd: SO_PEERCRED over UNIX, the
         address over TCP (the kernel's word, not the client's)."""
         sock = socket.socket(fileno=fd)
@@ -84,7 +91,7 @@ class Peer:
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 return cls(conn_id, "unix", pid=pid, uid=uid, gid=gid)
             host, port = sock.getpeername()[:2]
-            return cls(conn_id, "tcp", address=(host, port))
+            return cls(conn_id, "tls" if tls else "tcp", address=(host, port))
         finally:
             sock.detach()
 
@@ -126,6 +133,14 @@ class Broker:
       max_subscriptions: subscriptions one connection may hold.
       max_pending_fds: fds queued per subscriber before the slow-consumer policy.
       handshake_timeout: seconds a new connection has to complete its handshake.
+      tls_cert, tls_key: PEM files of the certificate chain and private key:
+        the TCP listener then speaks TLS only (TLS 1.2+).
+      tls_client_ca: PEM file of the CA that must have signed the client
+        certificates TLS clients present; their common name becomes their
+        identity, as a token's does (docs/security.md).
+      heartbeat: PING a client sent nothing for this many seconds; close one
+        heard nothing from for three times as long (SPEC.md, Heartbeats).
+        0 turns heartbeats off.
       busy_poll_us: after routing a trickle of frames (request/reply
         traffic), poll up to this many microseconds for the next before
         sleeping: waking a sleeping thread costs tens of microseconds. The
@@ -150,6 +165,9 @@ class Broker:
                  max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
                  max_pending_fds: int = DEFAULT_MAX_PENDING_FDS,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 heartbeat: float = DEFAULT_HEARTBEAT,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_client_ca: str | None = None,
                  busy_poll_us: int = DEFAULT_BUSY_POLL_US,
                  sockets: Sequence[socket.socket] = ()) -> None:
         if slow_consumer not in ("drop", "disconnect"):
@@ -165,6 +183,8 @@ class Broker:
         if not 0 < handshake_timeout <= 3600:
             raise BusError(f"handshake_timeout must be between 0 and 3600 seconds, "
                            f"not {handshake_timeout}")
+        if not 0 <= heartbeat <= 3600:
+            raise BusError(f"heartbeat must be between 0 (off) and 3600 seconds, not {heartbeat}")
         if max_pending < 1:
             raise BusError("max_pending must be positive")
         if not 0 <= busy_poll_us <= 1_000_000:
@@ -181,7 +201,8 @@ class Broker:
         tcp_hosts += [sock.getsockname()[0] for sock in self._inherited
                       if sock.family != socket.AF_UNIX]
         for host in tcp_hosts:
-            if not self.tokens and not allow_anonymous_tcp and not _is_loopback(host):
+            if (not self.tokens and tls_client_ca is None and not allow_anonymous_tcp
+                    and not _is_loopback(host)):
                 raise BusError(
                     f"refusing to accept anonymous TCP clients on {host}: anyone who can reach "
                     f"it could use the bus. Configure tokens, bind to 127.0.0.1, or pass "
@@ -201,6 +222,9 @@ class Broker:
         self.max_subscriptions = max_subscriptions
         self.max_pending_fds = max_pending_fds
         self.handshake_timeout = handshake_timeout
+        self.heartbeat = heartbeat
+        self._tls = tls_context(tls_cert, tls_key, tls_client_ca)
+        self._tls_client_ca = tls_client_ca
         self.busy_poll_us = busy_poll_us
         self.tcp_address: tuple[str, int] | None = None
         self._instance = os.urandom(8).hex()
@@ -311,7 +335,8 @@ class Broker:
                                 max_connections=self.max_connections,
                                 max_subscriptions=self.max_subscriptions,
                                 max_pending_fds=self.max_pending_fds,
-                                handshake_timeout=self.handshake_timeout)
+                                handshake_timeout=self.handshake_timeout,
+                                heartbeat=self.heartbeat)
         self._loop.payload_fd_budget = payload_fd_budget()
         self._loop.busy_poll_ms = self.busy_poll_us / 1000
         try:
@@ -446,7 +471,7 @@ class Broker:
         is_unix = sock.family == socket.AF_UNIX
         if not is_unix and self.tcp_address is None:
             self.tcp_address = sock.getsockname()[:2]
-        self._loop.add_listener(sock.fileno(), is_unix)
+        self._loop.add_listener(sock.fileno(), is_unix, None if is_unix else self._tls)
 
     def _listen_tcp(self) -> None:
         assert self.tcp is not None and self._loop is not None
@@ -463,12 +488,12 @@ class Broker:
         sock.setblocking(False)
         self.tcp_address = sock.getsockname()[:2]
         self._listeners.append(sock)
-        self._loop.add_listener(sock.fileno(), False)
+        self._loop.add_listener(sock.fileno(), False, self._tls)
 
     # ---- callbacks from the event loop (GIL held, loop thread) ----
 
-    def on_accept(self, conn_id: int, fd: int, is_unix: bool) -> bytes:
-        peer = Peer.of_socket(conn_id, fd)
+    def on_accept(self, conn_id: int, fd: int, is_unix: bool, is_tls: bool) -> bytes:
+        peer = Peer.of_socket(conn_id, fd, is_tls)
         if not is_unix:
             with socket.socket(fileno=fd) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -479,12 +504,15 @@ class Broker:
             "version": protocol.VERSION, "server": f"busx/{__version__}",
             "max_frame": self.max_frame, "host": host_identity(), "instance": self._instance,
             "unix_path": self.unix_path, "nonce": peer.nonce, "transport": peer.transport,
-            "auth": peer.transport == "tcp" and bool(self.tokens),
+            "auth": peer.remote and bool(self.tokens) and not self._tls_client_ca,
             "payload_fds": peer.transport == "unix",
         }
         return protocol.PREAMBLE + encode_frame(protocol.HELLO, payload=pack(hello))
 
-    def on_connect(self, conn_id: int, payload: bytes) -> tuple[bool, bytes, bytes, bool]:
+    def on_connect(self, conn_id: int, payload: bytes,
+                   certificate_name: bytes | None) -> tuple[bool, bytes, bytes, bool]:
+        """certificate_name: the common name of the client certificate TLS
+        verified (tls_client_ca), else None."""
         peer = self._peers[conn_id]
         try:
             request = unpack_limited(payload)
@@ -495,12 +523,16 @@ class Broker:
                                       "the documented size"), b"", False
         name = request.get("name")
         peer.name = name if isinstance(name, str) else None
-        if peer.transport == "tcp" and self.tokens:
+        if certificate_name is not None:
+            refusal = self._certificate_identity(peer, certificate_name)
+        elif peer.remote and self.tokens:
             refusal = self._authenticate(peer, request)
-            if refusal:
-                self._auth_failures += 1
-                self._security.event(events.AUTH_FAILURE, peer.fields(), refusal)
-                return False, error_frame("auth", refusal), b"", False
+        else:
+            refusal = None
+        if refusal:
+            self._auth_failures += 1
+            self._security.event(events.AUTH_FAILURE, peer.fields(), refusal)
+            return False, error_frame("auth", refusal), b"", False
         if self.policy is not None:
             peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
         stamp = peer.stamp()
@@ -511,6 +543,20 @@ class Broker:
                                       payload=pack({"id": conn_id, "inbox": peer.inbox}))
         payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
         return True, ready, stamp, payload_fds
+
+    @staticmethod
+    def _certificate_identity(peer: Peer, name: bytes) -> str | None:
+        """The verified client certificate's common name is the identity,
+        as a token's would be (SPEC.md, TLS on TCP)."""
+        try:
+            identity = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return "the client certificate's common name is not UTF-8"
+        if not 0 < len(name) <= MAX_IDENTITY:
+            return (f"the client certificate's common name must be 1-{MAX_IDENTITY} bytes "
+                    f"(it is stamped on every message the client sends)")
+        peer.identity = identity
+        return None
 
     def _authenticate(self, peer: Peer, request: dict) -> str | None:
         identity, proof = request.get("identity"), request.get("proof")

@@ -29,6 +29,7 @@ from . import bench, events, metrics, protocol, systemd
 from .broker import (
     DEFAULT_BUSY_POLL_US,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_FDS,
@@ -157,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         slow_consumer=args.slow_consumer, max_frame=args.max_frame,
         max_connections=args.max_connections, max_subscriptions=args.max_subscriptions,
         max_pending_fds=args.max_pending_fds, handshake_timeout=args.handshake_timeout,
+        heartbeat=args.heartbeat,
         busy_poll_us=args.busy_poll_us, sockets=systemd.listen_fds())
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
@@ -556,6 +558,9 @@ def add_serve(commands: Any) -> None:
                        default=DEFAULT_HANDSHAKE_TIMEOUT,
                        help="seconds a new connection has to complete its handshake "
                             "(default %(default)g)")
+    serve.add_argument("--heartbeat", metavar="S", type=float, default=DEFAULT_HEARTBEAT,
+                       help="PING clients idle this long; close those silent three times "
+                            "as long (default %(default)g, 0 = off)")
     serve.add_argument("--busy-poll-us", metavar="US", type=int,
                        default=DEFAULT_BUSY_POLL_US,
                        help="poll up to this long after a trickle of traffic before "

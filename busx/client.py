@@ -31,14 +31,17 @@ from .errors import (
     PermissionDenied,
     Timeout,
 )
-from .handshake import client_handshake, unpack
+from .handshake import Stream, client_handshake, unpack
 from .paths import Target, host_identity, resolve_targets
+from .tls import TlsStream, client_tls_context
 from .topics import INBOX_PREFIX, pattern_bytes
 
 log = logging.getLogger("busx.client")
 
 RUN_CLOSED, RUN_EOF, RUN_ERROR = RunResult.RUN_CLOSED, RunResult.RUN_EOF, RunResult.RUN_ERROR
 RUN_PROTOCOL, RUN_FDS_LOST = RunResult.RUN_PROTOCOL, RunResult.RUN_FDS_LOST
+RUN_SILENT = RunResult.RUN_SILENT
+DEFAULT_HEARTBEAT = 5.0
 RECONNECT_BACKOFF = (0.02, 2.0)     # first and longest pause between reconnect attempts
 CLOSE_FLUSH_SECONDS = 5.0
 
@@ -173,8 +176,19 @@ class Bus:
     def __init__(self, url: None | str | Sequence[str] = None,
                  token: tuple[str, str] | None = None, name: str | None = None,
                  timeout: float = 5.0, reconnect: bool = True,
-                 max_buffer: int = 16 << 20) -> None:
+                 max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
+                 tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
+                 tls_key: str | os.PathLike | None = None) -> None:
+        if heartbeat is not None and not 0 <= heartbeat <= 3600:
+            raise BusError(f"heartbeat must be between 0 (off) and 3600 seconds, not {heartbeat}")
+        self.heartbeat = heartbeat or 0.0
         self._targets = resolve_targets(url)
+        wants_tls = tls_ca is not None or tls_cert is not None
+        if wants_tls and any(target.transport == "tcp" for target in self._targets):
+            raise BusError("tcp:// is plain TCP: with TLS settings use tls://host:port "
+                           "or host:port")
+        self._tls = (client_tls_context(tls_ca, tls_cert, tls_key)
+                     if wants_tls or any(t.transport == "tls" for t in self._targets) else None)
         self._token = (token[0], token[1]) if token is not None else None
         self.name = name
         self.timeout = timeout
@@ -199,7 +213,7 @@ class Bus:
         self._forked = False
         self.generation = 0
         sock, self.transport, self.server = self._dial_any(_deadline(timeout))
-        self._io = ClientIO(max_buffer, self.server["max_frame"])
+        self._io = ClientIO(max_buffer, self.server["max_frame"], self.heartbeat)
         self._io.bus = self
         self._attach(sock, b"")
         self._thread = threading.Thread(target=self._io_main, name="busx-io", daemon=True)
@@ -208,7 +222,7 @@ class Bus:
 
     # ---- connecting ----
 
-    def _dial_any(self, deadline: float | None) -> tuple[socket.socket, str, dict]:
+    def _dial_any(self, deadline: float | None) -> tuple[Stream, str, dict]:
         errors = []
         for target in self._targets:
             try:
@@ -219,19 +233,21 @@ class Bus:
             raise errors[0]
         raise ConnectError("no broker reachable: " + "; ".join(str(e) for e in errors))
 
-    def _dial(self, target: Target, deadline: float | None) -> tuple[socket.socket, str, dict]:
+    def _dial(self, target: Target, deadline: float | None) -> tuple[Stream, str, dict]:
         if target.transport == "unix":
             assert target.path is not None
-            sock = self._open_unix(target.path, deadline)
-            return sock, "unix", self._handshake(sock, target, "unix", deadline)
-        sock = self._open_tcp(target, deadline)
-        hello = self._handshake(sock, target, "tcp", deadline)
+            unix = self._open_unix(target.path, deadline)
+            return unix, "unix", self._handshake(unix, target, "unix", deadline)
+        plain = self._open_tcp(target, deadline)
+        transport = "tls" if self._tls is not None else "tcp"
+        sock: Stream = self._start_tls(plain, target, deadline) if transport == "tls" else plain
+        hello = self._handshake(sock, target, transport, deadline)
         if target.transport == "auto" and hello.get("host") == host_identity() and hello.get("unix_path"):
             moved = self._try_unix(hello, deadline)
             if moved is not None:
                 sock.close()
                 return moved
-        return sock, "tcp", hello
+        return sock, transport, hello
 
     def _try_unix(self, tcp_hello: dict, deadline: float | None):
         """Move to the broker's UNIX socket when this host can reach it and it
@@ -281,7 +297,29 @@ class Bus:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _handshake(self, sock: socket.socket, target: Target, transport: str,
+    def _start_tls(self, sock: socket.socket, target: Target,
+                   deadline: float | None) -> TlsStream:
+        """The TLS handshake, checking the broker's certificate against the
+        trusted CAs and target's host name."""
+        assert self._tls is not None and target.host is not None
+        sock.setblocking(False)
+        stream = TlsStream(self._tls, sock.detach(), target.host)
+        stream.settimeout(_remaining(deadline) if deadline is not None else None)
+        try:
+            stream.handshake()
+        except TimeoutError:
+            stream.close()
+            raise ConnectError(f"TLS handshake with {target.url} timed out: is it a busx "
+                               f"broker's TLS listener?") from None
+        except OSError as exc:
+            stream.close()
+            why = exc.strerror or str(exc)
+            if "wrong version number" in why or "packet length too long" in why:
+                why += " (the broker's TCP listener does not speak TLS: use tcp://)"
+            raise ConnectError(f"TLS handshake with {target.url} failed: {why}") from None
+        return stream
+
+    def _handshake(self, sock: Stream, target: Target, transport: str,
                    deadline: float | None) -> dict:
         try:
             return client_handshake(sock, target.url, deadline or time.monotonic() + 3600,
@@ -290,10 +328,11 @@ class Bus:
             sock.close()
             raise
 
-    def _attach(self, sock: socket.socket, prologue: bytes) -> None:
+    def _attach(self, sock: Stream, prologue: bytes) -> None:
         sock.setblocking(False)
         self._io.attach(sock.detach(), self.transport == "unix", prologue,
-                        self.server["max_frame"], self.server.get("payload_fds") is True)
+                        self.server["max_frame"], self.server.get("payload_fds") is True,
+                        sock if isinstance(sock, TlsStream) else None)
         self.generation += 1
 
     # ---- the I/O thread ----
@@ -325,6 +364,9 @@ class Bus:
             return "the broker closed the connection"
         if result == RUN_PROTOCOL:
             return "the broker sent data this client cannot parse"
+        if result == RUN_SILENT:
+            return (f"the broker sent nothing for {3 * self.heartbeat:g} s (3 × heartbeat): "
+                    f"it or the network path to it is gone")
         if result == RUN_FDS_LOST:
             return ("file descriptors sent with a message were lost: this process reached its "
                     "open-file limit (RLIMIT_NOFILE); close msg.fds when done or raise the limit")
@@ -720,7 +762,9 @@ os.register_at_fork(after_in_child=_forget_buses_in_child)
 
 def connect(url: None | str | Sequence[str] = None, *, token: tuple[str, str] | None = None,
             name: str | None = None, timeout: float = 5.0, reconnect: bool = True,
-            max_buffer: int = 16 << 20) -> Bus:
+            max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
+            tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
+            tls_key: str | os.PathLike | None = None) -> Bus:
     """Connect to a broker.
 
     url: None ($BUSX_URL, else $BUSX_SOCKET, else the default UNIX path),
@@ -730,6 +774,15 @@ def connect(url: None | str | Sequence[str] = None, *, token: tuple[str, str] | 
     name: shown in broker stats.  timeout: connect + handshake, in seconds.
     reconnect: after the first connect succeeded, survive broker restarts.
     max_buffer: bytes buffered each way.
+    heartbeat: PING the broker after this many idle seconds; a broker silent
+      for three times as long counts as gone (then reconnect applies).
+      0 or None turns heartbeats off.
+    tls_ca: the CA certificates (PEM) that vouch for the broker over TLS;
+      None: the system's. With tls_ca or tls_cert, host:port URLs use TLS;
+      tls:// always does (docs/security.md).
+    tls_cert, tls_key: this client's certificate and key (PEM), for brokers
+      that require client certificates; tls_key defaults to tls_cert's file.
     """
     return Bus(url, token=token, name=name, timeout=timeout, reconnect=reconnect,
-               max_buffer=max_buffer)
+               max_buffer=max_buffer, heartbeat=heartbeat, tls_ca=tls_ca, tls_cert=tls_cert,
+               tls_key=tls_key)

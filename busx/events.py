@@ -31,7 +31,7 @@ INTERNAL = "internal"
 
 # The broker loop's ERROR codes for a connection it closes, by event.
 KIND_OF_CODE = {"slow-consumer": SLOW_CONSUMER, "timeout": LIMIT, "limit": LIMIT,
-                "internal": INTERNAL}
+                "internal": INTERNAL, "tls": AUTH_FAILURE}
 
 
 def kind_of_code(code: str) -> str:

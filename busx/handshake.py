@@ -13,10 +13,13 @@ from typing import Any
 import msgpack
 
 from . import protocol
-from ._core import encode_frame
+from ._core import TlsStream, encode_frame
 from .errors import AuthenticationFailed, ConnectError, ProtocolError
 
 AUTH_CONTEXT = b"busx-auth-v1"
+
+# What a handshake runs on: a plain socket, or a TLS session on one.
+Stream = socket.socket | TlsStream
 
 
 def token_proof(secret: str, nonce: bytes, identity: str) -> bytes:
@@ -50,7 +53,7 @@ def unpack_limited(raw: bytes) -> Any:
 class FrameReader:
     """Blocking reads of whole frames from a socket, for the handshake only."""
 
-    def __init__(self, sock: socket.socket, deadline: float, where: str) -> None:
+    def __init__(self, sock: Stream, deadline: float, where: str) -> None:
         self.sock = sock
         self.deadline = deadline
         self.where = where
@@ -76,15 +79,19 @@ class FrameReader:
                                f"{exc}") from None
         return self.frames.pop(0)
 
+    def _timed_out(self) -> ConnectError:
+        return ConnectError(f"handshake with {self.where} timed out: is it a busx broker? "
+                            f"(a TLS listener waits for the client to speak first: use tls://)")
+
     def _recv(self) -> bytes:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise ConnectError(f"handshake with {self.where} timed out: is it a busx broker?")
+            raise self._timed_out()
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(65536)
         except TimeoutError:
-            raise ConnectError(f"handshake with {self.where} timed out: is it a busx broker?") from None
+            raise self._timed_out() from None
         except OSError as exc:
             raise ConnectError(f"connection to {self.where} failed during the handshake: {exc}") from None
         if not chunk:
@@ -92,7 +99,7 @@ class FrameReader:
         return chunk
 
 
-def client_handshake(sock: socket.socket, where: str, deadline: float, name: str | None,
+def client_handshake(sock: Stream, where: str, deadline: float, name: str | None,
                      token: tuple[str, str] | None, transport: str) -> dict:
     """Run the client side; returns the broker's HELLO facts. Leftover bytes
     cannot exist: the broker sends nothing after READY until asked."""
@@ -113,7 +120,7 @@ def client_handshake(sock: socket.socket, where: str, deadline: float, name: str
     request: dict[str, Any] = {"name": name}
     if transport == "unix":
         request["payload_fds"] = True       # large payloads may come as memfds
-    if token is not None and transport == "tcp":
+    if token is not None and transport != "unix":
         identity, secret = token
         request["identity"] = identity
         request["proof"] = token_proof(secret, hello["nonce"], identity)

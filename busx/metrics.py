@@ -66,6 +66,7 @@ class BrokerCollector:
         limits.add_metric(["max_connections"], stats.get("connections_refused", 0))
         limits.add_metric(["max_subscriptions"], stats.get("subscriptions_refused", 0))
         limits.add_metric(["handshake_timeout"], stats.get("handshake_timeouts", 0))
+        limits.add_metric(["heartbeat"], stats.get("heartbeat_timeouts", 0))
         yield limits
 
 

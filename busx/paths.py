@@ -22,7 +22,7 @@ def default_socket_path() -> str:
 
 
 class Target(NamedTuple):
-    """One place to connect: transport "unix", "tcp" or "auto" (host:port)."""
+    """One place to connect: transport "unix", "tcp", "tls" or "auto" (host:port)."""
 
     transport: str
     path: str | None = None
@@ -33,16 +33,18 @@ class Target(NamedTuple):
     def url(self) -> str:
         if self.transport == "unix":
             return f"unix://{self.path}"
-        prefix = "tcp://" if self.transport == "tcp" else ""
+        prefix = f"{self.transport}://" if self.transport in ("tcp", "tls") else ""
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{prefix}{host}:{self.port}"
 
 
 def parse_url(url: str) -> Target:
-    """unix:///path | tcp://host:port | host:port (automatic: TCP, moving to the
-    broker's UNIX socket when it shares this host)."""
+    """unix:///path | tcp://host:port | tls://host:port | host:port
+    (automatic: TCP, or TLS with TLS settings, moving to the broker's UNIX
+    socket when it shares this host)."""
     if not isinstance(url, str) or not url:
-        raise BusError(f"bad bus URL {url!r}: use unix:///path, tcp://host:port or host:port")
+        raise BusError(f"bad bus URL {url!r}: use unix:///path, tcp://host:port, "
+                       f"tls://host:port or host:port")
     if url.startswith("unix://"):
         path = url[len("unix://"):]
         if not path.startswith("/"):
@@ -50,10 +52,11 @@ def parse_url(url: str) -> Target:
         return Target("unix", path=path)
     transport = "auto"
     rest = url
-    if url.startswith("tcp://"):
-        transport, rest = "tcp", url[len("tcp://"):]
-    elif "://" in url:
-        raise BusError(f"bad bus URL {url!r}: the scheme must be unix:// or tcp://")
+    scheme, sep, after = url.partition("://")
+    if sep and scheme in ("tcp", "tls"):
+        transport, rest = scheme, after
+    elif sep:
+        raise BusError(f"bad bus URL {url!r}: the scheme must be unix://, tcp:// or tls://")
     elif url.startswith("/"):
         return Target("unix", path=url)
     host, sep, port = rest.rpartition(":")

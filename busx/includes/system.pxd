@@ -11,8 +11,20 @@ cdef extern from "<errno.h>" nogil:
         EMFILE
         ENFILE
         ETIMEDOUT
+        ECONNRESET
+        EPROTO
         ENOBUFS
         ENOMEM
+
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void busx_set_errno(int value) { errno = value; }
+    """
+    # Cython makes a name assigned in a function local to it: errno is set
+    # through this instead.
+    void busx_set_errno(int value) nogil
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -65,6 +77,7 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum:
         POLLIN
+        POLLOUT
 
 
 cdef extern from "<sys/uio.h>" nogil:
