@@ -225,6 +225,7 @@ class Broker:
         self.heartbeat = heartbeat
         self._tls = tls_context(tls_cert, tls_key, tls_client_ca)
         self._tls_client_ca = tls_client_ca
+        self.tls = self._tls is not None       # the TCP listener speaks TLS
         self.busy_poll_us = busy_poll_us
         self.tcp_address: tuple[str, int] | None = None
         self._instance = os.urandom(8).hex()

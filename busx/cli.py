@@ -140,7 +140,8 @@ def read_token(path: str) -> tuple[str, str]:
 def open_bus(args: argparse.Namespace, name: str, **options: Any) -> busx.Bus:
     token_file = getattr(args, "token_file", None)
     token = read_token(token_file) if token_file else None
-    return busx.connect(args.url, token=token, name=name, **options)
+    return busx.connect(args.url, token=token, name=name, tls_ca=args.tls_ca,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, **options)
 
 
 # ---- serve ----
@@ -158,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         slow_consumer=args.slow_consumer, max_frame=args.max_frame,
         max_connections=args.max_connections, max_subscriptions=args.max_subscriptions,
         max_pending_fds=args.max_pending_fds, handshake_timeout=args.handshake_timeout,
-        heartbeat=args.heartbeat,
+        heartbeat=args.heartbeat, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         busy_poll_us=args.busy_poll_us, sockets=systemd.listen_fds())
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
@@ -193,7 +195,8 @@ def listen_addresses(broker: busx.Broker) -> str:
     addresses = [broker.url]
     if broker.tcp_address is not None:
         host, port = broker.tcp_address
-        addresses.append(f"tcp://{f'[{host}]' if ':' in host else host}:{port}")
+        scheme = "tls" if broker.tls else "tcp"
+        addresses.append(f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}")
     return " and ".join(addresses)
 
 
@@ -533,6 +536,12 @@ def add_serve(commands: Any) -> None:
                        help="TOML policy file: who may publish and subscribe to what")
     serve.add_argument("--tokens", metavar="FILE",
                        help='TOML file of identity = "secret" lines; TCP clients must prove one')
+    serve.add_argument("--tls-cert", metavar="F",
+                       help="certificate chain (PEM): the TCP listener speaks TLS only")
+    serve.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
+    serve.add_argument("--tls-client-ca", metavar="F",
+                       help="require client certificates signed by this CA (PEM); their "
+                            "common name is the client's identity")
     serve.add_argument("--allow-anonymous-tcp", action="store_true",
                        help="accept TCP clients without tokens on a non-loopback address")
     serve.add_argument("--max-pending", metavar="BYTES", type=byte_count,
@@ -607,8 +616,16 @@ def add_client_options(pub: argparse.ArgumentParser, sub: argparse.ArgumentParse
                        stat: argparse.ArgumentParser) -> None:
     """Where the client commands find their broker, and their token."""
     for command in (pub, sub, stat):
-        command.add_argument("--url", metavar="URL", help="unix:///path, tcp://host:port or "
-                             "host:port (default: $BUSX_URL, else the local broker)")
+        command.add_argument("--url", metavar="URL", help="unix:///path, tcp://host:port, "
+                             "tls://host:port or host:port (default: $BUSX_URL, else the "
+                             "local broker)")
+        command.add_argument("--tls-ca", metavar="F", help="CA certificates (PEM) that vouch "
+                             "for the broker over TLS (default: the system's); host:port "
+                             "then uses TLS")
+        command.add_argument("--tls-cert", metavar="F",
+                             help="this client's certificate (PEM), for brokers that ask")
+        command.add_argument("--tls-key", metavar="F",
+                             help="its private key (PEM; default: in --tls-cert's file)")
     for command in (pub, sub):
         command.add_argument("--token-file", metavar="FILE",
                              help='TOML file with one identity = "secret" line, for TCP')
