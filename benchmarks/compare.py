@@ -215,9 +215,17 @@ def large_rows(broker: peers.BrokerProcess, directory: str, count: int, repeat: 
     return rows + [median_row(repeat, c_limit)]
 
 
-def latency_rows(broker: peers.BrokerProcess, directory: str, pings: int) -> list[tuple]:
+def tls_rows(tls_broker: peers.BrokerProcess, count: int, repeat: int) -> list[Row]:
+    """TLS beside plain TCP (throughput_rows' "busx tcp"): same peers, same sizes."""
+    return [measure("busx tls", lambda: peers.busx_transfer(
+        tls_broker.tcp_url, count, broker_pid=tls_broker.pid), repeat)]
+
+
+def latency_rows(broker: peers.BrokerProcess, tls_broker: peers.BrokerProcess,
+                 directory: str, pings: int) -> list[tuple]:
     systems = [("busx unix (via broker)", lambda: peers.BusxPinger(broker.unix_url)),
-               ("busx tcp (via broker)", lambda: peers.BusxPinger(broker.tcp_url))]
+               ("busx tcp (via broker)", lambda: peers.BusxPinger(broker.tcp_url)),
+               ("busx tls (via broker)", lambda: peers.BusxPinger(tls_broker.tcp_url))]
     if peers.zmq_available():
         systems += [("pyzmq REQ/REP ipc:// (direct)",
                      lambda: peers.ZmqPinger(f"ipc://{directory}/echo.ipc")),
@@ -340,6 +348,11 @@ def print_targets(throughput: list[Row], fanout: list[Row], capacity: Row, large
     target("round trip: pyzmq ipc p50 / busx unix p50", share(zmq_rtt, busx_rtt[0]), 1)
     target("round trip: 2 x busx p50 / busx p99", share(
         2 * busx_rtt[0] if busx_rtt[0] else None, busx_rtt[1]), 1)
+    target("TLS throughput / plain TCP", share(rate.get("busx tls"), rate.get("busx tcp")), 0.5)
+    tcp_p50 = rtt.get("busx tcp (via broker)", (None, None))[0]
+    tls_p50 = rtt.get("busx tls (via broker)", (None, None))[0]
+    target("round trip: 1.3 x tcp p50 / tls p50", share(
+        1.3 * tcp_p50 if tcp_p50 else None, tls_p50), 1)
     c_rtt = rtt.get(C_RELAYED, (None, None))
     c_spread = share(2 * c_rtt[0] if c_rtt[0] else None, c_rtt[1])
     print(f"| the machine's own: 2 x p50 / p99 of C through a relay | "
@@ -376,10 +389,12 @@ def main() -> None:
     print("\n".join(machine_lines()))
     directory = tempfile.mkdtemp(prefix="busx-compare-")
     broker = peers.BrokerProcess(directory)
+    tls_broker = peers.BrokerProcess(directory, tls=True)
     try:
         print(f"\n### Throughput: {args.count:,} messages of 100 bytes, "
               f"1 publisher process -> 1 subscriber process\n")
         throughput = throughput_rows(broker, directory, args.count, args.repeat)
+        throughput += tls_rows(tls_broker, args.count, args.repeat)
         print_throughput(throughput)
         print(f"\nmsgs/s: messages the subscriber received and decoded per second (every "
               f"row the median of {args.repeat}); drops: published but never received. The C "
@@ -395,12 +410,13 @@ def main() -> None:
         large = large_rows(broker, directory, max(50, args.count // 2000), args.repeat)
         print_rows(large, "MB/s", LARGE / 1e6)
         print("\n### Latency\n")
-        latency = latency_rows(broker, directory, args.pings)
+        latency = latency_rows(broker, tls_broker, directory, args.pings)
         print_latency(latency, args.pings)
         print("\n### Targets (ratios from this run)\n")
         print_targets(throughput, fanout, capacity, large, latency)
     finally:
         broker.finish()
+        tls_broker.finish()
         shutil.rmtree(directory, ignore_errors=True)
     print(f"\n(run took {time.monotonic() - began:.0f} s)")
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 TOPIC = "bench.data"
+TLS_CA_VARIABLE = "BUSX_BENCH_TLS_CA"     # the CA a TLS broker's workers trust
 SMALL_DICT = {"id": 123456, "kind": "order.created", "price": 19.99, "qty": 3,
               "sku": "AB-1234-XY", "note": "x" * 31}
 assert len(msgpack.packb(SMALL_DICT)) == 100, len(msgpack.packb(SMALL_DICT))
@@ -76,17 +77,34 @@ def stop_requested(wait: float) -> bool:
     return bool(readable)
 
 
+def connect(url: str):
+    """busx.connect, trusting the benchmark's own CA for tls:// URLs."""
+    import busx
+    return busx.connect(url, tls_ca=os.environ.get(TLS_CA_VARIABLE) if url.startswith("tls://")
+                        else None)
+
+
 def run_broker(args) -> None:
     import busx
-    with busx.Broker(unix_path=args.path, tcp=("127.0.0.1", 0)) as broker:
+    tls = {}
+    if args.tls:
+        import trustme
+        ca = trustme.CA()
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+            os.path.join(args.tls, "broker.pem"))
+        ca.cert_pem.write_to_path(os.path.join(args.tls, "ca.pem"))
+        tls = {"tls_cert": os.path.join(args.tls, "broker.pem"),
+               "tls_key": os.path.join(args.tls, "broker.pem")}
+    with busx.Broker(unix_path=args.path, tcp=("127.0.0.1", 0), **tls) as broker:
         host, port = broker.tcp_address
-        say(ready=True, unix=broker.url, tcp=f"tcp://{host}:{port}", pid=os.getpid())
+        say(ready=True, unix=broker.url, tcp=f"{'tls' if args.tls else 'tcp'}://{host}:{port}",
+            pid=os.getpid(), ca=os.path.join(args.tls, "ca.pem") if args.tls else None)
         sys.stdin.readline()    # runs until the parent closes our stdin
 
 
 def run_busx_sub(args) -> None:
     import busx
-    with busx.connect(args.url) as bus:
+    with connect(args.url) as bus:
         sub = bus.subscribe(TOPIC)
         say(ready=True)
         cpu = time.process_time()
@@ -115,9 +133,8 @@ def run_busx_sub(args) -> None:
 
 
 def run_busx_pub(args) -> None:
-    import busx
     data = payload_for(args.size)
-    with busx.connect(args.url) as bus:
+    with connect(args.url) as bus:
         say(ready=True)
         wait_for_line("go")
         start, cpu = time.monotonic(), time.process_time()
@@ -129,8 +146,7 @@ def run_busx_pub(args) -> None:
 
 
 def run_busx_echo(args) -> None:
-    import busx
-    with busx.connect(args.url) as bus:
+    with connect(args.url) as bus:
         sub = bus.subscribe(args.topic)
         say(ready=True)
         for msg in sub:
@@ -345,6 +361,7 @@ def worker_main(argv: list[str]) -> None:
     roles = parser.add_subparsers(dest="role", required=True)
     role = roles.add_parser("broker")
     role.add_argument("path")
+    role.add_argument("--tls", metavar="DIR", help="TCP with TLS: certificates made in DIR")
     role.set_defaults(run=run_broker)
     role = roles.add_parser("busx-sub")
     role.add_argument("url")
@@ -569,12 +586,18 @@ def zmq_available() -> bool:
 
 
 class BrokerProcess(Peer):
-    """A busx.Broker in its own process, with a UNIX socket and TCP on loopback."""
+    """A busx.Broker in its own process, with a UNIX socket and TCP on
+    loopback; with tls, TLS on that TCP, trusted by this process's workers
+    (TLS_CA_VARIABLE)."""
 
-    def __init__(self, directory: str) -> None:
-        super().__init__("broker", os.path.join(directory, "bus.sock"))
+    def __init__(self, directory: str, tls: bool = False) -> None:
+        name = "tls.sock" if tls else "bus.sock"
+        super().__init__("broker", os.path.join(directory, name),
+                         *(["--tls", directory] if tls else []))
         self.unix_url, self.tcp_url = self.info["unix"], self.info["tcp"]
         self.pid = self.process.pid
+        if tls:
+            os.environ[TLS_CA_VARIABLE] = self.info["ca"]
 
     def url(self, transport: str) -> str:
         return self.unix_url if transport == "unix" else self.tcp_url
@@ -584,9 +607,8 @@ class BrokerProcess(Peer):
 
 class BusxPinger:
     def __init__(self, url: str, topic: str = "bench.echo") -> None:
-        import busx
         self.echo = Peer("busx-echo", url, topic)
-        self.bus = busx.connect(url)
+        self.bus = connect(url)
         self.topic = topic
 
     def ping(self) -> None:

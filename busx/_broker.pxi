@@ -918,8 +918,11 @@ cdef class BrokerLoop:
         """A fatal error on one connection: tell it why, then close it."""
         if c.state >= CS_CLOSING:
             return
-        write_error_frame(&c.wbuf, 0, F_FATAL, code, message, NULL, 0)
         self._py_security_event(c.id, -1, code, message)
+        if c.tls != NULL and not SSL_is_init_finished(c.tls):
+            self._close_conn(c)     # no words can reach a peer before TLS is up
+            return
+        write_error_frame(&c.wbuf, 0, F_FATAL, code, message, NULL, 0)
         self._begin_closing(c)
 
     cdef void _begin_closing(self, Conn *c) noexcept nogil:
@@ -1066,8 +1069,18 @@ cdef class BrokerLoop:
         cdef size_t i = 0
         cdef Conn *c
         cdef int verdict
+        cdef bint was_away = (self.last_sweep_ms > 0
+                              and now - self.last_sweep_ms > self.heartbeat_ms)
         self.next_heartbeat_ms = now + self.heartbeat_ms / 4
+        self.last_sweep_ms = now
         while i < self.nconns:
+            c = self.conns[i]
+            if was_away:
+                # The broker itself did not run (stopped, or starved) for
+                # longer than a heartbeat: the silence it could not hear
+                # does not count against its clients.
+                c.last_in_ms = max(c.last_in_ms, now)
+                c.last_out_ms = max(c.last_out_ms, now)
             c = self.conns[i]
             verdict = heartbeat_verdict(c, now, self.heartbeat_ms)
             if verdict == HB_DEAD:
@@ -1076,7 +1089,7 @@ cdef class BrokerLoop:
                 continue
             if verdict == HB_PING:
                 write_frame(&c.wbuf, K_PING, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
-                c.last_out_ms = now     # pinged once per heartbeat, even if it cannot leave
+                c.last_ping_ms = now
                 self._mark_dirty(c)
             i += 1
 

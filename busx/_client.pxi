@@ -136,7 +136,7 @@ cdef class ClientIO:
         self.max_frame = max_frame
         self.inbox.direct_result = -1
         self.inbox.reading_paused = False
-        self.last_in_ms = now_ms()
+        self.last_in_ms = self.last_beat_ms = now_ms()
         self.state = CL_ATTACHED
         inbox_signal(&self.inbox)
         pthread_mutex_lock(&self.watch_lock)
@@ -309,10 +309,15 @@ cdef class ClientIO:
         if self.heartbeat_ms <= 0:
             return -1
         now = now_ms()
+        if now - self.last_beat_ms > 2 * self.heartbeat_ms:
+            # This thread did not run for that long (the process was
+            # stopped): the silence it could not hear does not count.
+            self.last_in_ms = max(self.last_in_ms, now)
+        self.last_beat_ms = now
         if not self.inbox.reading_paused and now - self.last_in_ms >= 3 * self.heartbeat_ms:
             self.last_errno = ETIMEDOUT
             return RUN_SILENT
-        outbox_keep_alive(&self.outbox, now, self.heartbeat_ms)
+        outbox_keep_alive(&self.outbox, now, self.heartbeat_ms, self.last_in_ms)
         return -1
 
     cdef int _heartbeat_wait_ms(self) noexcept nogil:
@@ -323,7 +328,8 @@ cdef class ClientIO:
         if self.heartbeat_ms <= 0:
             return -1
         now = now_ms()
-        due = self.outbox.last_append + self.heartbeat_ms
+        due = max(self.outbox.last_ping,
+                  min(self.outbox.last_append, self.last_in_ms)) + self.heartbeat_ms
         if not self.inbox.reading_paused:
             due = min(due, self.last_in_ms + 3 * self.heartbeat_ms)
         return <int>min(max(due - now, 0.0) + 1, 3600000.0)

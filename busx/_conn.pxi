@@ -39,7 +39,10 @@ cdef inline int heartbeat_verdict(const Conn *c, double now, double interval) no
         heard_at = c.last_out_ms if buf_len(&c.wbuf) else now
     if now - heard_at >= 3 * interval:
         return HB_DEAD
-    if buf_len(&c.wbuf) == 0 and now - c.last_out_ms >= interval:
+    # Quiet either way: a one-way stream needs PINGs too, or the side that
+    # only receives (its heartbeat off or longer) would never answer.
+    if now - c.last_ping_ms >= interval and (now - c.last_in_ms >= interval
+                                             or now - c.last_out_ms >= interval):
         return HB_PING
     return HB_FINE
 

@@ -229,7 +229,7 @@ cdef enum ConnState:
 
 cdef enum HeartbeatVerdict:      # heartbeat_verdict(): what a connection's silence calls for
     HB_FINE = 0
-    HB_PING = 1         # nothing sent to it for a heartbeat
+    HB_PING = 1         # nothing heard from it, or sent to it, for a heartbeat
     HB_DEAD = 2         # nothing heard from it for three
 
 
@@ -291,6 +291,7 @@ cdef struct Conn:
     # from this client, and when bytes last left for it.
     double last_in_ms
     double last_out_ms
+    double last_ping_ms        # at most one PING a heartbeat
     Conn *hs_next              # the handshake queue, oldest first (until READY)
     Conn *hs_prev
     # The last topic this connection published to, already validated,
@@ -434,6 +435,7 @@ cdef struct Outbox:
     bint want_out               # lock; written by the I/O thread: the socket was full
     int wake_pending            # lock: the I/O thread is awake, or has been woken
     double last_append          # lock: CLOCK_MONOTONIC ms of the last frame queued
+    double last_ping            # lock: ... of the last heartbeat PING queued
     size_t max_buffer           # fixed at construction
 
 
@@ -528,6 +530,7 @@ cdef class BrokerLoop:
     cdef double handshake_timeout_ms
     cdef double heartbeat_ms           # 0: heartbeats off
     cdef double next_heartbeat_ms      # when _check_heartbeats next runs
+    cdef double last_sweep_ms          # when it last ran
     cdef double turn_ms                # now_ms() read once per turn of the loop
     cdef public double busy_poll_ms    # the longest poll: busx.Broker's busy_poll_us
     cdef double poll_window_ms         # the poll now, adapted between 0 and busy_poll_ms
@@ -667,6 +670,7 @@ cdef class ClientIO:
     # heartbeat check reads it without the lock: one aligned word, and a
     # stale value only delays that check's verdict by a turn.
     cdef double last_in_ms
+    cdef double last_beat_ms    # the I/O thread's: when _heartbeat last ran
     cdef int close_requested    # outbox.lock; the I/O thread reads it after each wake-up
     # The I/O thread waits on it. Others wake it holding either room's lock,
     # and release() closes it holding both, so no wake can hit a closed eventfd.

@@ -147,13 +147,17 @@ cdef bint outbox_received(Outbox *box, size_t acked, size_t fd_bytes,
     return wake
 
 
-cdef void outbox_keep_alive(Outbox *box, double now, double interval) noexcept nogil:
-    """Queue a PING when nothing was queued for `interval` ms, so the
-    broker hears from us and answers (SPEC.md, Heartbeats). The I/O
-    thread's, which sends what it queued on its way round."""
+cdef void outbox_keep_alive(Outbox *box, double now, double interval,
+                            double heard_at) noexcept nogil:
+    """Queue a PING, at most one per `interval` ms, when nothing was queued
+    or nothing heard (heard_at) for that long: the broker hears from us and
+    answers, so a one-way stream in either direction stays alive (SPEC.md,
+    Heartbeats). The I/O thread's, which sends what it queued on its way
+    round."""
     pthread_mutex_lock(&box.lock)
-    if now - box.last_append >= interval:
-        box.last_append = now
+    if now - box.last_ping >= interval and (now - box.last_append >= interval
+                                            or now - heard_at >= interval):
+        box.last_ping = now
         write_frame(&box.out, K_PING, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
     pthread_mutex_unlock(&box.lock)
 

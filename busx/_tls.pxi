@@ -26,7 +26,7 @@ cdef ssize_t tls_recv(SSL *ssl, char *buf, size_t capacity, int *want) noexcept 
     cdef size_t got = 0, n = 0
     cdef int rc, err
     while True:
-        ERR_clear_error()
+        tls_clear_errors()
         rc = SSL_read_ex(ssl, buf + got, capacity - got, &n)
         if rc == 1:
             got += n
@@ -46,11 +46,20 @@ cdef ssize_t tls_send(SSL *ssl, const char *data, size_t length, int *want) noex
     grow at the end until bytes are taken."""
     cdef size_t n = 0
     cdef int rc
-    ERR_clear_error()
+    tls_clear_errors()
     rc = SSL_write_ex(ssl, data, length, &n)
     if rc == 1:
         return n
-    return tls_failed(ssl, rc, want)
+    if tls_failed(ssl, rc, want) == 0:
+        busx_set_errno(EPIPE)     # the peer closed: unlike recv, send never returns 0
+    return -1
+
+
+cdef inline void tls_clear_errors() noexcept nogil:
+    """Before each SSL call: SSL_get_error reads this thread's OpenSSL error
+    queue, and errno for a failing socket, so neither may be left over."""
+    ERR_clear_error()
+    busx_set_errno(0)
 
 
 cdef ssize_t tls_failed(SSL *ssl, int rc, int *want) noexcept nogil:
@@ -230,7 +239,7 @@ cdef class TlsStream:
         cdef int rc
         while True:
             with nogil:
-                ERR_clear_error()
+                tls_clear_errors()
                 rc = SSL_do_handshake(self.ssl)
             if rc == 1:
                 return
@@ -244,7 +253,7 @@ cdef class TlsStream:
         cdef int rc
         while True:
             with nogil:
-                ERR_clear_error()
+                tls_clear_errors()
                 rc = SSL_read_ex(self.ssl, at, capacity, &n)
             if rc == 1:
                 return bytes(into[:n])
@@ -258,7 +267,7 @@ cdef class TlsStream:
         cdef int rc
         while done < size:
             with nogil:
-                ERR_clear_error()
+                tls_clear_errors()
                 rc = SSL_write_ex(self.ssl, at + done, size - done, &n)
             if rc == 1:
                 done += n

@@ -64,13 +64,15 @@ class BrokerProcess:
     are its own to measure. Its log goes to a file: a pipe nobody reads
     could fill up and stall it."""
 
-    def __init__(self, directory, *options: str) -> None:
+    def __init__(self, directory, *options: str, prefix: tuple[str, ...] = ()) -> None:
+        """prefix: a command that then runs the interpreter in place (exec),
+        such as `ip netns exec NS`, so that pid is still the broker's."""
         self.unix_path = path = os.path.join(directory, "bus.sock")
         self.url = f"unix://{path}"
         self.log_path = os.path.join(directory, "broker.log")
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path, *options],
+                [*prefix, sys.executable, "-P", "-m", "busx.cli", "serve", "--unix", path, *options],
                 stdout=subprocess.DEVNULL, stderr=log)
         self.pid = self.process.pid
         wait_for(lambda: self.process.poll() is not None or "listening" in self.log(),

@@ -57,6 +57,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     void SSL_set_accept_state(SSL *ssl)
     void SSL_set_connect_state(SSL *ssl)
     int SSL_do_handshake(SSL *ssl)
+    int SSL_is_init_finished(const SSL *ssl)
     int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes)
     int SSL_write_ex(SSL *ssl, const void *buf, size_t num, size_t *written)
     int SSL_get_error(const SSL *ssl, int ret)

@@ -12,6 +12,7 @@ cdef extern from "<errno.h>" nogil:
         ENFILE
         ETIMEDOUT
         ECONNRESET
+        EPIPE
         EPROTO
         ENOBUFS
         ENOMEM
