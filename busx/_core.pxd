@@ -202,7 +202,8 @@ cdef struct Verdicts:
 # ---- TLS (_tls.pxi) ----
 
 cdef class TlsContext:
-    cdef SSL_CTX *ctx           # set once by for_broker/for_client; freed with the object
+    cdef SSL_CTX *ctx           # set once by for_broker/for_client/of_python; freed with the object
+    cdef readonly bint check_hostname   # clients: the broker's certificate must name its host
     cdef int _start(self, const SSL_METHOD *method) except -1
     cdef int _load_identity(self, str cert, str key) except -1
     cdef int _trust(self, str ca) except -1

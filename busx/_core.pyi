@@ -232,6 +232,10 @@ class TlsContext:
     @staticmethod
     def for_client(ca: str | None = None, cert: str | None = None,
                    key: str | None = None) -> TlsContext: ...
+    @staticmethod
+    def of_python(context: Any) -> TlsContext: ...
+    @property
+    def check_hostname(self) -> bool: ...
 
 @final
 class TlsStream:

@@ -12,6 +12,7 @@ from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memmove, memcmp, memset, strlen
 
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
 
 from busx.includes.system cimport *
 

@@ -123,6 +123,15 @@ cdef object tls_peer_common_name(SSL *ssl):
     return name[:length] if length > 0 else b""
 
 
+cdef extern from *:
+    """
+    typedef struct { PyObject_HEAD SSL_CTX *ctx; } PySSLContextLayout;
+    """
+    # The head of CPython's ssl.SSLContext object (see TlsContext.of_python).
+    ctypedef struct PySSLContextLayout:
+        SSL_CTX *ctx
+
+
 cdef str openssl_reason():
     cdef char text[256]
     ERR_error_string_n(ERR_peek_last_error(), text, sizeof(text))
@@ -188,10 +197,39 @@ cdef class TlsContext:
         return context
 
     @staticmethod
+    def of_python(context):
+        """The SSL_CTX inside a Python ssl.SSLContext, shared (a reference of
+        our own), so a client may pass one it already has. Only when
+        Python's ssl module and busx run on one and the same OpenSSL: the
+        context is then a pointer both understand. CPython keeps it as the
+        first field of its SSLContext object (Modules/_ssl.c, PySSLContext);
+        a build where _ssl carries its own OpenSSL is refused, not guessed
+        at."""
+        cdef TlsContext ours = TlsContext()
+        cdef void *library
+        cdef void *theirs = NULL
+        import ssl
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(context).__name__}")
+        library = dlopen(os.fsencode(ssl._ssl.__file__), RTLD_LAZY | RTLD_NOLOAD)
+        if library != NULL:
+            theirs = dlsym(library, b"SSL_CTX_new")
+            dlclose(library)
+        if theirs != <void *>SSL_CTX_new:
+            raise ValueError("Python's ssl module does not use the OpenSSL library busx uses, "
+                             "so its SSLContext cannot be shared: pass tls_ca, tls_cert and "
+                             "tls_key instead")
+        ours.ctx = (<PySSLContextLayout *><PyObject *>context).ctx
+        SSL_CTX_up_ref(ours.ctx)
+        ours.check_hostname = context.check_hostname
+        return ours
+
+    @staticmethod
     def for_client(str ca=None, str cert=None, str key=None):
         """A client's: the CAs that may vouch for a broker (None: the
         system's), and its own certificate and key for brokers that ask."""
         cdef TlsContext context = TlsContext()
+        context.check_hostname = True
         context._start(TLS_client_method())
         context._trust(ca)
         SSL_CTX_set_verify(context.ctx, SSL_VERIFY_PEER, NULL)
@@ -219,7 +257,10 @@ cdef class TlsStream:
         self.ssl = tls_new(context.ctx, fd, False)
         if self.ssl == NULL:
             raise MemoryError()
-        if _is_address(server_name):
+        if not context.check_hostname:
+            if not _is_address(server_name):
+                SSL_set_tlsext_host_name(self.ssl, name)
+        elif _is_address(server_name):
             X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), name)
         else:
             SSL_set_tlsext_host_name(self.ssl, name)

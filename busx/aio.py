@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from typing import Any
@@ -191,11 +192,12 @@ async def connect(url: None | str | Sequence[str] = None, *,
                   max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
                   tls_ca: str | os.PathLike | None = None,
                   tls_cert: str | os.PathLike | None = None,
-                  tls_key: str | os.PathLike | None = None) -> AsyncBus:
+                  tls_key: str | os.PathLike | None = None,
+                  ssl_context: ssl.SSLContext | None = None) -> AsyncBus:
     """Connect to a broker; the same parameters as busx.connect."""
     loop = asyncio.get_running_loop()
     bus = await loop.run_in_executor(None, functools.partial(
         Bus, url, token=token, name=name, timeout=timeout, reconnect=reconnect,
         max_buffer=max_buffer, heartbeat=heartbeat, tls_ca=tls_ca, tls_cert=tls_cert,
-        tls_key=tls_key))
+        tls_key=tls_key, ssl_context=ssl_context))
     return AsyncBus(bus, loop)

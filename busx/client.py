@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -178,16 +179,17 @@ class Bus:
                  timeout: float = 5.0, reconnect: bool = True,
                  max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
                  tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
-                 tls_key: str | os.PathLike | None = None) -> None:
+                 tls_key: str | os.PathLike | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if heartbeat is not None and not 0 <= heartbeat <= 3600:
             raise BusError(f"heartbeat must be between 0 (off) and 3600 seconds, not {heartbeat}")
         self.heartbeat = heartbeat or 0.0
         self._targets = resolve_targets(url)
-        wants_tls = tls_ca is not None or tls_cert is not None
+        wants_tls = tls_ca is not None or tls_cert is not None or ssl_context is not None
         if wants_tls and any(target.transport == "tcp" for target in self._targets):
             raise BusError("tcp:// is plain TCP: with TLS settings use tls://host:port "
                            "or host:port")
-        self._tls = (client_tls_context(tls_ca, tls_cert, tls_key)
+        self._tls = (client_tls_context(tls_ca, tls_cert, tls_key, ssl_context)
                      if wants_tls or any(t.transport == "tls" for t in self._targets) else None)
         self._token = (token[0], token[1]) if token is not None else None
         self.name = name
@@ -764,7 +766,8 @@ def connect(url: None | str | Sequence[str] = None, *, token: tuple[str, str] | 
             name: str | None = None, timeout: float = 5.0, reconnect: bool = True,
             max_buffer: int = 16 << 20, heartbeat: float | None = DEFAULT_HEARTBEAT,
             tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
-            tls_key: str | os.PathLike | None = None) -> Bus:
+            tls_key: str | os.PathLike | None = None,
+            ssl_context: ssl.SSLContext | None = None) -> Bus:
     """Connect to a broker.
 
     url: None ($BUSX_URL, else $BUSX_SOCKET, else the default UNIX path),
@@ -782,7 +785,9 @@ def connect(url: None | str | Sequence[str] = None, *, token: tuple[str, str] | 
       tls:// always does (docs/security.md).
     tls_cert, tls_key: this client's certificate and key (PEM), for brokers
       that require client certificates; tls_key defaults to tls_cert's file.
+    ssl_context: an ssl.SSLContext to use instead of those three, as it is
+      (its CAs, certificate, verify_mode and check_hostname).
     """
     return Bus(url, token=token, name=name, timeout=timeout, reconnect=reconnect,
                max_buffer=max_buffer, heartbeat=heartbeat, tls_ca=tls_ca, tls_cert=tls_cert,
-               tls_key=tls_key)
+               tls_key=tls_key, ssl_context=ssl_context)

@@ -28,6 +28,15 @@ cdef extern from *:
     void busx_set_errno(int value) nogil
 
 
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int dlclose(void *handle)
+    enum:
+        RTLD_LAZY
+        RTLD_NOLOAD
+
+
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
