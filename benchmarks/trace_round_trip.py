@@ -2,7 +2,7 @@
 request and its reply, in all three processes, and this prints the median
 time between consecutive stages.
 
-    python benchmarks/trace_round_trip.py [--pings 5000] [--transport unix]
+    python benchmarks/trace_round_trip.py [--pings 5000] [--transport unix|tcp|tls]
 
 The pinger (this process) sends `bus.request` to an echo process (peers.py
 `busx-echo`, answering with `msg.respond`) through a broker process (peers.py
@@ -72,7 +72,7 @@ def trace(pings: int, transport: str) -> str:
     with tempfile.TemporaryDirectory(prefix="busx-trace-") as directory:
         os.environ["BUSX_TRACE_DIR"] = directory
         try:
-            broker = peers.BrokerProcess(directory)
+            broker = peers.BrokerProcess(directory, tls=transport == "tls")
             pinger = peers.BusxPinger(broker.url(transport))
         finally:
             del os.environ["BUSX_TRACE_DIR"]
@@ -115,7 +115,7 @@ def format_breakdown(labels: tuple, steps: list[float], followed: int, pings: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pings", type=int, default=5000)
-    parser.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    parser.add_argument("--transport", choices=["unix", "tcp", "tls"], default="unix")
     args = parser.parse_args()
     print(trace(args.pings, args.transport))
 

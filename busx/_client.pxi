@@ -147,7 +147,10 @@ cdef class ClientIO:
 
     def detach(self):
         """Forget the dead socket: close it, drop its partial input, close the
-        fds that partial input announced. Whole frames stay in the inbox."""
+        fds that partial input announced. Whole frames stay in the inbox.
+        What was written to it and not yet taken by the broker's side is
+        counted (bytes_lost_in_flight): at most once, and never silently."""
+        cdef int unacknowledged = 0
         if self.forked:
             return
         with nogil:
@@ -162,6 +165,8 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.outbox.lock)
             if self.fd >= 0:
                 poller_remove(&self.poller, self.fd)
+                if ioctl(self.fd, SIOCOUTQ, &unacknowledged) == 0 and unacknowledged > 0:
+                    self.bytes_lost_in_flight += unacknowledged
             self._close_socket()
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
@@ -189,6 +194,31 @@ cdef class ClientIO:
             return send_with_fds(self.fd, data, length, base, fds)
         pthread_mutex_lock(&self.tls_lock)
         n = tls_send(self.tls, data, length, tls_want)
+        pthread_mutex_unlock(&self.tls_lock)
+        return n
+
+    cdef ssize_t _recv_tls(self) noexcept nogil:
+        """_read's recv through TLS: up to READ_CHUNK, and then whatever
+        OpenSSL read ahead (at most TLS_READ_AHEAD more), which epoll cannot
+        announce. A read that must first write (TLS's own messages) says
+        EAGAIN like one with nothing to read: the I/O thread writes on its
+        way round, and the socket stays watched for input. read_lock held."""
+        cdef ssize_t n, more
+        cdef int want = 0, reserved
+        pthread_mutex_lock(&self.tls_lock)
+        n = tls_recv(self.tls, self.rbuf.data + self.rbuf.end,
+                     min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK), &want)
+        while n > 0 and tls_holds_more(self.tls):
+            self.rbuf.end += n          # buf_reserve keeps only [start, end)
+            reserved = buf_reserve(&self.rbuf, TLS_READ_AHEAD)
+            self.rbuf.end -= n
+            if reserved < 0:
+                break
+            more = tls_recv(self.tls, self.rbuf.data + self.rbuf.end + n,
+                            self.rbuf.cap - self.rbuf.end - n, &want)
+            if more <= 0:
+                break
+            n += more
         pthread_mutex_unlock(&self.tls_lock)
         return n
 
@@ -300,11 +330,11 @@ cdef class ClientIO:
                 return result
 
     cdef int _heartbeat(self) noexcept nogil:
-        """SPEC.md, Heartbeats: PING a broker we sent nothing for a
-        heartbeat (its PONG is what we hear back); a broker we heard nothing
-        from for three is gone, or the path to it is. Silence does not count
-        while we stopped reading (the inbox is full). -1 to carry on, else
-        RUN_SILENT."""
+        """SPEC.md, Heartbeats: PING a broker we sent nothing to, or heard
+        nothing from, for a heartbeat (its PONG is what we hear back); a
+        broker we heard nothing from for three is gone, or the path to it
+        is. Silence does not count while we stopped reading (the inbox is
+        full). -1 to carry on, else RUN_SILENT."""
         cdef double now
         if self.heartbeat_ms <= 0:
             return -1
@@ -410,7 +440,6 @@ cdef class ClientIO:
         cdef size_t whole
         cdef size_t fd_bytes = 0, acked = 0, claimed = 0
         cdef bint pinged = False
-        cdef int tls_want = 0
         if buf_reserve(&self.rbuf, READ_CHUNK) < 0:
             self.last_errno = ENOMEM
             return RUN_ERROR
@@ -421,10 +450,7 @@ cdef class ClientIO:
                               min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK),
                               &self.recv_fds if self.is_unix else NULL, &truncated)
         else:
-            pthread_mutex_lock(&self.tls_lock)
-            n = tls_recv(self.tls, self.rbuf.data + self.rbuf.end,
-                         min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK), &tls_want)
-            pthread_mutex_unlock(&self.tls_lock)
+            n = self._recv_tls()
         self.read_calls += 1
         if n < 0:
             if errno == EAGAIN:

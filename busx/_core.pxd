@@ -710,12 +710,17 @@ cdef class ClientIO:
     cdef public unsigned long long discarded        # messages for subscriptions already gone
     cdef public unsigned long long malformed        # frames dropped: fields that do not decode
     cdef public unsigned long long unread_dropped   # messages dropped: their queue was full
+    # Bytes written to connections that were then lost, which the broker's
+    # side had not yet taken (SIOCOUTQ at detach): messages among them may
+    # be lost. Written by detach() under both rooms' locks.
+    cdef public unsigned long long bytes_lost_in_flight
 
     # Methods, defined in _client.pxi:
     cdef void _release_shared(self) noexcept nogil
     cdef int _attach(self, int fd, SSL *tls, bint is_unix, const char *prologue,
                      size_t prologue_len, size_t max_frame, bint payload_fds) noexcept nogil
     cdef void _close_socket(self) noexcept nogil
+    cdef ssize_t _recv_tls(self) noexcept nogil
     cdef ssize_t _send(self, const char *data, size_t length, FdQueue *fds,
                        unsigned long long base, int *tls_want) noexcept nogil
     cdef void _set_state(self, int state)

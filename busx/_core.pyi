@@ -145,6 +145,7 @@ class ClientIO:
     discarded: int
     malformed: int
     unread_dropped: int
+    bytes_lost_in_flight: int
     frames_in: int
     read_calls: int
     def __init__(self, max_buffer: int, max_frame: int, heartbeat: float = ...) -> None: ...

@@ -18,24 +18,28 @@ cdef ssize_t tls_recv(SSL *ssl, char *buf, size_t capacity, int *want) noexcept 
     """recv() through TLS: decrypted bytes read, 0 when the peer closed, or
     -1 with errno: EAGAIN while OpenSSL waits for the socket (*want says for
     which: SSL_ERROR_WANT_READ or SSL_ERROR_WANT_WRITE), EPROTO when TLS
-    failed (tls_error_text says why). Reads whole records while room for one
-    remains, so OpenSSL never holds decrypted bytes back: with read-ahead
-    off (the default) it takes no more from the socket than the records it
-    returns, and epoll's readiness stays the truth. capacity must be at
-    least SSL3_RT_MAX_PLAIN_LENGTH."""
+    failed (tls_error_text says why). OpenSSL reads ahead (TLS_READ_AHEAD
+    in one read()), and this takes the records it read until it holds none
+    or room runs out. Bytes OpenSSL holds are invisible to epoll: a caller
+    must call again, with room, while tls_holds_more() says so."""
     cdef size_t got = 0, n = 0
-    cdef int rc, err
+    cdef int rc
     while True:
         tls_clear_errors()
         rc = SSL_read_ex(ssl, buf + got, capacity - got, &n)
         if rc == 1:
             got += n
-            if capacity - got < SSL3_RT_MAX_PLAIN_LENGTH:
+            if got == capacity or not SSL_has_pending(ssl):
                 return got
             continue
         if got:
             return got      # what stopped us comes back on the next call
         return tls_failed(ssl, rc, want)
+
+
+cdef inline bint tls_holds_more(SSL *ssl) noexcept nogil:
+    """Whether OpenSSL holds bytes it read ahead from the socket."""
+    return ssl != NULL and SSL_has_pending(ssl)
 
 
 cdef ssize_t tls_send(SSL *ssl, const char *data, size_t length, int *want) noexcept nogil:
@@ -101,6 +105,8 @@ cdef SSL *tls_new(SSL_CTX *ctx, int fd, bint server) noexcept nogil:
     if SSL_set_fd(ssl, fd) != 1:
         SSL_free(ssl)
         return NULL
+    SSL_set_read_ahead(ssl, 1)
+    SSL_set_default_read_buffer_len(ssl, TLS_READ_AHEAD)
     if server:
         SSL_set_accept_state(ssl)
     else:

@@ -138,9 +138,9 @@ class Broker:
       tls_client_ca: PEM file of the CA that must have signed the client
         certificates TLS clients present; their common name becomes their
         identity, as a token's does (docs/security.md).
-      heartbeat: PING a client sent nothing for this many seconds; close one
-        heard nothing from for three times as long (SPEC.md, Heartbeats).
-        0 turns heartbeats off.
+      heartbeat: PING a client heard nothing from, or sent nothing, for this
+        many seconds; close one heard nothing from for three times as long
+        (SPEC.md, Heartbeats). 0 turns heartbeats off.
       busy_poll_us: after routing a trickle of frames (request/reply
         traffic), poll up to this many microseconds for the next before
         sleeping: waking a sleeping thread costs tens of microseconds. The

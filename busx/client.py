@@ -344,8 +344,13 @@ class Bus:
             result = self._io.run()
             if result == RUN_CLOSED:
                 return
+            lost_before = self._io.bytes_lost_in_flight
             self._io.detach()
             reason = self._describe_loss(result)
+            in_flight = self._io.bytes_lost_in_flight - lost_before
+            if in_flight:
+                reason += (f" ({in_flight} bytes written before it had not reached the broker: "
+                           f"messages among them may be lost, see bus.counters)")
             if self._closing:
                 return
             if not self._reconnect:
@@ -685,14 +690,17 @@ class Bus:
         unsubscribe, or routed to it before the broker saw it), and frames
         dropped because their fields did not decode (malformed), and
         messages dropped because their subscription was full while a round
-        trip read on (unread_dropped; also in each sub.dropped)."""
+        trip read on (unread_dropped; also in each sub.dropped), and bytes
+        written to connections that were then lost before the broker's side
+        took them (bytes_lost_in_flight: messages among them may be lost)."""
         io = self._io
         return {"frames_out": io.frames_out, "write_calls": io.write_calls,
                 "direct_sends": io.direct_sends, "frames_in": io.frames_in,
                 "read_calls": io.read_calls, "direct_reads": io.direct_reads,
                 "fd_payloads_out": io.fd_payloads_out,
                 "fd_payloads_in": io.fd_payloads_in, "discarded": io.discarded,
-                "malformed": io.malformed, "unread_dropped": io.unread_dropped}
+                "malformed": io.malformed, "unread_dropped": io.unread_dropped,
+                "bytes_lost_in_flight": io.bytes_lost_in_flight}
 
     def close(self) -> None:
         """Flush, then close. Idempotent; later calls raise Closed."""

@@ -93,7 +93,8 @@ class FrameReader:
         except TimeoutError:
             raise self._timed_out() from None
         except OSError as exc:
-            raise ConnectError(f"connection to {self.where} failed during the handshake: {exc}") from None
+            raise ConnectError(f"connection to {self.where} failed during the handshake: "
+                               f"{exc.strerror or exc}") from None
         if not chunk:
             raise ConnectError(f"{self.where} closed the connection during the handshake")
         return chunk

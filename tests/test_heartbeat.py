@@ -348,6 +348,28 @@ def test_a_frozen_broker_is_noticed_and_the_client_reconnects_after_it_thaws(sta
 
 
 @pytest.mark.timeout(60)
+def test_what_a_lost_connection_had_not_delivered_is_counted(start_broker, busx_log):
+    # Published into a frozen broker's socket before the client noticed:
+    # written, never taken. At most once - but never silently.
+    heartbeat = 0.3
+    broker = start_broker("--heartbeat", str(heartbeat))
+    with busx.connect(broker.url, heartbeat=heartbeat) as bus:
+        bus.flush()
+        stop_process(broker.pid)
+        try:
+            for i in range(50):
+                bus.publish("frozen.unseen", i)
+            wait_for(lambda: any("reconnecting" in line for line in busx_log()),
+                     timeout=3 * heartbeat + 2, message="the client did not notice the freeze")
+            lost = bus.counters["bytes_lost_in_flight"]
+            assert 50 * len(b"frozen.unseen") < lost < 50 * 200, lost
+            noticed = next(line for line in busx_log() if "reconnecting" in line)
+            assert f"{lost} bytes written before it had not reached the broker" in noticed
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
 def test_a_broker_stopped_for_a_while_keeps_its_quiet_clients(start_broker):
     # A client with heartbeats off says nothing unless asked. A broker that
     # was itself stopped for longer than 3 heartbeats asked nothing, so the

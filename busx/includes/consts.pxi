@@ -20,6 +20,9 @@ cdef enum:
     # Bytes asked of one recv(). 256 KiB holds ~2,000 small frames, so one
     # syscall feeds a whole batch (benchmarks/test_throughput.py).
     READ_CHUNK = 256 * 1024
+    # TLS reads ahead up to this much in one read(): a small record costs one
+    # syscall, not three (header, body, EAGAIN); see tls_recv.
+    TLS_READ_AHEAD = 64 * 1024
     # Bytes handed to one send()/sendmsg(): the socket buffer takes about this
     # much at once; larger sends only return partial writes.
     WRITE_CHUNK = 1024 * 1024

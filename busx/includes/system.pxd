@@ -28,6 +28,15 @@ cdef extern from *:
     void busx_set_errno(int value) nogil
 
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ        # bytes written to a socket that its peer has not yet taken
+
+
 cdef extern from "<dlfcn.h>" nogil:
     void *dlopen(const char *filename, int flags)
     void *dlsym(void *handle, const char *symbol)
