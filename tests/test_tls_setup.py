@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from certs import PKI
 
 import busx
-from certs import PKI
 
 ROOT = Path(__file__).resolve().parent.parent
 
