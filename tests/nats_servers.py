@@ -37,13 +37,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+from support import wait_for
 
 HOST = "127.0.0.1"
 CLUSTER_NAME = "busx-test"
@@ -108,16 +109,8 @@ def free_ports(count: int, host: str = HOST) -> list[int]:
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
                message: str = "") -> T:
-    """Poll predicate() until it returns something truthy and return that;
-    raise TimeoutError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(message or f"condition not met within {timeout}s")
-        time.sleep(interval)
+    """support.wait_for: poll predicate() until truthy, fail at the deadline."""
+    return wait_for(predicate, timeout, interval, message)
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

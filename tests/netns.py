@@ -4,11 +4,14 @@ exist only there, so no test traffic can reach a real network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
+import pytest
 from support import wait_for
 
 SUBNET_BITS = 24
@@ -73,3 +76,20 @@ def is_up(ns: str, interface: str) -> bool:
 def check(result: subprocess.CompletedProcess) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(result.args)} failed: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[NamespacePair]:
+    """A linked NamespacePair for one test, destroyed after it; the test is
+    skipped where namespaces cannot be made (not root, no `ip netns`)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    pair = NamespacePair()
+    try:
+        error = pair.add_namespaces()
+        if error:
+            pytest.skip(f"cannot create a network namespace: {error}")
+        pair.link()
+        yield pair
+    finally:
+        pair.destroy()

@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from netns import NamespacePair, check, ip, is_up
+from netns import NamespacePair, check, ip, is_up, two_hosts
 from support import BrokerProcess, RawPeer, stop_process, wait_for
 
 import busx
@@ -33,17 +33,8 @@ SCHEDULING = 1.0                    # seconds allowed beyond a bound for threads
 
 @pytest.fixture
 def hosts():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    pair = NamespacePair()
-    try:
-        error = pair.add_namespaces()
-        if error:
-            pytest.skip(f"cannot create a network namespace: {error}")
-        pair.link()
+    with two_hosts() as pair:
         yield pair
-    finally:
-        pair.destroy()
 
 
 def set_broker_link(hosts: NamespacePair, up: bool) -> None:
@@ -522,8 +513,7 @@ def one_way_stream(publisher: busx.Bus, sub: busx.Subscription, seconds: float) 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("client_heartbeat", [
-    0.2, 0, 5.0])
+@pytest.mark.parametrize("client_heartbeat", [0.2, 0, 5.0])
 def test_a_busy_subscriber_is_not_cut_whatever_its_heartbeat(socket_path, client_heartbeat):
     # The broker sends to it all the time and so never PINGs it; the
     # subscriber publishes nothing. It is there all the same.
@@ -539,8 +529,7 @@ def test_a_busy_subscriber_is_not_cut_whatever_its_heartbeat(socket_path, client
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("broker_heartbeat", [
-    0.2, 0, 5.0])
+@pytest.mark.parametrize("broker_heartbeat", [0.2, 0, 5.0])
 def test_a_busy_publisher_does_not_judge_a_quiet_broker_dead(socket_path, broker_heartbeat):
     # The publisher sends all the time and so never PINGs; the broker has
     # nothing to send it. The broker is there all the same. (The subscriber

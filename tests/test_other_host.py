@@ -8,7 +8,7 @@ import os
 import subprocess
 
 import pytest
-from netns import NamespacePair
+from netns import two_hosts
 
 import busx
 
@@ -60,17 +60,8 @@ VARIANTS = {
 
 @pytest.fixture
 def hosts():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    pair = NamespacePair()
-    try:
-        error = pair.add_namespaces()
-        if error:
-            pytest.skip(f"cannot create a network namespace: {error}")
-        pair.link()
+    with two_hosts() as pair:
         yield pair
-    finally:
-        pair.destroy()
 
 
 @pytest.fixture
