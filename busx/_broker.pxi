@@ -413,6 +413,8 @@ cdef class BrokerLoop:
             self._fail(c, b"protocol", b"file descriptors sent during the handshake")
             return
         self._take_frames(c)
+        if c.tls_more:
+            self._defer(c)
 
     cdef ssize_t _recv(self, Conn *c, bint *truncated) noexcept nogil:
         """One recv into c's rbuf (reserved): with the fds that came along
@@ -425,11 +427,11 @@ cdef class BrokerLoop:
                                  &c.in_fds if c.is_unix else NULL, truncated, c.stream_in)
         c.tls_want = 0
         n = tls_recv(c.tls, c.rbuf.data + c.rbuf.end, c.rbuf.cap - c.rbuf.end, &c.tls_want)
-        while n > 0 and tls_holds_more(c.tls):
-            # What OpenSSL read ahead is taken now: epoll cannot announce it.
-            # At most TLS_READ_AHEAD more than a plain read. (buf_reserve
-            # keeps only [start, end): end covers the new bytes meanwhile.)
-            c.rbuf.end += n
+        # What OpenSSL read ahead is invisible to epoll: take it now, up to a
+        # chunk a turn; past that the connection is read again next turn
+        # (_take_backlog), so one sender cannot hold the loop.
+        while n > 0 and tls_holds_more(c.tls) and n < READ_CHUNK:
+            c.rbuf.end += n         # buf_reserve keeps only [start, end)
             reserved = buf_reserve(&c.rbuf, TLS_READ_AHEAD)
             c.rbuf.end -= n
             if reserved < 0:
@@ -439,6 +441,7 @@ cdef class BrokerLoop:
             if more <= 0:
                 break
             n += more
+        c.tls_more = n > 0 and tls_holds_more(c.tls)
         if buf_len(&c.wbuf):
             self._mark_dirty(c)     # a write that waited for the handshake may go now
         if c.tls_want == SSL_ERROR_WANT_WRITE and not c.want_out:
@@ -457,7 +460,7 @@ cdef class BrokerLoop:
         self._close_conn(c)
 
     cdef void _defer(self, Conn *c) noexcept nogil:
-        if not c.backlogged and buf_len(&c.rbuf):
+        if not c.backlogged and (buf_len(&c.rbuf) or c.tls_more):
             c.backlogged = True
             c.next_backlog = self.backlog
             self.backlog = c
@@ -472,6 +475,9 @@ cdef class BrokerLoop:
             queue = c.next_backlog
             c.backlogged = False
             self._take_frames(c)
+            if (c.tls_more and not c.backlogged and not c.input_paused
+                    and (c.state == CS_CONNECT or c.state == CS_READY)):
+                self._read(c)       # what OpenSSL still holds (_recv)
 
     cdef void _take_frames(self, Conn *c) noexcept nogil:
         cdef FrameView f
@@ -537,8 +543,8 @@ cdef class BrokerLoop:
         output already exceeds max_pending. Then c is not read until it
         reads (SPEC.md, Limits: control replies count against max_pending)."""
         return (c.state == CS_READY and buf_len(&c.wbuf) > self.max_pending
-                and (f.kind == K_PING or f.kind == K_SUB or f.kind == K_UNSUB
-                     or f.kind == K_STATS))
+                and ((f.kind == K_PING and f.id != 0) or f.kind == K_SUB
+                     or f.kind == K_UNSUB or f.kind == K_STATS))
 
     cdef void _pause_input(self, Conn *c) noexcept nogil:
         c.input_paused = True
@@ -577,6 +583,14 @@ cdef class BrokerLoop:
             return
         if f.kind == K_PUB:
             self._route(c, f)
+        elif f.kind == K_PING and f.id == 0:
+            # A heartbeat: its arrival was the point. It is answered only
+            # when nothing else is on its way to c, which would tell c as
+            # much; so heartbeats never pile up behind a client that is not
+            # reading, and never count against max_pending.
+            if buf_len(&c.wbuf) == 0:
+                write_frame(&c.wbuf, K_PONG, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
+                self._mark_dirty(c)
         elif f.kind == K_PING:
             self._report_untold_denials(c)
             verdicts_rearm(&c.verdicts)
@@ -634,13 +648,14 @@ cdef class BrokerLoop:
         (accepted, reply frame bytes, sender stamp, takes payload memfds).
         1 when accepted."""
         try:
-            accepted, reply, stamp, payload_fds = self.handler.on_connect(
+            accepted, reply, stamp, payload_fds, answers_pings = self.handler.on_connect(
                 c.id, f.payload[:f.payload_len],
                 tls_peer_common_name(c.tls) if c.tls != NULL else None)
             self._queue_bytes(c, reply)
             if not accepted:
                 return 0
             c.payload_fds = payload_fds
+            c.answers_pings = answers_pings
             if len(stamp) > MAX_NAME:
                 raise ValueError("sender stamp longer than its 255-byte field")
             c.stamp_len = len(stamp)
@@ -1039,6 +1054,11 @@ cdef class BrokerLoop:
         if c.tls != NULL:
             c.tls_want = 0
             n = tls_send(c.tls, c.wbuf.data + c.wbuf.start, length, &c.tls_want)
+            if n < 0 and errno == EAGAIN:
+                # OpenSSL may have sealed these bytes into a record it still
+                # has to send, and the retry must offer them again: they are
+                # begun, so discard_unsent never cuts into them.
+                self._pass_frames(c, c.wbuf_sent + length)
         elif fdq_len(&c.out_fds) == 0:
             n = send(c.fd, c.wbuf.data + c.wbuf.start, length, MSG_NOSIGNAL | MSG_DONTWAIT)
         else:
@@ -1096,6 +1116,11 @@ cdef class BrokerLoop:
                 # does not count against its clients.
                 c.last_in_ms = max(c.last_in_ms, now)
                 c.last_out_ms = max(c.last_out_ms, now)
+            if c.input_paused or c.backlogged:
+                # Not read by the broker's own choice (back-pressure, or
+                # frames waiting for their turn): not silent. A client that
+                # stopped reading is the slow-consumer policy's to judge.
+                c.last_in_ms = now
             verdict = heartbeat_verdict(c, now, self.heartbeat_ms)
             if verdict == HB_DEAD:
                 self.heartbeat_timeouts += 1
@@ -1104,6 +1129,7 @@ cdef class BrokerLoop:
             if verdict == HB_PING:
                 write_frame(&c.wbuf, K_PING, 0, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, 0, 0)
                 c.last_ping_ms = now
+                c.ping_end = stream_end(c)
                 self._mark_dirty(c)
             i += 1
 

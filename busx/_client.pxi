@@ -81,6 +81,10 @@ cdef class ClientIO:
             buf_free(&self.packed)
 
     cdef void _release_shared(self) noexcept nogil:
+        if self.forked:
+            # A parent thread may have been inside a call on the TLS
+            # session, or held OpenSSL's own locks, at fork(): leave it.
+            self.tls = NULL
         self._close_socket()
         poller_close(&self.poller)
         outbox_free(&self.outbox)
@@ -198,17 +202,18 @@ cdef class ClientIO:
         return n
 
     cdef ssize_t _recv_tls(self) noexcept nogil:
-        """_read's recv through TLS: up to READ_CHUNK, and then whatever
-        OpenSSL read ahead (at most TLS_READ_AHEAD more), which epoll cannot
-        announce. A read that must first write (TLS's own messages) says
-        EAGAIN like one with nothing to read: the I/O thread writes on its
-        way round, and the socket stays watched for input. read_lock held."""
+        """_read's recv through TLS: what OpenSSL read ahead, which epoll
+        cannot announce, up to READ_CHUNK (and one read-ahead) a call;
+        tls_more says that more is held. A read that must first write
+        (TLS's own messages) says EAGAIN like one with nothing to read: the
+        I/O thread writes on its way round, and the socket stays watched for
+        input. read_lock held."""
         cdef ssize_t n, more
         cdef int want = 0, reserved
         pthread_mutex_lock(&self.tls_lock)
         n = tls_recv(self.tls, self.rbuf.data + self.rbuf.end,
                      min(self.rbuf.cap - self.rbuf.end, <size_t>READ_CHUNK), &want)
-        while n > 0 and tls_holds_more(self.tls):
+        while n > 0 and tls_holds_more(self.tls) and n < READ_CHUNK:
             self.rbuf.end += n          # buf_reserve keeps only [start, end)
             reserved = buf_reserve(&self.rbuf, TLS_READ_AHEAD)
             self.rbuf.end -= n
@@ -219,6 +224,9 @@ cdef class ClientIO:
             if more <= 0:
                 break
             n += more
+        # Past a chunk, the rest waits for the next _read (the receive side
+        # stays bounded); the I/O thread comes back for it without epoll.
+        self.tls_more = n > 0 and tls_holds_more(self.tls)
         pthread_mutex_unlock(&self.tls_lock)
         return n
 
@@ -301,7 +309,8 @@ cdef class ClientIO:
         cdef epoll_event events[4]
         cdef int n, i, result
         while True:
-            n = poller_wait(&self.poller, events, 4, self._heartbeat_wait_ms())
+            n = poller_wait(&self.poller, events, 4,
+                            0 if self._owes_tls_read() else self._heartbeat_wait_ms())
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -322,12 +331,23 @@ cdef class ClientIO:
                 return self.inbox.direct_result
             if self.inbox.reading_paused:    # a peek; _resume_input looks under the lock
                 self._resume_input()
+            if self._owes_tls_read():
+                pthread_mutex_lock(&self.read_lock)     # peeks; _read looks again
+                result = self._read() if self.tls_more else -1
+                pthread_mutex_unlock(&self.read_lock)
+                if result >= 0:
+                    return result
             result = self._heartbeat()
             if result >= 0:
                 return result
             result = self._write()
             if result >= 0:
                 return result
+
+    cdef inline bint _owes_tls_read(self) noexcept nogil:
+        """Whether the I/O thread must read what OpenSSL holds: it does, and
+        nobody else reads or has paused reading. Peeks without locks."""
+        return self.tls_more and not (self.inbox.reading_paused or self.inbox.direct_reader)
 
     cdef int _heartbeat(self) noexcept nogil:
         """SPEC.md, Heartbeats: PING a broker we sent nothing to, or heard
@@ -933,6 +953,8 @@ cdef class ClientIO:
         if result >= 0:
             self.inbox.direct_result = result
             self._wake_io()     # it ends the connection
+        elif self.tls_more:
+            self._wake_io()     # OpenSSL holds more than this read took: the I/O thread's
         if self.state == CL_ATTACHED:
             self._watch_input()
         pthread_cond_broadcast(&self.inbox.event_cond)    # for _stop_direct_reader

@@ -27,18 +27,16 @@ cdef inline unsigned long long stream_end(Conn *c) noexcept nogil:
 
 
 cdef inline int heartbeat_verdict(const Conn *c, double now, double interval) noexcept nogil:
-    """What c's silence calls for (SPEC.md, Heartbeats). Silence counts
-    only while the broker reads c: a client whose input is paused
-    (back-pressure) or waiting for its next turn is judged by its output
-    instead - queued bytes that leave for three heartbeats mean it reads
-    nothing. Clients not yet READY have handshake_timeout instead."""
-    cdef double heard_at = c.last_in_ms
-    if c.state != CS_READY or c.backlogged:
+    """What c's silence calls for (SPEC.md, Heartbeats). Only clients that
+    said in CONNECT that they answer PINGs are judged (older ones are left
+    alone), and only once READY (before, handshake_timeout applies). The
+    caller counts input the broker has not read yet as heard."""
+    if c.state != CS_READY or not c.answers_pings:
         return HB_FINE
-    if c.input_paused:
-        heard_at = c.last_out_ms if buf_len(&c.wbuf) else now
-    if now - heard_at >= 3 * interval:
+    if now - c.last_in_ms >= 3 * interval:
         return HB_DEAD
+    if c.wbuf_sent < c.ping_end:
+        return HB_FINE      # the last PING has not left yet: one is enough
     # Quiet either way: a one-way stream needs PINGs too, or the side that
     # only receives (its heartbeat off or longer) would never answer.
     if now - c.last_ping_ms >= interval and (now - c.last_in_ms >= interval

@@ -244,6 +244,7 @@ cdef struct Conn:
     int fd
     SSL *tls                # TLS listener's connections: every byte goes through it
     int tls_want            # what OpenSSL waited for when it last said EAGAIN
+    bint tls_more           # OpenSSL holds input epoll cannot announce: read again
     uint32_t id
     int state
     bint is_unix
@@ -293,6 +294,8 @@ cdef struct Conn:
     double last_in_ms
     double last_out_ms
     double last_ping_ms        # at most one PING a heartbeat
+    unsigned long long ping_end     # stream offset just past the last PING queued
+    bint answers_pings         # said so in CONNECT; older clients are never judged
     Conn *hs_next              # the handshake queue, oldest first (until READY)
     Conn *hs_prev
     # The last topic this connection published to, already validated,
@@ -657,6 +660,9 @@ cdef class ClientIO:
     # state changes), so either lock is enough to read them.
     cdef int fd
     cdef SSL *tls               # TLS connections: every byte goes through it
+    # OpenSSL holds input that epoll cannot announce: read again without
+    # waiting. Written under read_lock; the I/O thread peeks at it.
+    cdef bint tls_more
     # Serialises the calls on tls, which the I/O thread, a publisher
     # sending directly and a direct reader may each make: a leaf, held for
     # one OpenSSL call and nothing else.
@@ -735,6 +741,7 @@ cdef class ClientIO:
     cdef size_t _whole_frames(self, size_t *fd_bytes, size_t *acked,
                               size_t *claimed, bint *pinged) noexcept nogil
     cdef int _heartbeat(self) noexcept nogil
+    cdef inline bint _owes_tls_read(self) noexcept nogil
     cdef int _heartbeat_wait_ms(self) noexcept nogil
     cdef bint _publish_bytes_by_fd(self, bytes topic, bytes data, bytes reply, object fds,
                                    double timeout) except -1

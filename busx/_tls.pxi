@@ -105,6 +105,10 @@ cdef SSL *tls_new(SSL_CTX *ctx, int fd, bint server) noexcept nogil:
     if SSL_set_fd(ssl, fd) != 1:
         SSL_free(ssl)
         return NULL
+    # Set on each connection, not only on our contexts: a Python
+    # SSLContext (TlsContext.of_python) carries none of them.
+    SSL_set_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+    SSL_set_options(ssl, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF)
     SSL_set_read_ahead(ssl, 1)
     SSL_set_default_read_buffer_len(ssl, TLS_READ_AHEAD)
     if server:
@@ -160,12 +164,12 @@ cdef class TlsContext:
         if self.ctx == NULL:
             raise MemoryError()
         SSL_CTX_set_min_proto_version(self.ctx, TLS1_2_VERSION)
-        SSL_CTX_set_mode(self.ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
-                         | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
-        # No renegotiation: a write never has to wait for a read. A peer
-        # closing without close_notify is an ordinary end of stream (busx
-        # frames are length-prefixed: a cut frame is never taken).
-        SSL_CTX_set_options(self.ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF)
+        # No session resumption: busx connections are long-lived, and
+        # tickets would cost every handshake two more messages.
+        SSL_CTX_set_num_tickets(self.ctx, 0)
+        SSL_CTX_set_session_cache_mode(self.ctx, SSL_SESS_CACHE_OFF)
+        # Modes and options (partial writes, no renegotiation, EOF without
+        # close_notify as an ordinary end) are set per connection: tls_new.
         return 0
 
     cdef int _load_identity(self, str cert, str key) except -1:
@@ -217,7 +221,13 @@ cdef class TlsContext:
         import ssl
         if not isinstance(context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(context).__name__}")
-        library = dlopen(os.fsencode(ssl._ssl.__file__), RTLD_LAZY | RTLD_NOLOAD)
+        if context.keylog_filename is not None or getattr(context, "_msg_callback", None):
+            # CPython's callbacks expect its own socket objects on the other end.
+            raise ValueError("an ssl_context with keylog_filename or a message callback "
+                             "cannot be shared (its callbacks expect Python's own sockets)")
+        where = getattr(ssl._ssl, "__file__", None)
+        library = (dlopen(os.fsencode(where), RTLD_LAZY | RTLD_NOLOAD)
+                   if where is not None else NULL)
         if library != NULL:
             theirs = dlsym(library, b"SSL_CTX_new")
             dlclose(library)
@@ -258,19 +268,25 @@ cdef class TlsStream:
         """fd: a connected, non-blocking TCP socket, owned from now on.
         server_name: the host name (or address) the broker's certificate
         must carry."""
-        cdef bytes name = server_name.encode("idna" if not _is_address(server_name) else "ascii")
-        self.fd = fd
+        cdef bint address = _is_address(server_name)
+        cdef bytes name
+        self.fd = fd        # owned from here: close() frees it, whatever fails below
+        try:
+            name = server_name.encode("ascii" if address else "idna")
+        except UnicodeError:
+            raise ValueError(f"{server_name!r} is not a valid host name") from None
         self.ssl = tls_new(context.ctx, fd, False)
         if self.ssl == NULL:
             raise MemoryError()
+        if not address and SSL_set_tlsext_host_name(self.ssl, name) != 1:
+            raise ValueError(f"cannot ask for {server_name!r}'s certificate (SNI)")
         if not context.check_hostname:
-            if not _is_address(server_name):
-                SSL_set_tlsext_host_name(self.ssl, name)
-        elif _is_address(server_name):
-            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), name)
-        else:
-            SSL_set_tlsext_host_name(self.ssl, name)
-            SSL_set1_host(self.ssl, name)
+            return
+        # The name check must be in force, or any certificate the CAs signed
+        # would do: a name OpenSSL cannot take (a scoped IPv6 address) fails.
+        if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(self.ssl), name) if address
+                else SSL_set1_host(self.ssl, name)) != 1:
+            raise ValueError(f"cannot check certificates against {server_name!r}")
 
     def __dealloc__(self):
         self.close()

@@ -511,7 +511,7 @@ class Broker:
         return protocol.PREAMBLE + encode_frame(protocol.HELLO, payload=pack(hello))
 
     def on_connect(self, conn_id: int, payload: bytes,
-                   certificate_name: bytes | None) -> tuple[bool, bytes, bytes, bool]:
+                   certificate_name: bytes | None) -> tuple[bool, bytes, bytes, bool, bool]:
         """certificate_name: the common name of the client certificate TLS
         verified (tls_client_ca), else None."""
         peer = self._peers[conn_id]
@@ -521,7 +521,7 @@ class Broker:
                 raise ValueError("CONNECT payload is not a map")
         except Exception:
             return False, error_frame("protocol", "CONNECT payload is not a msgpack map of "
-                                      "the documented size"), b"", False
+                                      "the documented size"), b"", False, False
         name = request.get("name")
         peer.name = name if isinstance(name, str) else None
         if certificate_name is not None:
@@ -533,17 +533,18 @@ class Broker:
         if refusal:
             self._auth_failures += 1
             self._security.event(events.AUTH_FAILURE, peer.fields(), refusal)
-            return False, error_frame("auth", refusal), b"", False
+            return False, error_frame("auth", refusal), b"", False, False
         if self.policy is not None:
             peer.rights = self.policy.rights_for(peer.uid, peer.gid, peer.identity)
         stamp = peer.stamp()
         if len(stamp) > MAX_STAMP:      # cannot happen with MAX_IDENTITY; never truncate
-            return False, error_frame("internal", "sender stamp too long"), b"", False
+            return False, error_frame("internal", "sender stamp too long"), b"", False, False
         peer.inbox = new_inbox()
         ready = encode_frame(protocol.READY,
                                       payload=pack({"id": conn_id, "inbox": peer.inbox}))
         payload_fds = peer.transport == "unix" and request.get("payload_fds") is True
-        return True, ready, stamp, payload_fds
+        # Clients say they answer PINGs; older ones do not, and are not judged.
+        return True, ready, stamp, payload_fds, request.get("heartbeats") is True
 
     @staticmethod
     def _certificate_identity(peer: Peer, name: bytes) -> str | None:

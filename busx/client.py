@@ -305,7 +305,10 @@ class Bus:
         trusted CAs and target's host name."""
         assert self._tls is not None and target.host is not None
         sock.setblocking(False)
-        stream = TlsStream(self._tls, sock.detach(), target.host)
+        try:
+            stream = TlsStream(self._tls, sock.detach(), target.host)
+        except ValueError as exc:           # the stream has closed the socket
+            raise ConnectError(f"TLS to {target.url}: {exc}") from None
         stream.settimeout(_remaining(deadline) if deadline is not None else None)
         try:
             stream.handshake()

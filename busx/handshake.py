@@ -118,7 +118,7 @@ def client_handshake(sock: Stream, where: str, deadline: float, name: str | None
     if hello_frame.kind != protocol.HELLO:
         raise ProtocolError(f"{where} sent frame kind {hello_frame.kind} instead of HELLO")
     hello = unpack(hello_frame.payload)
-    request: dict[str, Any] = {"name": name}
+    request: dict[str, Any] = {"name": name, "heartbeats": True}    # we answer PINGs
     if transport == "unix":
         request["payload_fds"] = True       # large payloads may come as memfds
     if token is not None and transport != "unix":

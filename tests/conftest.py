@@ -131,8 +131,8 @@ def start_broker(tmp_path):
         directory.mkdir()
         started.append(BrokerProcess(str(directory), *options))
         broker = started[-1]
-        # The log line: "listening on unix://... and tcp://HOST:PORT".
-        found = re.search(r"tcp://\[?([^\]\s]+?)\]?:(\d+)", broker.log())
+        # The log line: "listening on unix://... and tcp://HOST:PORT" (tls://).
+        found = re.search(r"t(?:cp|ls)://\[?([^\]\s]+?)\]?:(\d+)", broker.log())
         broker.tcp_address = (found.group(1), int(found.group(2))) if found else None
         return broker
 

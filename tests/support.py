@@ -158,9 +158,13 @@ class RawPeer:
         assert hello.kind == protocol.HELLO
         return unpack(hello.payload)
 
-    def handshake(self):
+    def handshake(self, request: dict | None = None):
+        """HELLO, CONNECT (by default saying it answers PINGs, as busx
+        clients do), READY."""
         self.read_hello()
-        self.send(protocol.PREAMBLE + protocol.encode_frame(protocol.CONNECT, payload=pack({})))
+        request = {"heartbeats": True} if request is None else request
+        self.send(protocol.PREAMBLE + protocol.encode_frame(protocol.CONNECT,
+                                                            payload=pack(request)))
         assert self.next_frame().kind == protocol.READY
 
     def next_frame(self):

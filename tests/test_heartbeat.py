@@ -624,6 +624,22 @@ def watch_raw_peer(peer: RawPeer, seconds: float) -> tuple[list, float | None]:
 
 
 @pytest.mark.timeout(30)
+def test_a_client_that_does_not_answer_pings_is_never_judged(socket_path):
+    # An older client says nothing about heartbeats in CONNECT and would not
+    # answer a PING: the broker neither PINGs it nor takes its silence for
+    # death, so a rolling upgrade cuts no one.
+    heartbeat = 0.1
+    with busx.Broker(unix_path=socket_path, heartbeat=heartbeat) as broker:
+        older = RawPeer(broker, "unix")
+        older.handshake({})
+        frames, closed_after = watch_raw_peer(older, 10 * heartbeat)
+        assert closed_after is None, f"closed after {closed_after:.2f}s"
+        assert frames == [], frames
+        assert connection_count(broker) == 1
+        assert broker.stats()["heartbeat_timeouts"] == 0
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("how, heartbeat", [("Broker", 0), ("busx serve", 0), ("Broker", 0.1)],
                          ids=["Broker(heartbeat=0)", "serve--heartbeat-0", "Broker(heartbeat=0.1)"])
 def test_heartbeat_zero_leaves_a_silent_peer_alone(socket_path, start_broker, how, heartbeat):

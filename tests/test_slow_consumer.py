@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from certs import PKI
 from support import json_result, spawn_python, stop_process, wait_for
 
 import busx
@@ -118,7 +119,8 @@ def test_drop_counts_and_reports_only_the_slow_subscriber(start_broker):
 STALLED_SUBSCRIBER = """
 import json, sys, busx
 reconnect = sys.argv[2] == "reconnect"
-bus = busx.connect(sys.argv[1], name="stalled", reconnect=reconnect)
+bus = busx.connect(sys.argv[1], name="stalled", reconnect=reconnect,
+                   tls_ca=sys.argv[3] if len(sys.argv) > 3 else None)
 sub = bus.subscribe("burst.>")
 print("ready", flush=True)
 seen = []
@@ -146,12 +148,15 @@ def read_json_line(child: subprocess.Popen) -> dict:
 
 
 @contextlib.contextmanager
-def stall_until_disconnected(broker, mode: str, stall: float = 0.0):
-    """A stalled subscriber process (SIGSTOP) and a fast one (here) while the
-    test publishes until the broker disconnects the stalled one; the stalled
-    one resumes `stall` seconds later. Gives (child, its first report, fast
-    subscriber, publisher, messages published)."""
-    child = spawn_python(STALLED_SUBSCRIBER, broker.url, mode)
+def stall_until_disconnected(broker, mode: str, stall: float = 0.0, url: str = "",
+                             tls_ca: str = ""):
+    """A stalled subscriber process (SIGSTOP; at url, by default the broker's
+    UNIX socket) and a fast one (here) while the test publishes until the
+    broker disconnects the stalled one; the stalled one resumes `stall`
+    seconds later. Gives (child, its first report, fast subscriber,
+    publisher, messages published)."""
+    child = spawn_python(STALLED_SUBSCRIBER, url or broker.url, mode,
+                         *([tls_ca] if tls_ca else []))
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         with busx.connect(broker.url, name="publisher") as publisher, \
@@ -193,6 +198,20 @@ def test_disconnect_without_reconnect_raises_then_closes(start_broker):
         publish_in_step(publisher, fast_sub, published, WINDOW)
         assert fast_sub.dropped == 0
         assert publisher.stats()["dropped"] > 0
+
+
+def test_a_tls_subscriber_is_told_why_it_was_disconnected(start_broker, tmp_path):
+    # Over TLS the bytes OpenSSL has sealed into a record must go out whole
+    # before the ERROR that says why: cutting the queue may not cut them.
+    pki = PKI(tmp_path / "pki")
+    broker = start_broker("--max-pending", str(MAX_PENDING), "--slow-consumer", "disconnect",
+                          "--tcp", "127.0.0.1:0", "--tls-cert", pki.server.cert,
+                          "--tls-key", pki.server.key)
+    url = f"tls://127.0.0.1:{broker.tcp_address[1]}"
+    with stall_until_disconnected(broker, "no-reconnect", url=url, tls_ca=pki.ca_file) as (
+            child, report, fast_sub, publisher, published):
+        assert_slow_consumer_error(report, published)
+        assert read_json_line(child) == {"then": "Closed"}
 
 
 def test_disconnect_with_reconnect_raises_once_then_resumes(start_broker):

@@ -35,6 +35,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_OP_NO_RENEGOTIATION
         SSL_OP_IGNORE_UNEXPECTED_EOF
         SSL3_RT_MAX_PLAIN_LENGTH
+        SSL_SESS_CACHE_OFF
     const SSL_METHOD *TLS_server_method()
     const SSL_METHOD *TLS_client_method()
     SSL_CTX *SSL_CTX_new(const SSL_METHOD *method)
@@ -54,6 +55,10 @@ cdef extern from "<openssl/ssl.h>" nogil:
     SSL *SSL_new(SSL_CTX *ctx)
     void SSL_free(SSL *ssl)
     int SSL_set_fd(SSL *ssl, int fd)
+    long SSL_set_mode(SSL *ssl, long mode)
+    unsigned long long SSL_set_options(SSL *ssl, unsigned long long options)
+    size_t SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t num_tickets)
+    long SSL_CTX_set_session_cache_mode(SSL_CTX *ctx, long mode)
     void SSL_set_accept_state(SSL *ssl)
     void SSL_set_connect_state(SSL *ssl)
     int SSL_do_handshake(SSL *ssl)
