@@ -1023,6 +1023,9 @@ cdef class BrokerLoop:
         if buf_len(&c.wbuf) == 0:
             buf_shrink(&c.wbuf, WRITE_CHUNK)
             if c.state == CS_CLOSING:
+                if c.want_out:      # else a shut-down socket, always writable, spins the loop
+                    c.want_out = False
+                    self._set_events(c)
                 self._linger(c)
                 return
         if c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
@@ -1132,6 +1135,7 @@ cdef class BrokerLoop:
                 c.ping_end = stream_end(c)
                 self._mark_dirty(c)
             i += 1
+        self._flush_dirty()     # the loop flushed before housekeeping: PINGs go now
 
     cdef void _drop_subscriptions(self, Conn *c) noexcept nogil:
         cdef size_t i
