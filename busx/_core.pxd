@@ -213,7 +213,7 @@ cdef class TlsStream:
     # The thread running busx's handshake owns it, until take().
     cdef SSL *ssl
     cdef int fd
-    cdef double timeout         # seconds; < 0: none
+    cdef double deadline        # now_ms() by which the current call ends; < 0: none
     cdef int _wait_or_raise(self, int rc) except -1
     cdef SSL *take(self)
 

@@ -262,7 +262,7 @@ cdef class TlsStream:
 
     def __cinit__(self):
         self.fd = -1
-        self.timeout = -1
+        self.deadline = -1
 
     def __init__(self, TlsContext context, int fd, str server_name):
         """fd: a connected, non-blocking TCP socket, owned from now on.
@@ -292,7 +292,10 @@ cdef class TlsStream:
         self.close()
 
     def settimeout(self, timeout):
-        self.timeout = -1 if timeout is None else timeout
+        """Like a socket's: each call that follows ends within `timeout`
+        seconds (None: waits as long as it takes), however often OpenSSL
+        has to wait for the socket meanwhile."""
+        self.deadline = -1 if timeout is None else now_ms() + max(timeout, 0) * 1000
 
     def setblocking(self, flag):
         """The socket stays non-blocking: this object waits itself."""
@@ -342,7 +345,7 @@ cdef class TlsStream:
         TimeoutError, or OSError when TLS failed."""
         cdef int want = 0
         cdef pollfd p
-        cdef int ready
+        cdef int ready, wait_ms = -1
         cdef char why[256]
         if tls_failed(self.ssl, rc, &want) == 0:
             raise ConnectionResetError(ECONNRESET, "the broker closed the connection")
@@ -353,12 +356,16 @@ cdef class TlsStream:
             raise_os_error("TLS")
         p.fd = self.fd
         p.events = POLLIN if want == SSL_ERROR_WANT_READ else POLLOUT
+        if self.deadline >= 0:
+            wait_ms = <int>min(max(self.deadline - now_ms(), 0.0), <double>INT_MAX)
         with nogil:
-            ready = poll(&p, 1, <int>(self.timeout * 1000) if self.timeout >= 0 else -1)
+            ready = poll(&p, 1, wait_ms)
         if ready == 0:
             raise TimeoutError("timed out")
-        if ready < 0 and errno != EINTR:
-            raise_os_error("poll")
+        if ready < 0:
+            if errno != EINTR:
+                raise_os_error("poll")
+            PyErr_CheckSignals()        # Ctrl-C ends a handshake (raises); else wait on
         return 0
 
     cdef SSL *take(self):

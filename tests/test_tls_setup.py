@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,35 @@ def test_ssl_context_and_certificate_files_do_not_mix(pki):
                      tls_ca=pki.ca_file)
     with pytest.raises(TypeError, match="ssl.SSLContext"):
         busx.connect("tls://127.0.0.1:1", ssl_context="not a context")
+
+
+@pytest.mark.timeout(30)
+def test_a_tls_handshake_that_trickles_ends_at_the_connect_timeout(pki):
+    # A server that sends a byte of its "ServerHello" every 0.1 s: each byte
+    # wakes the client, and none completes the handshake. connect's timeout
+    # bounds the whole handshake, not each wait.
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"\x16\x03\x03\x40\x00")      # a handshake record of 16 KiB...
+            while not done.wait(0.1):
+                try:
+                    conn.sendall(b"\x02")               # ...that never ends
+                except OSError:
+                    return
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(busx.ConnectError, match="timed out"):
+            busx.connect(f"tls://127.0.0.1:{listener.getsockname()[1]}", tls_ca=pki.ca_file,
+                         timeout=1.0)
+        assert time.monotonic() - began < 2.5
+    finally:
+        done.set()
+        server.join(5)
+        listener.close()
