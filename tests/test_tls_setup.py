@@ -138,3 +138,38 @@ def test_a_tls_handshake_that_trickles_ends_at_the_connect_timeout(pki):
         done.set()
         server.join(5)
         listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_one_tls_connection_shared_by_many_threads(tls_broker, pki):
+    # Every thread that may call OpenSSL on one client's session at once:
+    # publishers sending directly, the I/O thread batching, and a thread
+    # reading directly while they publish. tls_lock keeps them apart; each
+    # publisher's messages arrive whole and in order.
+    url = f"tls://127.0.0.1:{tls_broker.tcp_address[1]}"
+    publishers, count = 4, 5000
+    with busx.connect(url, tls_ca=pki.ca_file) as bus:
+        sub = bus.subscribe("many.>")
+        bus.flush(timeout=5)
+        got: dict[int, list[int]] = {n: [] for n in range(publishers)}
+
+        def publish(n: int) -> None:
+            for i in range(count):
+                bus.publish(f"many.{n}", [n, i, b"x" * (i % 300)])
+
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(publishers)]
+        for thread in threads:
+            thread.start()
+        received = 0
+        deadline = time.monotonic() + 45
+        while received < publishers * count and time.monotonic() < deadline:
+            for msg in sub.recv_many(timeout=5):
+                n, i, padding = msg.data
+                assert len(padding) == i % 300
+                got[n].append(i)
+                received += 1
+        for thread in threads:
+            thread.join(10)
+        assert {n: len(seen) for n, seen in got.items()} == {n: count for n in got}
+        assert all(seen == list(range(count)) for seen in got.values())
+        assert sub.dropped == 0
