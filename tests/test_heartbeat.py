@@ -624,6 +624,36 @@ def watch_raw_peer(peer: RawPeer, seconds: float) -> tuple[list, float | None]:
 
 
 @pytest.mark.timeout(30)
+def test_heartbeats_from_a_client_that_stopped_reading_never_stop_its_input(socket_path):
+    # A subscriber that stopped reading holds nearly max_pending queued at
+    # the broker; its heartbeat PINGs keep coming. They must neither pile
+    # PONGs onto that queue nor pause its input: what it sends after them
+    # is still routed.
+    max_pending = 64 << 10
+    with busx.Broker(unix_path=socket_path, max_pending=max_pending, heartbeat=5) as broker, \
+            busx.connect(broker.url) as publisher, busx.connect(broker.url) as watcher:
+        watched = watcher.subscribe("after.>")
+        watcher.flush()
+        stalled = RawPeer(broker, "unix")
+        stalled.handshake()
+        stalled.send(protocol.encode_frame(protocol.SUB, b"fill.>", id=1))
+        wait_for(lambda: broker.stats()["subscriptions"] == 2)
+
+        def queue_is_full():
+            publisher.publish_many(("fill.x", b"y" * 200) for _ in range(200))
+            publisher.flush()
+            return any(c["pending_bytes"] > max_pending - 1024
+                       for c in broker.stats()["connections"])
+
+        wait_for(queue_is_full, timeout=20, message="the stalled subscriber's queue never filled")
+        heartbeat = protocol.encode_frame(protocol.PING)        # id 0: a heartbeat
+        stalled.send(heartbeat * 200 + protocol.encode_frame(protocol.PUB, b"after.ping",
+                                                              payload=b"\xa2ok"))
+        assert watched.recv(timeout=5).data == "ok"
+        assert broker.stats()["heartbeat_timeouts"] == 0
+
+
+@pytest.mark.timeout(30)
 def test_a_client_that_does_not_answer_pings_is_never_judged(socket_path):
     # An older client says nothing about heartbeats in CONNECT and would not
     # answer a PING: the broker neither PINGs it nor takes its silence for
