@@ -294,15 +294,12 @@ cdef class BrokerLoop:
             self._refuse(fd, b"limit", b"too many connections: the broker serves at most "
                          b"max_connections clients; try again later or raise the limit")
             return
-        if self.nconns == self.conns_cap:
-            grown = <Conn **>realloc(self.conns, (self.conns_cap * 2 + 64) * sizeof(void *))
-            if grown == NULL:
-                close(fd)
-                return
-            self.conns = grown
-            self.conns_cap = self.conns_cap * 2 + 64
         c = <Conn *>calloc(1, sizeof(Conn))
         if c == NULL:
+            close(fd)
+            return
+        if self._keep_conn(c) < 0:
+            free(c)
             close(fd)
             return
         busx_count(BUSX_CONNS, 1)
@@ -317,9 +314,6 @@ cdef class BrokerLoop:
         c.opened_at = now_ms()
         c.last_in_ms = c.last_out_ms = c.opened_at
         self._queue_handshake(c)
-        c.slot = self.nconns
-        self.conns[self.nconns] = c
-        self.nconns += 1
         if ((tls != NULL and c.tls == NULL)
                 or poller_add(&self.poller, fd, EPOLLIN | EPOLLRDHUP, <uint64_t><uintptr_t>c) < 0):
             self._close_conn(c)
@@ -328,6 +322,20 @@ cdef class BrokerLoop:
             self._close_conn(c)
             return
         self._mark_dirty(c)
+
+    cdef int _keep_conn(self, Conn *c) noexcept nogil:
+        """Add c to the connection table; -1 when memory runs out."""
+        cdef Conn **grown
+        if self.nconns == self.conns_cap:
+            grown = <Conn **>realloc(self.conns, (self.conns_cap * 2 + 64) * sizeof(void *))
+            if grown == NULL:
+                return -1
+            self.conns = grown
+            self.conns_cap = self.conns_cap * 2 + 64
+        c.slot = self.nconns
+        self.conns[self.nconns] = c
+        self.nconns += 1
+        return 0
 
     cdef int _py_accept(self, Conn *c) noexcept with gil:
         """Ask Python for the HELLO to greet c with (it reads SO_PEERCRED)."""
@@ -412,6 +420,9 @@ cdef class BrokerLoop:
         if c.state != CS_READY and fdq_len(&c.in_fds):
             self._fail(c, b"protocol", b"file descriptors sent during the handshake")
             return
+        if c.is_link:
+            link_take(self, c)
+            return
         self._take_frames(c)
         if c.tls_more:
             self._defer(c)
@@ -474,6 +485,9 @@ cdef class BrokerLoop:
             c = queue
             queue = c.next_backlog
             c.backlogged = False
+            if c.is_link:
+                link_take(self, c)
+                continue
             self._take_frames(c)
             if (c.tls_more and not c.backlogged and not c.input_paused
                     and (c.state == CS_CONNECT or c.state == CS_READY)):
@@ -742,8 +756,10 @@ cdef class BrokerLoop:
         self._mark_dirty(c)
 
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
-                           int *fds, FdPayload *big) noexcept nogil:
-        """Deliver to every matching subscription; one member per queue group."""
+                           int *fds, FdPayload *big, NatsMsg *from_nats=NULL) noexcept nogil:
+        """Deliver to every matching subscription; one member per queue
+        group (from NATS: per group the hub named). Then to the backbone,
+        when someone elsewhere wants a local message."""
         cdef size_t i = 0, j, group_end
         cdef int result
         src.msgs_in += 1
@@ -759,12 +775,16 @@ cdef class BrokerLoop:
                 j = i + self.rr_counter % (group_end - i)     # round robin
                 self.rr_counter += 1
                 i = group_end
+                if from_nats != NULL and not nats_names_group(from_nats, slot.subs[j]):
+                    continue
             self.budget -= 1
             result = deliver(&self.delivery, slot.subs[j], src, f, fds, big)
             if result == DELIVERED:
                 self._mark_dirty(<Conn *>slot.subs[j].conn)
             elif result > DROPPED:
                 self._delivery_failed(<Conn *>slot.subs[j].conn, result)
+        if self.link != NULL and from_nats == NULL:
+            link_send(self, src, f, slot, big)
 
     cdef void _delivery_failed(self, Conn *dst, int result) noexcept nogil:
         if result == CUT_OFF:
@@ -865,6 +885,8 @@ cdef class BrokerLoop:
             subscription_free(s)
             self._send_error(c, f.id, b"internal", b"broker out of memory")
             return
+        if self.link != NULL:
+            link_interest(self, s, 1)
         self._send_simple(c, K_OK, f.id)
 
     cdef int _keep_subscription(self, Conn *c, Subscription *s) noexcept nogil:
@@ -910,6 +932,8 @@ cdef class BrokerLoop:
     cdef void _unsubscribe(self, Conn *c, uint32_t sid) noexcept nogil:
         cdef Subscription *s = sid_find(&c.sids, sid)
         if s != NULL:
+            if self.link != NULL:
+                link_interest(self, s, -1)
             router_remove(&self.router, s)
             self._forget_subscription(c, s)
             subscription_free(s)
@@ -1119,6 +1143,10 @@ cdef class BrokerLoop:
                 # does not count against its clients.
                 c.last_in_ms = max(c.last_in_ms, now)
                 c.last_out_ms = max(c.last_out_ms, now)
+            if c.is_link:
+                if link_beat(self, c, now):
+                    i += 1
+                continue
             if c.input_paused or c.backlogged:
                 # Not read by the broker's own choice (back-pressure, or
                 # frames waiting for their turn): not silent. A client that
@@ -1140,6 +1168,8 @@ cdef class BrokerLoop:
     cdef void _drop_subscriptions(self, Conn *c) noexcept nogil:
         cdef size_t i
         for i in range(c.nsubs):
+            if self.link != NULL:
+                link_interest(self, c.subs[i], -1)
             router_remove(&self.router, c.subs[i])
             subscription_free(c.subs[i])
         c.nsubs = 0
@@ -1173,7 +1203,10 @@ cdef class BrokerLoop:
         self.dead = c
         if self.accept_paused:
             self._resume_accept()
-        self._py_closed(c.id)
+        if c.is_link:
+            link_closed(self, c)
+        else:
+            self._py_closed(c.id)
 
     cdef void _py_security_event(self, uint32_t conn_id, int fd, const char *code,
                                  const char *message) noexcept with gil:
@@ -1256,6 +1289,8 @@ cdef class BrokerLoop:
             while self.nconns:
                 self._close_conn(self.conns[self.nconns - 1])
             self._bury_dead()
+            nats_link_free(self.link)
+            self.link = NULL
             pthread_mutex_unlock(&self.state_lock)
         free(self.conns)
         self.conns = NULL
@@ -1286,7 +1321,7 @@ cdef class BrokerLoop:
         connections = []
         for i in range(self.nconns):
             c = self.conns[i]
-            if c.state != CS_READY:
+            if c.state != CS_READY or c.is_link:
                 continue
             connections.append({
                 "id": c.id, "subscriptions": c.nsubs, "pending_bytes": pending_bytes(c),
@@ -1306,4 +1341,69 @@ cdef class BrokerLoop:
             "heartbeat_timeouts": self.heartbeat_timeouts, "tls_failures": self.tls_failures,
             "subscriptions_refused": self.limits_hit,
             "busy_poll_window_us": round(self.poll_window_ms * 1000, 1),
+            "nats": self._link_snapshot() if self.link != NULL else None,
         }
+
+    cdef object _link_snapshot(self):
+        cdef NatsLink *l = self.link
+        return {
+            "state": ("down", "joining", "up")[l.state],
+            "msgs_out": l.msgs_out, "msgs_in": l.msgs_in,
+            "bytes_out": l.bytes_out, "bytes_in": l.bytes_in,
+            "dropped_too_large": l.dropped_too_large,
+            "dropped_buffer_full": l.dropped_buffer_full,
+            "dropped_invalid": l.dropped_invalid, "fds_lost": l.fds_lost,
+            "bytes_lost": l.bytes_lost, "max_payload": l.max_payload,
+            "buffered_bytes": buf_len(&l.pending) + (buf_len(&l.conn.wbuf) if l.conn != NULL else 0),
+            "remote_interest": l.remote.subscriptions,
+        }
+
+    # ---- the NATS link (_link.pxi has its behaviour) ----
+
+    def enable_link(self, backbone, size_t buffer_max, bytes origin):
+        """Give this broker a NATS link, before it runs: backbone is its
+        Python half (busx.backbone.Backbone)."""
+        if self.link != NULL:
+            raise ValueError("this broker already has a NATS link")
+        self.link = nats_link_new(buffer_max, origin, len(origin))
+        if self.link == NULL:
+            raise MemoryError()
+        self.backbone = backbone
+
+    def attach_link(self, int fd, size_t max_payload):
+        """The connector's new connection to a hub, CONNECT sent: the loop
+        owns fd from here. Any thread; the GIL is released first."""
+        with nogil:
+            pthread_mutex_lock(&self.state_lock)
+            link_attach(self, fd, max_payload)
+            pthread_mutex_unlock(&self.state_lock)
+        poller_wake(&self.poller)
+
+    def drop_link(self, str why):
+        """Give the link's connection up. The loop thread only (from a
+        backbone callback)."""
+        link_lose(self, why.encode())
+
+    def remote_add(self, uint32_t sid, bytes pattern, bytes queue):
+        """Interest elsewhere (an LS+ within nats_export), as subscription
+        sid of the remote router. The loop thread only (from on_line)."""
+        cdef NatsLink *l = self.link
+        cdef Subscription *s = new_subscription(NULL, sid, queue, len(queue))
+        if s == NULL:
+            raise MemoryError()
+        if sid_insert(&l.sids, s) < 0:
+            subscription_free(s)
+            raise MemoryError()
+        if router_add(&l.remote, s, pattern, len(pattern)) < 0:
+            sid_delete(&l.sids, s)
+            subscription_free(s)
+            raise MemoryError()
+
+    def remote_remove(self, uint32_t sid):
+        """Interest elsewhere withdrawn (LS-, or not in a new snapshot)."""
+        cdef NatsLink *l = self.link
+        cdef Subscription *s = sid_find(&l.sids, sid)
+        if s != NULL:
+            sid_delete(&l.sids, s)
+            router_remove(&l.remote, s)
+            subscription_free(s)

@@ -296,6 +296,7 @@ cdef struct Conn:
     double last_ping_ms        # at most one PING a heartbeat
     unsigned long long ping_end     # stream offset just past the last PING queued
     bint answers_pings         # said so in CONNECT; older clients are never judged
+    bint is_link               # the NATS link's connection (_nats.pxi), not a client
     Conn *hs_next              # the handshake queue, oldest first (until READY)
     Conn *hs_prev
     # The last topic this connection published to, already validated,
@@ -349,6 +350,62 @@ cdef enum DeliveryResult:
     CUT_OFF = 3             # past a bound, policy disconnect: unsent frames discarded
     NO_MEMORY = 4
     PAYLOAD_UNREADABLE = 5
+
+
+# ---- NATS link (_nats.pxi) ----
+
+cdef enum LinkState:
+    LINK_DOWN = 0       # no connection: messages for the backbone wait in `pending`
+    LINK_JOINING = 1    # connected, our interest sent; the hub's snapshot ends with its PONG
+    LINK_UP = 2
+
+
+cdef enum:
+    # Longest control line a hub may send (16 x nats-server's max_control_line).
+    NATS_MAX_CONTROL_LINE = 65536
+    # Longest `Busx-Origin` a broker stamps: with the longest sender stamp it
+    # still fits the 255-byte stamp field.
+    NATS_MAX_ORIGIN = 48
+    # Queue groups one outgoing message may name.
+    NATS_MAX_QUEUES = 16
+
+
+cdef struct NatsMsg:
+    # One LMSG/HMSG control line, parsed: views into the line.
+    const char *subject
+    size_t subject_len
+    const char *reply           # NULL: none
+    size_t reply_len
+    const char *queues[NATS_MAX_QUEUES]     # the groups it is for ("| q1 q2")
+    size_t queue_lens[NATS_MAX_QUEUES]
+    int nqueues
+    size_t hdr_len              # 0: LMSG
+    size_t total_len            # headers and payload
+
+
+cdef struct NatsLink:
+    # The broker's link to a NATS server (SPEC.md, Across hosts). Threads:
+    # the broker loop's, under state_lock, like the Conns; it outlives each
+    # connection, so interest and the outage buffer survive a reconnect.
+    Conn *conn                  # the current connection (is_link), NULL while down
+    int state                   # a LinkState
+    Router remote               # what the rest of the deployment wants, within nats_export
+    SidTable sids               # remote's subscriptions by the id Python gave them
+    Buffer pending              # messages for the backbone while it is not up
+    size_t buffer_max           # nats_buffer: bytes pending or unsent, past which messages drop
+    size_t max_payload          # the server's (INFO): headers plus payload
+    char origin[NATS_MAX_ORIGIN]    # this broker's host name, as remote senders see it
+    uint8_t origin_len
+    char remote_stamp[256]      # the stamp of the message being routed from NATS
+    double last_ping_ms
+    bint ping_out               # a PING of ours awaits its PONG
+    char why[160]               # why the connection is being given up, for the log
+    unsigned long long bytes_lost           # written for the hub, unsent when a connection died
+    unsigned long long msgs_out, msgs_in, bytes_out, bytes_in
+    unsigned long long dropped_too_large    # over the server's max_payload
+    unsigned long long dropped_buffer_full  # past nats_buffer
+    unsigned long long dropped_invalid      # from NATS, not a valid busx topic
+    unsigned long long fds_lost             # fds that stayed on this host
 
 
 # ---- message (_message.pxi) ----
@@ -550,7 +607,9 @@ cdef class BrokerLoop:
     cdef public unsigned long long handshake_timeouts
     cdef public unsigned long long heartbeat_timeouts  # clients closed: silent for 3 heartbeats
     cdef public unsigned long long tls_failures        # connections closed: TLS failed
+    cdef NatsLink *link         # the NATS backbone (_nats.pxi); NULL: none
     cdef object handler
+    cdef object backbone        # busx.backbone.Backbone: the link's Python half
     cdef object snapshot_taken   # snapshot()'s result, handed across its nogil block
 
     # Methods, defined in _broker.pxi:
@@ -564,6 +623,7 @@ cdef class BrokerLoop:
     cdef void _resume_accept(self) noexcept nogil
     cdef void _refuse(self, int fd, const char *code, const char *message) noexcept nogil
     cdef void _open_conn(self, int fd, bint is_unix, SSL_CTX *tls) noexcept nogil
+    cdef int _keep_conn(self, Conn *c) noexcept nogil
     cdef int _py_accept(self, Conn *c) noexcept with gil
     cdef int _queue_bytes(self, Conn *c, bytes data) except -1
     cdef void _report(self, BaseException exc) noexcept
@@ -590,7 +650,7 @@ cdef class BrokerLoop:
                                FdPayload *big) noexcept nogil
     cdef void _report_fd_bytes_taken(self, Conn *c) noexcept nogil
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
-                           int *fds, FdPayload *big) noexcept nogil
+                           int *fds, FdPayload *big, NatsMsg *from_nats=*) noexcept nogil
     cdef void _delivery_failed(self, Conn *dst, int result) noexcept nogil
     cdef bint _topic_ok(self, const char *topic, size_t length) noexcept nogil
     cdef bint _reply_ok(self, FrameView *f) noexcept nogil
@@ -628,6 +688,7 @@ cdef class BrokerLoop:
     cdef void _bury_dead(self) noexcept nogil
     cdef void _take_snapshot(self) noexcept with gil
     cdef object _snapshot(self)
+    cdef object _link_snapshot(self)
 
 
 # ---- client (_client.pxi) ----

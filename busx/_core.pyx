@@ -9,7 +9,7 @@ from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, malloc, realloc, free, qsort
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, memmove, memcmp, memset, strlen
+from libc.string cimport memchr, memcpy, memmove, memcmp, memset, strlen
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
@@ -38,12 +38,14 @@ include "_router.pxi"
 include "_verdicts.pxi"
 include "_conn.pxi"
 include "_delivery.pxi"
+include "_nats.pxi"
 include "_message.pxi"
 include "_msgpack.pxi"
 include "_pack.pxi"
 include "_outbox.pxi"
 include "_inbox.pxi"
 include "_broker.pxi"
+include "_link.pxi"
 include "_client.pxi"
 
 # Payloads of at least this many bytes travel in a sealed memfd over UNIX.

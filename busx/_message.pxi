@@ -16,9 +16,13 @@ cdef object decode_stamp(bytes stamp):
     if sender is None:
         if not stamp:
             return None
-        pid, uid, gid, identity, host, port = msgpack.unpackb(stamp)
+        # [pid, uid, gid, identity, host, port], and origin when it came
+        # over the NATS backbone (_nats.pxi, nats_sender_stamp).
+        fields = msgpack.unpackb(stamp)
+        pid, uid, gid, identity, host, port = fields[:6]
         sender = Credentials(pid, uid, gid, identity,
-                             (host, port) if host is not None else None)
+                             (host, port) if host is not None else None,
+                             fields[6] if len(fields) > 6 else None)
         if len(_senders) > 4096:
             _senders.clear()
         _senders[stamp] = sender

@@ -23,7 +23,8 @@ from . import __version__, events, protocol
 from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus, encode_frame, error_frame
 from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
-from .paths import default_socket_path, host_identity
+from .backbone import Backbone
+from .paths import default_socket_path, host_identity, host_name
 from .policy import Policy, Rights, load_policy
 from .tls import tls_context
 from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
@@ -42,6 +43,8 @@ DEFAULT_MAX_PENDING_FDS = 1024
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_BUSY_POLL_US = 200
+DEFAULT_NATS_BUFFER = 8 << 20
+NATS_MAX_ORIGIN = 48    # the longest origin a stamp carries (_core.pxd)
 # The sender stamp (msgpack [pid, uid, gid, identity, host, port]) travels in
 # a 255-byte field: an identity of up to 128 bytes always fits beside the rest.
 MAX_IDENTITY = 128
@@ -169,7 +172,12 @@ class Broker:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  tls_client_ca: str | None = None,
                  busy_poll_us: int = DEFAULT_BUSY_POLL_US,
-                 sockets: Sequence[socket.socket] = ()) -> None:
+                 sockets: Sequence[socket.socket] = (),
+                 nats: str | Sequence[str] | None = None,
+                 nats_export: Sequence[str] = (">",), nats_import: Sequence[str] = (">",),
+                 nats_user: str | None = None, nats_password: str | None = None,
+                 nats_token: str | None = None,
+                 nats_buffer: int = DEFAULT_NATS_BUFFER) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:
@@ -227,8 +235,18 @@ class Broker:
         self._tls_client_ca = tls_client_ca
         self.tls = self._tls is not None       # the TCP listener speaks TLS
         self.busy_poll_us = busy_poll_us
-        self.tcp_address: tuple[str, int] | None = None
         self._instance = os.urandom(8).hex()
+        self._backbone: Backbone | None = None
+        if nats is not None:
+            if nats_buffer < 0:
+                raise BusError("nats_buffer must not be negative")
+            self.nats_buffer = nats_buffer
+            origin = host_name()[:NATS_MAX_ORIGIN]
+            self._backbone = Backbone(
+                [nats] if isinstance(nats, str) else list(nats), nats_export, nats_import,
+                nats_user, nats_password, nats_token, origin=origin,
+                name=f"busx-{origin}-{self._instance}")
+        self.tcp_address: tuple[str, int] | None = None
         self._peers: dict[int, Peer] = {}
         # The loop thread's (callbacks), read by stats() from any thread.
         self._auth_failures = 0
@@ -309,6 +327,8 @@ class Broker:
             if self._stopped:
                 return
             self._stopped = True
+        if self._backbone is not None:
+            self._backbone.stop()       # no new link connection from here on
         if self._loop is not None:
             self._loop.drain(DRAIN_SECONDS)
             self._loop.close_all()
@@ -350,6 +370,10 @@ class Broker:
         except BaseException:
             self._shutdown()
             raise
+        if self._backbone is not None:
+            self._loop.enable_link(self._backbone, self.nats_buffer,
+                                   self._backbone.origin.encode())
+            self._backbone.start(self._loop)
 
     def _listen_unix(self) -> None:
         path = self.unix_path
@@ -643,6 +667,10 @@ class Broker:
     def _merge_stats(self, snapshot: dict) -> dict:
         snapshot.update(auth_failures=self._auth_failures,
                         subscribes_denied=self._subscribes_denied)
+        if self._backbone is not None and snapshot.get("nats") is not None:
+            snapshot["nats"].update(self._backbone.status())
+        else:
+            snapshot.pop("nats", None)
         for conn in snapshot["connections"]:
             peer = self._peers.get(conn["id"])
             if peer is not None:

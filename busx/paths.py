@@ -79,10 +79,21 @@ def resolve_targets(url: None | str | Sequence[str]) -> list[Target]:
     return targets
 
 
-@lru_cache(maxsize=1)
 def host_identity() -> str:
     """Same value for every process on this host (and this boot): the kernel's
-    boot id with the hostname."""
+    boot id with the hostname. $BUSX_HOST_ID replaces it: a test-only way to
+    let brokers on one machine play different hosts (docs/testing.md)."""
+    return os.environ.get("BUSX_HOST_ID") or _boot_identity()
+
+
+def host_name() -> str:
+    """This host's name as other hosts see it on messages from here
+    (msg.sender.origin): the host identity's name part."""
+    return host_identity().split("/")[0]
+
+
+@lru_cache(maxsize=1)
+def _boot_identity() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

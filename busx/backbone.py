@@ -1,0 +1,375 @@
+"""The broker's link to NATS, control half (SPEC.md, Across hosts).
+
+The broker joins a NATS deployment as a leaf node (docs/nats-leafnode.md).
+The data half lives in the broker's loop (busx/_link.pxi): it reads and
+writes the link's socket, routes messages both ways and answers PINGs.
+This half does what happens rarely:
+
+- the connector thread connects to a server's leafnode listener, reads its
+  INFO, sends CONNECT and hands the socket to the loop; after a loss it
+  reconnects with jittered backoff across every server it knows (the ones
+  configured, and those the cluster advertises in `leafnode_urls`);
+- the interest tables, called by the loop for control lines: which local
+  patterns the hub has been told of (LS+/LS-, within nats_import, counted
+  per pattern and queue group) and which remote interest the loop's
+  remote router holds (within nats_export).
+
+Threads: the connector thread owns the socket until attach_link(); the
+broker's loop thread calls the on_* methods, holding the loop's state_lock
+(never take it from here). Fields say whose they are; `_lock` guards the
+few both read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import __version__
+from .errors import BusError, InvalidTopic
+from .topics import INBOX_PREFIX, pattern_bytes
+
+log = logging.getLogger("busx.broker")
+
+CONNECT_TIMEOUT = 2.0       # TCP connect plus the server's INFO
+BACKOFF_FIRST = 0.05        # seconds before the second round of attempts
+BACKOFF_MAX = 5.0
+MAX_INFO = 65536            # the longest INFO line read before CONNECT
+# Subjects of NATS's own machinery: never busx topics, never announced.
+NATS_INTERNAL = (b"$LDS.", b"$SYS.", b"$JS.", b"$JSC.", b"$KV.", b"$O.", b"$G")
+SCHEMES = ("nats://", "nats-leaf://")
+
+
+def parse_server(url: str) -> tuple[str, int]:
+    """nats://host:port or nats-leaf://host:port (a leafnode listener)."""
+    if url.startswith("tls://"):
+        raise BusError(f"NATS link {url!r}: TLS to the NATS server is not supported yet; "
+                       f"use nats:// on a trusted network (docs/backbone.md)")
+    for scheme in SCHEMES:
+        if url.startswith(scheme):
+            rest = url[len(scheme):]
+            break
+    else:
+        rest = url
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BusError(f"bad NATS URL {url!r}: use nats://host:port (the server's "
+                       f"leafnodes listener)")
+    return host.strip("[]"), int(port)
+
+
+def intersect(a: bytes, b: bytes) -> bytes | None:
+    """The pattern matching exactly the topics both a and b match (NATS
+    wildcards: `*` one token, `>` one or more), or None when none can."""
+    left, right = a.split(b"."), b.split(b".")
+    out: list[bytes] = []
+    for i in range(max(len(left), len(right))):
+        x = left[i] if i < len(left) else None
+        y = right[i] if i < len(right) else None
+        if x == b">" and y is not None:
+            return b".".join(out + right[i:])
+        if y == b">" and x is not None:
+            return b".".join(out + left[i:])
+        if x is None or y is None:
+            return None
+        if x == b"*":
+            out.append(y)
+        elif y == b"*" or x == y:
+            out.append(x)
+        else:
+            return None
+    return b".".join(out)
+
+
+def within(pattern: bytes, allowed: Sequence[bytes]) -> list[bytes]:
+    """The parts of pattern that `allowed` (nats_import or nats_export)
+    lets cross: inbox patterns always (replies travel on them); other
+    reserved topics never; else pattern's intersection with each allowed
+    pattern that is a valid busx pattern."""
+    if pattern.startswith(INBOX_PREFIX.encode()):
+        return [pattern]
+    if pattern.startswith(b"_") or pattern.startswith(NATS_INTERNAL):
+        return []
+    parts = []
+    for limit in allowed:
+        part = intersect(pattern, limit)
+        if part is not None and part not in parts and _valid_pattern(part):
+            parts.append(part)
+    return parts
+
+
+def _valid_pattern(pattern: bytes) -> bool:
+    try:
+        pattern_bytes(pattern.decode())
+    except (InvalidTopic, UnicodeDecodeError):
+        return False
+    return True
+
+
+@dataclass
+class LinkStatus:
+    """What `stats()["nats"]` shows beside the loop's counters; _lock."""
+
+    state: str = "down"
+    server: str | None = None
+    reconnects: int = 0
+    last_error: str | None = None
+    servers: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Backbone:
+    def __init__(self, urls: Sequence[str], export: Sequence[str], import_: Sequence[str],
+                 user: str | None, password: str | None, token: str | None,
+                 origin: str, name: str) -> None:
+        if not urls:
+            raise BusError("nats= needs at least one NATS server URL")
+        configured = [parse_server(url) for url in urls]
+        self._export = [_checked(p, "nats_export") for p in export]
+        self._import = [_checked(p, "nats_import") for p in import_]
+        self._auth = {k: v for k, v in (("user", user), ("pass", password),
+                                        ("auth_token", token)) if v is not None}
+        self.origin = origin
+        self.name = name
+        self._loop = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        # _lock: shared by the connector and the loop's callbacks.
+        self._status = LinkStatus(servers=list(configured))
+        self._attached = False          # the loop owns a connection (or is being given one)
+        self._stopping = False
+        # The loop thread's: local interest told to the hub, (pattern,
+        # queue) -> local members; remote interest, (subject, queue) ->
+        # (the remote router's sids, the generation that announced it).
+        self._local: dict[tuple[bytes, bytes], int] = {}
+        self._remote: dict[tuple[bytes, bytes], tuple[list[int], int]] = {}
+        self._generation = 0
+        self._next_sid = 1
+
+    # ---- lifecycle (the broker's thread) ----
+
+    def start(self, loop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._connect_forever, name="busx-nats",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def status(self) -> dict:
+        with self._lock:
+            s = self._status
+            return {"server": s.server, "reconnects": s.reconnects,
+                    "last_error": s.last_error, "origin": self.origin,
+                    "local_interest": len(self._local)}
+
+    # ---- the connector thread ----
+
+    def _connect_forever(self) -> None:
+        attempt = 0
+        while True:
+            with self._lock:
+                while self._attached and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                servers = list(self._status.servers)
+            for server in servers:
+                if self._join(server):
+                    attempt = 0
+                    break
+            else:
+                attempt += 1
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
+                with self._lock:
+                    if not self._stopping:
+                        self._wake.wait(delay * random.uniform(0.5, 1.0))
+
+    def _join(self, server: tuple[str, int]) -> bool:
+        """Connect to one server and hand the socket to the loop: True when
+        it got that far (the loop reports what happens next)."""
+        try:
+            sock = socket.create_connection(server, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            self._failed(server, f"cannot connect: {exc.strerror or exc}")
+            return False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            info = self._read_info(sock)
+            self._learn(info)
+            if info.get("tls_required"):
+                raise BusError("the server requires TLS, which the NATS link does not "
+                               "speak yet")
+            if not info.get("headers", False):
+                raise BusError("the server does not support headers (nats-server >= 2.2)")
+            connect = {"name": self.name, "headers": True, "protocol": 1,
+                       "version": __version__, **self._auth}
+            sock.sendall(b'INFO {"compression":"off"}\r\nCONNECT '
+                         + json.dumps(connect).encode() + b"\r\n")
+            sock.setblocking(False)
+        except (OSError, BusError, ValueError) as exc:
+            sock.close()
+            self._failed(server, str(exc))
+            return False
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                return True
+            self._attached = True
+            self._status.server = f"{server[0]}:{server[1]}"
+            self._status.state = "joining"
+        self._loop.attach_link(sock.detach(), int(info.get("max_payload", 1 << 20)))
+        return True
+
+    def _read_info(self, sock: socket.socket) -> dict:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        data = b""
+        while b"\n" not in data:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise BusError("the server closed the connection before its INFO")
+            data += chunk
+            if len(data) > MAX_INFO:
+                raise BusError("no INFO line from the server (is this a leafnodes port?)")
+        line = data.split(b"\n", 1)[0].rstrip(b"\r")
+        if not line.startswith(b"INFO "):
+            raise BusError(f"expected INFO from the NATS server, got {line[:60]!r}")
+        return json.loads(line[5:])
+
+    def _learn(self, info: dict) -> None:
+        """Remember the cluster's other leafnode listeners, for failover."""
+        with self._lock:
+            for url in info.get("leafnode_urls") or ():
+                try:
+                    server = parse_server(url)
+                except BusError:
+                    continue
+                if server not in self._status.servers:
+                    self._status.servers.append(server)
+
+    def _failed(self, server: tuple[str, int], why: str) -> None:
+        with self._lock:
+            self._status.last_error = f"{server[0]}:{server[1]}: {why}"
+        log.warning("NATS link: %s:%d: %s", server[0], server[1], why)
+
+    # ---- the loop thread's callbacks ----
+
+    def on_attached(self) -> bytes:
+        """The loop took a new connection: all our interest, for the hub. A
+        new generation begins: remote interest not in the hub's coming
+        snapshot is forgotten when it ends (on_event("up"))."""
+        self._generation += 1
+        return b"".join(_announce(pattern, queue, count)
+                        for (pattern, queue), count in self._local.items())
+
+    def on_local_interest(self, pattern: bytes, queue: bytes, delta: int) -> bytes:
+        """A local subscription came or went: the LS+/LS- lines it calls for."""
+        lines = []
+        for part in within(pattern, self._import):
+            key = (part, queue)
+            count = self._local.get(key, 0) + delta
+            if count > 0:
+                self._local[key] = count
+            else:
+                self._local.pop(key, None)
+            if count <= 0:
+                lines.append(b"LS- " + part + (b" " + queue if queue else b"") + b"\r\n")
+            elif queue or count == 1:
+                lines.append(_announce(part, queue, count))
+        return b"".join(lines)
+
+    def on_line(self, line: bytes) -> None:
+        """A control line from the hub other than PING/PONG/LMSG/HMSG."""
+        op, _, rest = line.partition(b" ")
+        op = op.upper()
+        if op == b"LS+":
+            self._remote_plus(rest.split())
+        elif op == b"LS-":
+            self._remote_minus(rest.split())
+        elif op == b"INFO":
+            self._learn(json.loads(rest))
+        elif op == b"-ERR":
+            why = rest.decode(errors="replace").strip("' ")
+            with self._lock:
+                self._status.last_error = f"the NATS server said: {why}"
+            log.warning("NATS link: the server said: %s", why)
+        elif op != b"+OK":
+            self._loop.drop_link(f"unexpected line from the NATS server: {line[:60]!r}")
+
+    def _remote_plus(self, args: list[bytes]) -> None:
+        if not args or len(args) == 2 or len(args) > 3:
+            self._loop.drop_link(f"malformed LS+ from the NATS server: {args!r}")
+            return
+        key = (args[0], args[1] if len(args) == 3 else b"")
+        known = self._remote.get(key)
+        if known is not None:
+            self._remote[key] = (known[0], self._generation)    # a weight change, or a resend
+            return
+        if len(key[1]) > 255:
+            return
+        sids = []
+        for part in within(args[0], self._export):
+            sid, self._next_sid = self._next_sid, self._next_sid % 0xFFFFFFFF + 1
+            self._loop.remote_add(sid, part, key[1])
+            sids.append(sid)
+        self._remote[key] = (sids, self._generation)
+
+    def _remote_minus(self, args: list[bytes]) -> None:
+        if not 1 <= len(args) <= 2:
+            self._loop.drop_link(f"malformed LS- from the NATS server: {args!r}")
+            return
+        known = self._remote.pop((args[0], args[1] if len(args) == 2 else b""), None)
+        for sid in known[0] if known else ():
+            self._loop.remote_remove(sid)
+
+    def on_event(self, event: str) -> None:
+        if event != "up":
+            return
+        for key, (sids, generation) in list(self._remote.items()):
+            if generation != self._generation:      # gone while we were away
+                del self._remote[key]
+                for sid in sids:
+                    self._loop.remote_remove(sid)
+        with self._lock:
+            self._status.state = "up"
+            server = self._status.server
+        log.info("NATS link: joined %s as leaf %s", server, self.name)
+
+    def on_down(self, why: str) -> None:
+        with self._lock:
+            self._attached = False
+            was = self._status.server
+            self._status.state = "down"
+            self._status.server = None
+            self._status.last_error = why
+            if not self._stopping:
+                self._status.reconnects += 1
+            self._wake.notify_all()
+            stopping = self._stopping
+        if not stopping:
+            log.warning("NATS link to %s lost: %s; reconnecting", was, why)
+
+
+def _announce(pattern: bytes, queue: bytes, count: int) -> bytes:
+    if queue:
+        return b"LS+ %s %s %d\r\n" % (pattern, queue, count)
+    return b"LS+ " + pattern + b"\r\n"
+
+
+def _checked(pattern: str, what: str) -> bytes:
+    try:
+        return pattern_bytes(pattern)
+    except InvalidTopic as exc:
+        raise BusError(f"{what}: {exc}") from None
