@@ -34,6 +34,7 @@ from .broker import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_FDS,
     DEFAULT_MAX_SUBSCRIPTIONS,
+    DEFAULT_NATS_BUFFER,
 )
 from .children import Child, failure_reason, spawn, stop_all
 from .errors import BusError
@@ -161,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_pending_fds=args.max_pending_fds, handshake_timeout=args.handshake_timeout,
         heartbeat=args.heartbeat, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
-        busy_poll_us=args.busy_poll_us, sockets=systemd.listen_fds())
+        busy_poll_us=args.busy_poll_us, sockets=systemd.listen_fds(), **nats_options(args))
     # start() (not serve_forever()) so that the line below can name the TCP
     # port actually bound. The stop signals are blocked before the broker's
     # thread exists, so it inherits the mask and they wait for sigwait().
@@ -189,6 +190,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return 0
+
+
+def nats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """busx.Broker's nats* parameters from `busx serve --nats ...`."""
+    if not args.nats:
+        return {}
+    options: dict[str, Any] = {"nats": [url.strip() for url in args.nats.split(",") if url.strip()],
+                               "nats_user": args.nats_user, "nats_buffer": args.nats_buffer}
+    if args.nats_export:
+        options["nats_export"] = args.nats_export
+    if args.nats_import:
+        options["nats_import"] = args.nats_import
+    if args.nats_password_file:
+        options["nats_password"] = read_secret(args.nats_password_file, "NATS password file")
+    if args.nats_token_file:
+        options["nats_token"] = read_secret(args.nats_token_file, "NATS token file")
+    return options
+
+
+def read_secret(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise busx.BusError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
 def listen_addresses(broker: busx.Broker) -> str:
@@ -387,7 +413,21 @@ def format_stats(stats: dict, rate_table: dict | None = None) -> str:
     if rate_table and None in rate_table:
         totals += (", {:.0f} msgs/s in, {:.0f} msgs/s out, {:.0f} B/s in, {:.0f} B/s out"
                    .format(*rate_table[None]))
-    return "\n".join(lines + [totals])
+    return "\n".join(lines + [totals] + ([format_nats(stats["nats"])] if stats.get("nats") else []))
+
+
+def format_nats(link: dict) -> str:
+    """One line on the NATS link (SPEC.md, Across hosts)."""
+    where = f"to {link['server']}" if link.get("server") else "(no server)"
+    drops = link["dropped_too_large"] + link["dropped_buffer_full"] + link["dropped_invalid"]
+    line = (f"NATS link {link['state']} {where} as {link['origin']}: msgs out {link['msgs_out']}, "
+            f"in {link['msgs_in']}, dropped {drops} (too large {link['dropped_too_large']}, "
+            f"buffer full {link['dropped_buffer_full']}, invalid {link['dropped_invalid']}), "
+            f"buffered {link['buffered_bytes']} B, reconnects {link['reconnects']}, "
+            f"interest {link['local_interest']} out / {link['remote_interest']} in")
+    if link.get("last_error") and link["state"] != "up":
+        line += f"; last error: {link['last_error']}"
+    return line
 
 
 def peer_of(conn: dict) -> str | None:
@@ -570,6 +610,21 @@ def add_serve(commands: Any) -> None:
     serve.add_argument("--heartbeat", metavar="S", type=float, default=DEFAULT_HEARTBEAT,
                        help="PING clients idle this long; close those silent three times "
                             "as long (default %(default)g, 0 = off)")
+    serve.add_argument("--nats", metavar="URL[,URL...]",
+                       help="join a NATS deployment as a leaf node: the leafnodes listeners "
+                            "of its servers, nats://host:port (docs/backbone.md)")
+    serve.add_argument("--nats-export", metavar="P", action="append",
+                       help="send to NATS only topics matching P (repeatable; default >)")
+    serve.add_argument("--nats-import", metavar="P", action="append",
+                       help="take from NATS only topics matching P (repeatable; default >)")
+    serve.add_argument("--nats-user", metavar="USER", help="user name for the NATS server")
+    serve.add_argument("--nats-password-file", metavar="F", help="file holding its password")
+    serve.add_argument("--nats-token-file", metavar="F",
+                       help="file holding the NATS server's authorization token")
+    serve.add_argument("--nats-buffer", metavar="BYTES", type=byte_count,
+                       default=DEFAULT_NATS_BUFFER,
+                       help="bytes for NATS held while the link is down or slow; past it "
+                            "they are dropped and counted (default 8M)")
     serve.add_argument("--busy-poll-us", metavar="US", type=int,
                        default=DEFAULT_BUSY_POLL_US,
                        help="poll up to this long after a trickle of traffic before "
