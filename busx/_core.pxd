@@ -405,6 +405,7 @@ cdef struct NatsLink:
     unsigned long long dropped_too_large    # over the server's max_payload
     unsigned long long dropped_buffer_full  # past nats_buffer
     unsigned long long dropped_invalid      # from NATS, not a valid busx topic
+    unsigned long long dropped_denied       # from NATS, refused by the policy (origin=, remote=)
     unsigned long long fds_lost             # fds that stayed on this host
 
 

@@ -211,6 +211,9 @@ cdef void link_route(BrokerLoop loop, Conn *c, NatsMsg *m, const char *body) noe
     if frame_size(f.topic_len, f.reply_len, c.stamp_len, f.payload_len) > loop.max_frame:
         l.dropped_too_large += 1
         return
+    if loop.check_publish and not link_py_may_deliver(loop, c, &f):
+        l.dropped_denied += 1
+        return
     l.msgs_in += 1
     l.bytes_in += f.payload_len
     slot = router_lookup(&loop.router, f.topic, f.topic_len)
@@ -333,6 +336,15 @@ cdef void link_py_interest(BrokerLoop loop, const char *pattern, size_t length,
             loop._mark_dirty(c)
     except BaseException as exc:
         loop._report(exc)
+
+
+cdef bint link_py_may_deliver(BrokerLoop loop, Conn *c, FrameView *f) noexcept with gil:
+    """The policy's rules for senders on other hosts (origin=, remote=)."""
+    try:
+        return loop.handler.remote_may_publish(c.stamp[:c.stamp_len], f.topic[:f.topic_len])
+    except BaseException as exc:
+        loop._report(exc)
+        return False
 
 
 cdef void link_py_event(BrokerLoop loop, const char *event) noexcept with gil:

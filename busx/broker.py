@@ -21,9 +21,9 @@ from typing import Any
 
 from . import __version__, events, protocol
 from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus, encode_frame, error_frame
+from .backbone import Backbone
 from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
-from .backbone import Backbone
 from .paths import default_socket_path, host_identity, host_name
 from .policy import Policy, Rights, load_policy
 from .tls import tls_context
@@ -248,6 +248,8 @@ class Broker:
                 name=f"busx-{origin}-{self._instance}")
         self.tcp_address: tuple[str, int] | None = None
         self._peers: dict[int, Peer] = {}
+        # The loop thread's: policy verdicts on messages from other hosts.
+        self._remote_verdicts: dict[tuple[str, str], bool] = {}
         # The loop thread's (callbacks), read by stats() from any thread.
         self._auth_failures = 0
         self._subscribes_denied = 0
@@ -627,6 +629,18 @@ class Broker:
         self._security.event(events.DENIED, peer.fields(),
                              f"policy denies publishing to {topic.decode('utf-8', 'replace')!r}")
         return False
+
+    def remote_may_publish(self, stamp: bytes, topic: bytes) -> bool:
+        """The policy's verdict on a message from the NATS backbone, by the
+        origin in its stamp ([..., origin], see _nats.pxi)."""
+        assert self.policy is not None
+        key = (unpack_limited(stamp)[6], topic.decode("utf-8", "replace"))
+        verdict = self._remote_verdicts.get(key)
+        if verdict is None:
+            if len(self._remote_verdicts) >= 4096:
+                self._remote_verdicts.clear()
+            verdict = self._remote_verdicts[key] = self.policy.remote_may_publish(*key)
+        return verdict
 
     def topic_is_valid(self, topic: bytes) -> bool:
         try:

@@ -419,10 +419,11 @@ def format_stats(stats: dict, rate_table: dict | None = None) -> str:
 def format_nats(link: dict) -> str:
     """One line on the NATS link (SPEC.md, Across hosts)."""
     where = f"to {link['server']}" if link.get("server") else "(no server)"
-    drops = link["dropped_too_large"] + link["dropped_buffer_full"] + link["dropped_invalid"]
+    drops = sum(link[f"dropped_{why}"] for why in ("too_large", "buffer_full", "invalid", "denied"))
     line = (f"NATS link {link['state']} {where} as {link['origin']}: msgs out {link['msgs_out']}, "
             f"in {link['msgs_in']}, dropped {drops} (too large {link['dropped_too_large']}, "
-            f"buffer full {link['dropped_buffer_full']}, invalid {link['dropped_invalid']}), "
+            f"buffer full {link['dropped_buffer_full']}, invalid {link['dropped_invalid']}, "
+            f"denied {link['dropped_denied']}), "
             f"buffered {link['buffered_bytes']} B, reconnects {link['reconnects']}, "
             f"interest {link['local_interest']} out / {link['remote_interest']} in")
     if link.get("last_error") and link["state"] != "up":

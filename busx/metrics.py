@@ -68,6 +68,29 @@ class BrokerCollector:
         limits.add_metric(["handshake_timeout"], stats.get("handshake_timeouts", 0))
         limits.add_metric(["heartbeat"], stats.get("heartbeat_timeouts", 0))
         yield limits
+        if stats.get("nats"):
+            yield from nats_families(stats["nats"])
+
+
+def nats_families(link: dict) -> Iterator[Any]:
+    """The NATS link: its state, traffic and drops (SPEC.md, Across hosts)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    yield GaugeMetricFamily("busx_nats_link_up", "1 while the NATS link is up, else 0.",
+                            value=1 if link["state"] == "up" else 0)
+    yield GaugeMetricFamily("busx_nats_buffered_bytes",
+                            "Bytes waiting for the NATS server (outage or slow link).",
+                            value=link["buffered_bytes"])
+    yield CounterMetricFamily("busx_nats_reconnects", "Times the NATS link was lost.",
+                              value=link["reconnects"])
+    for direction in ("out", "in"):
+        yield CounterMetricFamily(f"busx_nats_messages_{direction}",
+                                  f"Messages {'sent to' if direction == 'out' else 'taken from'} "
+                                  f"NATS.", value=link[f"msgs_{direction}"])
+    dropped = CounterMetricFamily("busx_nats_dropped", "Messages the NATS link dropped, by reason.",
+                                  labels=["reason"])
+    for reason in ("too_large", "buffer_full", "invalid", "denied"):
+        dropped.add_metric([reason], link[f"dropped_{reason}"])
+    yield dropped
 
 
 class MetricsServer:

@@ -7,6 +7,13 @@
 
 A rule's selectors must all match a peer; a peer's rights are the union of
 the rules that match it. A peer no rule matches may connect but do nothing.
+
+Messages from other hosts (the NATS backbone) are judged by the rules that
+name remote senders: `origin = "host"` (the host whose broker stamped it;
+"nats" for native NATS clients) or `remote = true` (any other host). Only
+their `publish` matters: which topics such messages may reach here. Rules
+without either selector are about this host's peers only: a uid or a token
+name from another host means nothing here.
 Replies are always allowed: publishing to an _INBOX. topic (its name is an
 unguessable capability), and subscribing under the connection's own inbox
 prefix, which the broker gives it at the handshake. Another connection's
@@ -28,7 +35,7 @@ from typing import Any
 from .errors import BusError, InvalidTopic
 from .topics import INBOX_PREFIX, matches, pattern_bytes
 
-SELECTORS = ("user", "uid", "group", "gid", "identity", "any")
+SELECTORS = ("user", "uid", "group", "gid", "identity", "any", "origin", "remote")
 
 
 def pattern_contains(outer: str, inner: str) -> bool:
@@ -74,8 +81,12 @@ class Rule:
     identity: str | None
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    origin: str | None = None       # messages from that host (NATS backbone)
+    remote: bool = False            # messages from any other host
 
     def applies_to(self, uid: int | None, gids: frozenset[int], identity: str | None) -> bool:
+        if self.remote or self.origin is not None:
+            return False        # about senders on other hosts only
         return ((self.uid is None or self.uid == uid)
                 and (self.gid is None or self.gid in gids)
                 and (self.identity is None or self.identity == identity))
@@ -97,6 +108,11 @@ class Policy:
                 publish += rule.publish
                 subscribe += rule.subscribe
         return Rights(tuple(publish), tuple(subscribe))
+
+    def remote_may_publish(self, origin: str, topic: str) -> bool:
+        """Whether a message from host `origin` may reach subscribers here."""
+        return any((rule.remote or rule.origin == origin)
+                   and any(matches(p, topic) for p in rule.publish) for rule in self.rules)
 
 
 def _groups_of(uid: int | None, gid: int | None) -> frozenset[int]:
@@ -143,15 +159,22 @@ def _parse_rule(rule: Any, where: str) -> Rule:
     selectors = [key for key in SELECTORS if key in rule]
     if not selectors:
         raise BusError(f"{where}: name who it applies to: one of {', '.join(SELECTORS)}")
-    if rule.get("any") is not None and rule.get("any") is not True:
-        raise BusError(f"{where}: any must be true when given")
+    for flag in ("any", "remote"):
+        if rule.get(flag) is not None and rule.get(flag) is not True:
+            raise BusError(f"{where}: {flag} must be true when given")
+    origin = rule.get("origin")
+    if origin is not None and not isinstance(origin, str):
+        raise BusError(f"{where}: origin must be a host name")
+    if (origin is not None or rule.get("remote")) and set(selectors) - {"origin", "remote"}:
+        raise BusError(f"{where}: origin and remote select senders on other hosts; "
+                       f"they cannot be combined with {', '.join(sorted(set(selectors) - {'origin', 'remote'}))}")
     uid = _resolve(rule, "uid", "user", lambda name: pwd.getpwnam(name).pw_uid, where)
     gid = _resolve(rule, "gid", "group", lambda name: grp.getgrnam(name).gr_gid, where)
     identity = rule.get("identity")
     if identity is not None and not isinstance(identity, str):
         raise BusError(f"{where}: identity must be a string")
     return Rule(uid, gid, identity, _patterns(rule, "publish", where),
-                _patterns(rule, "subscribe", where))
+                _patterns(rule, "subscribe", where), origin, bool(rule.get("remote")))
 
 
 def _resolve(rule: Mapping, number_key: str, name_key: str, lookup, where: str) -> int | None:
