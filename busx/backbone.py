@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import __version__
+from ._core import BrokerLoop
 from .errors import BusError, InvalidTopic
 from .topics import INBOX_PREFIX, pattern_bytes
 
@@ -136,7 +137,7 @@ class Backbone:
                                         ("auth_token", token)) if v is not None}
         self.origin = origin
         self.name = name
-        self._loop = None
+        self._loop: BrokerLoop = None     # type: ignore[assignment]   # set by start()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -154,7 +155,7 @@ class Backbone:
 
     # ---- lifecycle (the broker's thread) ----
 
-    def start(self, loop) -> None:
+    def start(self, loop: BrokerLoop) -> None:
         self._loop = loop
         self._thread = threading.Thread(target=self._connect_forever, name="busx-nats",
                                         daemon=True)

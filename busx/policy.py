@@ -165,9 +165,10 @@ def _parse_rule(rule: Any, where: str) -> Rule:
     origin = rule.get("origin")
     if origin is not None and not isinstance(origin, str):
         raise BusError(f"{where}: origin must be a host name")
-    if (origin is not None or rule.get("remote")) and set(selectors) - {"origin", "remote"}:
+    local_selectors = sorted(set(selectors) - {"origin", "remote"})
+    if (origin is not None or rule.get("remote")) and local_selectors:
         raise BusError(f"{where}: origin and remote select senders on other hosts; "
-                       f"they cannot be combined with {', '.join(sorted(set(selectors) - {'origin', 'remote'}))}")
+                       f"they cannot be combined with {', '.join(local_selectors)}")
     uid = _resolve(rule, "uid", "user", lambda name: pwd.getpwnam(name).pw_uid, where)
     gid = _resolve(rule, "gid", "group", lambda name: grp.getgrnam(name).gr_gid, where)
     identity = rule.get("identity")

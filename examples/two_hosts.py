@@ -82,8 +82,8 @@ with tempfile.TemporaryDirectory() as work:
             os.mkdir(os.path.join(work, host))
             processes.append(start_broker(os.path.join(work, host), host,
                                           f"nats://127.0.0.1:{leaf_port}"))
-            urls[host] = f"unix://{os.path.join(work, host, 'bus.sock')}"
-            wait_until(lambda: link_up(urls[host]), f"{host}'s broker to join NATS")
+            url = urls[host] = f"unix://{os.path.join(work, host, 'bus.sock')}"
+            wait_until(lambda url=url: link_up(url), f"{host}'s broker to join NATS")
 
         with busx.connect(urls["host-b"], name="dashboard") as dashboard, \
                 busx.connect(urls["host-a"], name="sensor") as sensor:

@@ -132,7 +132,7 @@ def test_pub_to_sub_round_trip_with_json_output(server):
     assert [line["data"] for line in lines] == [{"id": 7, "items": ["é"]}] * 3
     for line in lines:
         assert line["sender"] == {"pid": pub.pid, "uid": os.getuid(), "gid": os.getgid(),
-                                  "identity": None, "address": None}
+                                  "identity": None, "address": None, "origin": None}
 
 
 def test_sub_plain_output_shows_topic_data_and_sender(server):
