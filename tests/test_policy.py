@@ -164,3 +164,38 @@ def test_no_rule_means_connect_but_nothing_else(tmp_path):
             bus.publish("a", 1)
             with pytest.raises(busx.PermissionDenied):
                 bus.flush(timeout=5)
+
+
+# ---- senders on other hosts (the NATS backbone): origin= and remote= ----
+
+REMOTE_RULES = {"rule": [
+    {"any": True, "publish": ["local.>"]},
+    {"origin": "billing", "publish": ["invoices.>"]},
+    {"remote": True, "publish": ["metrics.>"]},
+]}
+
+
+@pytest.mark.parametrize("origin, topic, expected", [
+    ("billing", "invoices.eu", True),       # its origin's rule
+    ("billing", "metrics.cpu", True),       # remote = true covers every origin
+    ("shop", "invoices.eu", False),         # another host's broker
+    ("nats", "metrics.cpu", True),          # native NATS clients are remote too
+    ("billing", "local.x", False),          # `any` is about this host's peers only
+])
+def test_remote_senders_are_judged_by_origin_and_remote_rules(origin, topic, expected):
+    assert load_policy(REMOTE_RULES).remote_may_publish(origin, topic) is expected
+
+
+def test_origin_and_remote_rules_never_grant_local_peers():
+    rights = load_policy(REMOTE_RULES).rights_for(os.getuid(), os.getgid(), None)
+    assert rights.publish == ("local.>",)
+
+
+@pytest.mark.parametrize("rule, complaint", [
+    ({"origin": "a", "uid": 0, "publish": [">"]}, "cannot be combined with uid"),
+    ({"remote": False, "publish": [">"]}, "remote must be true"),
+    ({"origin": 7, "publish": [">"]}, "origin must be a host name"),
+])
+def test_bad_remote_rules_are_refused(rule, complaint):
+    with pytest.raises(busx.BusError, match=complaint):
+        load_policy({"rule": [rule]})
