@@ -368,6 +368,16 @@ cdef enum:
     NATS_MAX_ORIGIN = 48
     # Queue groups one outgoing message may name.
     NATS_MAX_QUEUES = 16
+    # Our PINGs the hub has not answered yet, at most: past it, a client's
+    # backbone flush is answered without waiting (it cannot be PINGed for).
+    NATS_MAX_PINGS = 4096
+
+
+cdef struct LinkPing:
+    # One PING we sent the hub, in order (PONGs come back in the same order):
+    # the client flush (connection and PING id) its PONG answers, or 0.
+    uint32_t conn_id
+    uint32_t ping_id
 
 
 cdef struct NatsMsg:
@@ -398,7 +408,9 @@ cdef struct NatsLink:
     uint8_t origin_len
     char remote_stamp[256]      # the stamp of the message being routed from NATS
     double last_ping_ms
-    bint ping_out               # a PING of ours awaits its PONG
+    LinkPing *pings             # ring of NATS_MAX_PINGS, allocated with the link
+    size_t pings_head           # the oldest unanswered
+    size_t pings_count
     char why[160]               # why the connection is being given up, for the log
     unsigned long long bytes_lost           # written for the hub, unsent when a connection died
     unsigned long long msgs_out, msgs_in, bytes_out, bytes_in

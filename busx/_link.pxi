@@ -51,12 +51,10 @@ cdef void link_attach(BrokerLoop loop, int fd, size_t max_payload) noexcept nogi
     l.conn = c
     l.state = LINK_JOINING
     l.max_payload = max_payload
-    l.last_ping_ms = c.opened_at
-    l.ping_out = True
     if link_py_hello(loop, c) < 0:
         link_lose(loop, b"could not announce this broker's interest")
         return
-    buf_append(&c.wbuf, b"PING\r\n", 6)
+    link_ping(loop, 0, 0)
     loop._write(c)
 
 
@@ -65,7 +63,6 @@ cdef void link_up(BrokerLoop loop) noexcept nogil:
     its snapshot. What waited in the outage buffer goes now, in order."""
     cdef NatsLink *l = loop.link
     l.state = LINK_UP
-    l.ping_out = False
     if buf_len(&l.pending):
         if buf_append(&l.conn.wbuf, l.pending.data + l.pending.start, buf_len(&l.pending)) < 0:
             link_lose(loop, b"out of memory")
@@ -94,6 +91,8 @@ cdef void link_closed(BrokerLoop loop, Conn *c) noexcept nogil:
     l.bytes_lost += buf_len(&c.wbuf)
     l.conn = NULL
     l.state = LINK_DOWN
+    while l.pings_count:        # their flushes cannot learn more: answered now
+        link_pong(loop)
     if not l.why[0]:
         snprintf(l.why, sizeof(l.why), b"the NATS server closed the connection")
     link_py_down(loop, l.why)
@@ -109,11 +108,53 @@ cdef bint link_beat(BrokerLoop loop, Conn *c, double now) noexcept nogil:
         link_lose(loop, b"no word from the NATS server for three heartbeats")
         return False
     if now - l.last_ping_ms >= loop.heartbeat_ms:
-        buf_append(&c.wbuf, b"PING\r\n", 6)
-        l.last_ping_ms = now
-        l.ping_out = True
-        loop._mark_dirty(c)
+        link_ping(loop, 0, 0)
     return True
+
+
+cdef bint link_ping(BrokerLoop loop, uint32_t conn_id, uint32_t ping_id) noexcept nogil:
+    """PING the hub, for a client's backbone flush (conn_id, ping_id) or
+    for ourselves (0, 0). False when too many PINGs are unanswered."""
+    cdef NatsLink *l = loop.link
+    cdef LinkPing *entry
+    if l.conn == NULL or l.pings_count == NATS_MAX_PINGS:
+        return False
+    if buf_append(&l.conn.wbuf, b"PING\r\n", 6) < 0:
+        return False
+    entry = &l.pings[(l.pings_head + l.pings_count) % NATS_MAX_PINGS]
+    entry.conn_id = conn_id
+    entry.ping_id = ping_id
+    l.pings_count += 1
+    l.last_ping_ms = loop.turn_ms
+    loop._mark_dirty(l.conn)
+    return True
+
+
+cdef void link_pong(BrokerLoop loop) noexcept nogil:
+    """The hub answered our oldest PING: everything we sent before it is
+    in the hub's hands. The first ends the joining; one for a client's
+    backbone flush answers that flush."""
+    cdef NatsLink *l = loop.link
+    cdef LinkPing entry
+    cdef size_t i
+    cdef Conn *c
+    if l.pings_count == 0:
+        return          # not ours to count: ignored
+    entry = l.pings[l.pings_head]
+    l.pings_head = (l.pings_head + 1) % NATS_MAX_PINGS
+    l.pings_count -= 1
+    if l.state == LINK_JOINING:
+        link_up(loop)
+    if entry.conn_id == 0:
+        return
+    for i in range(loop.nconns):
+        c = loop.conns[i]
+        if c.id == entry.conn_id:
+            if c.state == CS_READY:
+                write_frame(&c.wbuf, K_PONG, 0, entry.ping_id, NULL, 0, NULL, 0, NULL, 0,
+                            NULL, 0, 0, 0)
+                loop._mark_dirty(c)
+            return
 
 
 # ---- from the hub ----
@@ -148,9 +189,7 @@ cdef void link_take(BrokerLoop loop, Conn *c) noexcept nogil:
             buf_append(&c.wbuf, b"PONG\r\n", 6)
             loop._mark_dirty(c)
         elif nats_op(p, line_len, b"PONG", 4):
-            if loop.link.state == LINK_JOINING:
-                link_up(loop)
-            loop.link.ping_out = False
+            link_pong(loop)
         else:
             loop.budget -= CONTROL_COST     # INFO, LS+, LS-, -ERR: Python's
             link_py_line(loop, p, line_len)

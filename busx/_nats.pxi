@@ -30,7 +30,9 @@ cdef NatsLink *nats_link_new(size_t buffer_max, const char *origin,
     cdef NatsLink *l = <NatsLink *>calloc(1, sizeof(NatsLink))
     if l == NULL:
         return NULL
-    if router_init(&l.remote) < 0:
+    l.pings = <LinkPing *>calloc(NATS_MAX_PINGS, sizeof(LinkPing))
+    if l.pings == NULL or router_init(&l.remote) < 0:
+        free(l.pings)
         free(l)
         return NULL
     l.buffer_max = buffer_max
@@ -51,6 +53,7 @@ cdef void nats_link_free(NatsLink *l) noexcept nogil:
     sid_free(&l.sids)
     router_free(&l.remote)
     buf_free(&l.pending)
+    free(l.pings)
     free(l)
 
 

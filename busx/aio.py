@@ -151,9 +151,10 @@ class AsyncBus:
         async with self._publish_lock:
             await self._loop.run_in_executor(None, self._bus.publish_many, items)
 
-    async def flush(self, timeout: float | None = None) -> None:
-        """Return once the broker has routed everything published before."""
-        await self._drive(self._bus.flush_steps(timeout))
+    async def flush(self, timeout: float | None = None, *, backbone: bool = False) -> None:
+        """Return once the broker has routed everything published before
+        (backbone=True: and its NATS server holds it; see Bus.flush)."""
+        await self._drive(self._bus.flush_steps(timeout, backbone))
 
     async def subscribe(self, pattern: str, *, queue: str | None = None) -> AsyncSubscription:
         """Subscribe; active when it returns."""

@@ -548,18 +548,24 @@ class Bus:
         """Publish (topic, data) pairs in order, as one batch."""
         self._io.publish_many_data(items)
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None, *, backbone: bool = False) -> None:
         """Return once the broker has routed everything published before;
-        raises PermissionDenied for publishes denied since the last flush."""
-        self._drive(self.flush_steps(timeout))
+        raises PermissionDenied for publishes denied since the last flush.
+        backbone=True: also once the broker's NATS server holds everything
+        it sent before, this connection's subscriptions included (so other
+        hosts see them within one more hop); at once without a NATS link."""
+        self._drive(self.flush_steps(timeout, backbone))
 
     # The round trips as generators of Steps, without waiting (sans-IO): flush()
     # and friends drive them blocking (_drive), busx.aio with await. Each
     # checks the bus is open before it sends anything.
 
-    def flush_steps(self, timeout: float | None) -> Generator[Step, Any, None]:
+    def flush_steps(self, timeout: float | None,
+                    backbone: bool = False) -> Generator[Step, Any, None]:
         self._check_open()
-        yield from self._round_trip_steps(protocol.PING, next(self._ids), deadline=_deadline(timeout))
+        yield from self._round_trip_steps(protocol.PING, next(self._ids),
+                                          protocol.BACKBONE_FLUSH if backbone else b"",
+                                          deadline=_deadline(timeout))
         if self._denied:
             denied, self._denied = self._denied, []
             raise PermissionDenied("; ".join(denied))

@@ -27,6 +27,9 @@ PAYLOAD_FD_SIZE = struct.Struct("<Q")       # the inline payload of a PAYLOAD_FD
 KIND_LIMIT = 15
 FATAL = 1           # on ERROR: the broker closes the connection after it
 PAYLOAD_FD = 2      # on PUB and MSG: the payload is in a sealed memfd, the frame's last fd
+# The topic of a PING that asks for a backbone flush: answered once the
+# broker's NATS server has answered a PING sent after it (docs/protocol.md).
+BACKBONE_FLUSH = b"nats"
 
 
 class Frame(NamedTuple):
