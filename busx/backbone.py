@@ -88,6 +88,20 @@ def intersect(a: bytes, b: bytes) -> bytes | None:
     return b".".join(out)
 
 
+def covers(outer: bytes, inner: bytes) -> bool:
+    """Whether NATS delivers every subject matching inner to a subscription
+    on outer (NATS's matching: no busx rule about reserved topics)."""
+    outer_tokens, inner_tokens = outer.split(b"."), inner.split(b".")
+    for index, token in enumerate(outer_tokens):
+        if token == b">":
+            return index < len(inner_tokens)
+        if index >= len(inner_tokens) or inner_tokens[index] == b">":
+            return False
+        if token != b"*" and token != inner_tokens[index]:
+            return False
+    return len(outer_tokens) == len(inner_tokens)
+
+
 def within(pattern: bytes, allowed: Sequence[bytes]) -> list[bytes]:
     """The parts of pattern that `allowed` (nats_import or nats_export)
     lets cross: inbox patterns always (replies travel on them); other
@@ -145,10 +159,13 @@ class Backbone:
         self._status = LinkStatus(servers=list(configured))
         self._attached = False          # the loop owns a connection (or is being given one)
         self._stopping = False
-        # The loop thread's: local interest told to the hub, (pattern,
-        # queue) -> local members; remote interest, (subject, queue) ->
-        # (the remote router's sids, the generation that announced it).
+        # The loop thread's: local interest, (pattern, queue) -> local
+        # members; the plain patterns the hub was told of, a minimal
+        # covering set of the local ones (queue keys are always told, with
+        # their weight); remote interest, (subject, queue) -> (the remote
+        # router's sids, the generation that announced it).
         self._local: dict[tuple[bytes, bytes], int] = {}
+        self._announced: set[bytes] = set()
         self._remote: dict[tuple[bytes, bytes], tuple[list[int], int]] = {}
         self._generation = 0
         self._next_sid = 1
@@ -272,12 +289,13 @@ class Backbone:
         new generation begins: remote interest not in the hub's coming
         snapshot is forgotten when it ends (on_event("up"))."""
         self._generation += 1
-        return b"".join(_announce(pattern, queue, count)
-                        for (pattern, queue), count in self._local.items())
+        return b"".join([_announce(pattern, b"", 1) for pattern in self._announced]
+                        + [_announce(pattern, queue, count)
+                           for (pattern, queue), count in self._local.items() if queue])
 
     def on_local_interest(self, pattern: bytes, queue: bytes, delta: int) -> bytes:
         """A local subscription came or went: the LS+/LS- lines it calls for."""
-        lines = []
+        lines: list[bytes] = []
         for part in within(pattern, self._import):
             key = (part, queue)
             count = self._local.get(key, 0) + delta
@@ -285,11 +303,42 @@ class Backbone:
                 self._local[key] = count
             else:
                 self._local.pop(key, None)
-            if count <= 0:
-                lines.append(b"LS- " + part + (b" " + queue if queue else b"") + b"\r\n")
-            elif queue or count == 1:
-                lines.append(_announce(part, queue, count))
+            if queue:       # a group's weight is its local members: told on each change
+                lines.append(_announce(part, queue, count) if count > 0
+                             else b"LS- %s %s\r\n" % (part, queue))
+            elif count == 1 and delta > 0:
+                lines += self._cover(part)
+            elif count == 0:
+                lines += self._uncover(part)
         return b"".join(lines)
+
+    def _cover(self, pattern: bytes) -> list[bytes]:
+        """A new local plain pattern: told unless an announced one covers
+        it; announced, it replaces those it covers (LS+ before the LS-, so
+        the hub's interest has no gap)."""
+        if any(covers(other, pattern) for other in self._announced):
+            return []
+        covered = [other for other in self._announced if covers(pattern, other)]
+        self._announced.difference_update(covered)
+        self._announced.add(pattern)
+        return [_announce(pattern, b"", 1)] + [b"LS- " + other + b"\r\n" for other in covered]
+
+    def _uncover(self, pattern: bytes) -> list[bytes]:
+        """The last local subscriber of pattern left: if it was announced,
+        the local patterns it covered are told (broadest first, so the set
+        stays minimal), then it is withdrawn."""
+        if pattern not in self._announced:
+            return []
+        self._announced.discard(pattern)
+        orphans = sorted((p for (p, queue) in self._local if not queue
+                          and not any(covers(other, p) for other in self._announced)),
+                         key=_breadth)
+        lines = []
+        for orphan in orphans:
+            if not any(covers(other, orphan) for other in self._announced):
+                self._announced.add(orphan)
+                lines.append(_announce(orphan, b"", 1))
+        return lines + [b"LS- " + pattern + b"\r\n"]
 
     def on_line(self, line: bytes) -> None:
         """A control line from the hub other than PING/PONG/LMSG/HMSG."""
@@ -361,6 +410,13 @@ class Backbone:
             stopping = self._stopping
         if not stopping:
             log.warning("NATS link to %s lost: %s; reconnecting", was, why)
+
+
+def _breadth(pattern: bytes) -> tuple[int, int]:
+    """Sort key putting broader patterns first: `>` ends, then fewer
+    tokens, then more `*`."""
+    tokens = pattern.split(b".")
+    return (0 if tokens[-1] == b">" else 1, len(tokens) - tokens.count(b"*"))
 
 
 def _announce(pattern: bytes, queue: bytes, count: int) -> bytes:
