@@ -422,8 +422,8 @@ cdef class BrokerLoop:
             return
         if c.is_link:
             link_take(self, c)
-            return
-        self._take_frames(c)
+        else:
+            self._take_frames(c)
         if c.tls_more:
             self._defer(c)
 
@@ -487,8 +487,8 @@ cdef class BrokerLoop:
             c.backlogged = False
             if c.is_link:
                 link_take(self, c)
-                continue
-            self._take_frames(c)
+            else:
+                self._take_frames(c)
             if (c.tls_more and not c.backlogged and not c.input_paused
                     and (c.state == CS_CONNECT or c.state == CS_READY)):
                 self._read(c)       # what OpenSSL still holds (_recv)
@@ -1374,12 +1374,14 @@ cdef class BrokerLoop:
             raise MemoryError()
         self.backbone = backbone
 
-    def attach_link(self, int fd, size_t max_payload):
+    def attach_link(self, int fd, size_t max_payload, TlsStream tls=None):
         """The connector's new connection to a hub, CONNECT sent: the loop
-        owns fd from here. Any thread; the GIL is released first."""
+        owns fd (and tls's session) from here. Any thread; the GIL is
+        released first."""
+        cdef SSL *session = tls.take() if tls is not None else NULL
         with nogil:
             pthread_mutex_lock(&self.state_lock)
-            link_attach(self, fd, max_payload)
+            link_attach(self, fd, max_payload, session)
             pthread_mutex_unlock(&self.state_lock)
         poller_wake(&self.poller)
 

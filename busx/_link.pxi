@@ -10,15 +10,18 @@
 # state_lock from busx.backbone's connector thread (GIL released first).
 
 
-cdef Conn *link_open(BrokerLoop loop, int fd) noexcept nogil:
-    """The link's new connection, in the loop's table and its epoll set;
-    NULL (fd closed) when that fails."""
+cdef Conn *link_open(BrokerLoop loop, int fd, SSL *tls) noexcept nogil:
+    """The link's new connection (TLS when tls), in the loop's table and
+    its epoll set; NULL (fd and tls freed) when that fails."""
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
     if c == NULL:
+        if tls != NULL:
+            SSL_free(tls)
         close(fd)
         return NULL
     busx_count(BUSX_CONNS, 1)
     c.fd = fd
+    c.tls = tls
     c.is_link = True
     c.state = CS_READY
     c.next_frame = <unsigned long long>-1   # no busx frames in its stream (_pass_frames)
@@ -27,6 +30,8 @@ cdef Conn *link_open(BrokerLoop loop, int fd) noexcept nogil:
     c.opened_at = now_ms()
     c.last_in_ms = c.last_out_ms = c.opened_at
     if loop._keep_conn(c) < 0:
+        if tls != NULL:
+            SSL_free(tls)
         close(fd)
         free(c)
         busx_count(BUSX_CONNS, -1)
@@ -37,14 +42,14 @@ cdef Conn *link_open(BrokerLoop loop, int fd) noexcept nogil:
     return c
 
 
-cdef void link_attach(BrokerLoop loop, int fd, size_t max_payload) noexcept nogil:
+cdef void link_attach(BrokerLoop loop, int fd, size_t max_payload, SSL *tls) noexcept nogil:
     """The connector has sent CONNECT on fd: announce our interest, PING
     (the hub's PONG ends its snapshot of interest: LINK_UP), read on."""
     cdef NatsLink *l = loop.link
     cdef Conn *c
     if l.conn != NULL:
         loop._close_conn(l.conn)
-    c = link_open(loop, fd)
+    c = link_open(loop, fd, tls)
     if c == NULL:
         link_py_down(loop, b"cannot register the link's socket")
         return

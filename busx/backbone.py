@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from ._core import BrokerLoop
 from .errors import BusError, InvalidTopic
+from .tls import TlsContext, TlsStream, client_tls_context
 from .topics import INBOX_PREFIX, pattern_bytes
 
 log = logging.getLogger("busx.broker")
@@ -44,25 +45,36 @@ BACKOFF_MAX = 5.0
 MAX_INFO = 65536            # the longest INFO line read before CONNECT
 # Subjects of NATS's own machinery: never busx topics, never announced.
 NATS_INTERNAL = (b"$LDS.", b"$SYS.", b"$JS.", b"$JSC.", b"$KV.", b"$O.", b"$G")
-SCHEMES = ("nats://", "nats-leaf://")
+SCHEMES = ("nats://", "nats-leaf://", "tls://")
 
 
-def parse_server(url: str) -> tuple[str, int]:
-    """nats://host:port or nats-leaf://host:port (a leafnode listener)."""
-    if url.startswith("tls://"):
-        raise BusError(f"NATS link {url!r}: TLS to the NATS server is not supported yet; "
-                       f"use nats:// on a trusted network (docs/backbone.md)")
+@dataclass(frozen=True)
+class Server:
+    """A leafnodes listener: TLS is required when its URL said tls://
+    (else used when the server asks for it)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+
+def parse_server(url: str, tls: bool = False) -> Server:
+    """nats://host:port, nats-leaf://host:port or tls://host:port (a
+    leafnodes listener); tls: for a bare host:port (advertised ones)."""
     for scheme in SCHEMES:
         if url.startswith(scheme):
-            rest = url[len(scheme):]
+            rest, tls = url[len(scheme):], scheme == "tls://"
             break
     else:
         rest = url
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise BusError(f"bad NATS URL {url!r}: use nats://host:port (the server's "
-                       f"leafnodes listener)")
-    return host.strip("[]"), int(port)
+        raise BusError(f"bad NATS URL {url!r}: use nats://host:port or tls://host:port "
+                       f"(the server's leafnodes listener)")
+    return Server(host.strip("[]"), int(port), tls)
 
 
 def intersect(a: bytes, b: bytes) -> bytes | None:
@@ -135,16 +147,19 @@ class LinkStatus:
     server: str | None = None
     reconnects: int = 0
     last_error: str | None = None
-    servers: list[tuple[str, int]] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
 
 
 class Backbone:
     def __init__(self, urls: Sequence[str], export: Sequence[str], import_: Sequence[str],
                  user: str | None, password: str | None, token: str | None,
-                 origin: str, name: str) -> None:
+                 origin: str, name: str, tls: TlsContext | None = None) -> None:
+        """tls: trust and identity for TLS to the servers (None: the
+        system's CAs, no client certificate)."""
         if not urls:
             raise BusError("nats= needs at least one NATS server URL")
         configured = [parse_server(url) for url in urls]
+        self._tls = tls
         self._export = [_checked(p, "nats_export") for p in export]
         self._import = [_checked(p, "nats_import") for p in import_]
         self._auth = {k: v for k, v in (("user", user), ("pass", password),
@@ -214,41 +229,63 @@ class Backbone:
                     if not self._stopping:
                         self._wake.wait(delay * random.uniform(0.5, 1.0))
 
-    def _join(self, server: tuple[str, int]) -> bool:
+    def _join(self, server: Server) -> bool:
         """Connect to one server and hand the socket to the loop: True when
         it got that far (the loop reports what happens next)."""
         try:
-            sock = socket.create_connection(server, timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             self._failed(server, f"cannot connect: {exc.strerror or exc}")
             return False
+        stream: socket.socket | TlsStream = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info = self._read_info(sock)
-            self._learn(info)
-            if info.get("tls_required"):
-                raise BusError("the server requires TLS, which the NATS link does not "
-                               "speak yet")
+            self._learn(info, server.tls)
             if not info.get("headers", False):
                 raise BusError("the server does not support headers (nats-server >= 2.2)")
+            if server.tls or info.get("tls_required"):
+                if not info.get("tls_required") and not info.get("tls_available"):
+                    raise BusError("TLS asked for (tls://), but this leafnodes listener "
+                                   "does not speak it")
+                stream = self._start_tls(sock, server)
             connect = {"name": self.name, "headers": True, "protocol": 1,
                        "version": __version__, **self._auth}
-            sock.sendall(b'INFO {"compression":"off"}\r\nCONNECT '
-                         + json.dumps(connect).encode() + b"\r\n")
-            sock.setblocking(False)
+            stream.sendall(b'INFO {"compression":"off"}\r\nCONNECT '
+                           + json.dumps(connect).encode() + b"\r\n")
+            stream.setblocking(False)
         except (OSError, BusError, ValueError) as exc:
-            sock.close()
-            self._failed(server, str(exc))
+            stream.close()
+            self._failed(server, _reason(exc))
             return False
         with self._lock:
             if self._stopping:
-                sock.close()
+                stream.close()
                 return True
             self._attached = True
-            self._status.server = f"{server[0]}:{server[1]}"
+            self._status.server = str(server)
             self._status.state = "joining"
-        self._loop.attach_link(sock.detach(), int(info.get("max_payload", 1 << 20)))
+        self._loop.attach_link(stream.detach(), int(info.get("max_payload", 1 << 20)),
+                               stream if isinstance(stream, TlsStream) else None)
         return True
+
+    def _start_tls(self, sock: socket.socket, server: Server) -> TlsStream:
+        """TLS inside the leaf connection, after the server's INFO; the
+        server's certificate must name server.host."""
+        if self._tls is None:
+            self._tls = client_tls_context(None, None, None)
+        sock.setblocking(False)
+        stream = TlsStream(self._tls, sock.detach(), server.host)
+        stream.settimeout(CONNECT_TIMEOUT)
+        try:
+            stream.handshake()
+        except TimeoutError:
+            stream.close()
+            raise BusError("the TLS handshake timed out") from None
+        except OSError as exc:
+            stream.close()
+            raise BusError(f"TLS handshake failed: {exc.strerror or exc}") from None
+        return stream
 
     def _read_info(self, sock: socket.socket) -> dict:
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -266,21 +303,22 @@ class Backbone:
             raise BusError(f"expected INFO from the NATS server, got {line[:60]!r}")
         return json.loads(line[5:])
 
-    def _learn(self, info: dict) -> None:
-        """Remember the cluster's other leafnode listeners, for failover."""
+    def _learn(self, info: dict, tls: bool) -> None:
+        """Remember the cluster's other leafnode listeners, for failover
+        (with TLS when the one that told us had it)."""
         with self._lock:
             for url in info.get("leafnode_urls") or ():
                 try:
-                    server = parse_server(url)
+                    server = parse_server(url, tls)
                 except BusError:
                     continue
                 if server not in self._status.servers:
                     self._status.servers.append(server)
 
-    def _failed(self, server: tuple[str, int], why: str) -> None:
+    def _failed(self, server: Server, why: str) -> None:
         with self._lock:
-            self._status.last_error = f"{server[0]}:{server[1]}: {why}"
-        log.warning("NATS link: %s:%d: %s", server[0], server[1], why)
+            self._status.last_error = f"{server}: {why}"
+        log.warning("NATS link: %s: %s", server, why)
 
     # ---- the loop thread's callbacks ----
 
@@ -349,7 +387,9 @@ class Backbone:
         elif op == b"LS-":
             self._remote_minus(rest.split())
         elif op == b"INFO":
-            self._learn(json.loads(rest))
+            with self._lock:
+                tls = self._status.server is not None and self._status.server.startswith("tls:")
+            self._learn(json.loads(rest), tls)
         elif op == b"-ERR":
             why = rest.decode(errors="replace").strip("' ")
             with self._lock:
@@ -417,6 +457,10 @@ def _breadth(pattern: bytes) -> tuple[int, int]:
     tokens, then more `*`."""
     tokens = pattern.split(b".")
     return (0 if tokens[-1] == b">" else 1, len(tokens) - tokens.count(b"*"))
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or repr(exc)
 
 
 def _announce(pattern: bytes, queue: bytes, count: int) -> bytes:

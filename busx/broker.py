@@ -26,7 +26,7 @@ from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
 from .paths import default_socket_path, host_identity, host_name
 from .policy import Policy, Rights, load_policy
-from .tls import tls_context
+from .tls import client_tls_context, tls_context
 from .topics import INBOX_PREFIX, InvalidTopic, is_valid_topic, pattern_bytes
 
 log = logging.getLogger("busx.broker")
@@ -154,6 +154,14 @@ class Broker:
         on them instead of binding its own of that kind: a UNIX one replaces
         unix_path's (its mode, group and file are left as they are, and the
         file is not removed at stop), TCP ones are served beside `tcp`.
+      nats: join a NATS deployment as a leaf node (docs/backbone.md): the
+        leafnodes listeners of its servers, nats://h:p or tls://h:p, one URL
+        or a list. nats_export / nats_import: the topics that may leave this
+        host / come in (patterns; default everything). nats_user,
+        nats_password, nats_token: the server's leafnodes authorization.
+        nats_buffer: bytes for NATS held while the link is down or slow.
+        nats_tls_ca, nats_tls_cert, nats_tls_key: TLS to the servers (the
+        CAs that vouch for them, default the system's; a client certificate).
 
     start() runs it on a background thread; serve_forever() in this one.
     """
@@ -177,7 +185,9 @@ class Broker:
                  nats_export: Sequence[str] = (">",), nats_import: Sequence[str] = (">",),
                  nats_user: str | None = None, nats_password: str | None = None,
                  nats_token: str | None = None,
-                 nats_buffer: int = DEFAULT_NATS_BUFFER) -> None:
+                 nats_buffer: int = DEFAULT_NATS_BUFFER,
+                 nats_tls_ca: str | None = None, nats_tls_cert: str | None = None,
+                 nats_tls_key: str | None = None) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:
@@ -245,7 +255,9 @@ class Broker:
             self._backbone = Backbone(
                 [nats] if isinstance(nats, str) else list(nats), nats_export, nats_import,
                 nats_user, nats_password, nats_token, origin=origin,
-                name=f"busx-{origin}-{self._instance}")
+                name=f"busx-{origin}-{self._instance}",
+                tls=(client_tls_context(nats_tls_ca, nats_tls_cert, nats_tls_key)
+                     if nats_tls_ca or nats_tls_cert else None))
         self.tcp_address: tuple[str, int] | None = None
         self._peers: dict[int, Peer] = {}
         # The loop thread's: policy verdicts on messages from other hosts.

@@ -206,6 +206,8 @@ def nats_options(args: argparse.Namespace) -> dict[str, Any]:
         options["nats_password"] = read_secret(args.nats_password_file, "NATS password file")
     if args.nats_token_file:
         options["nats_token"] = read_secret(args.nats_token_file, "NATS token file")
+    options.update(nats_tls_ca=args.nats_tls_ca, nats_tls_cert=args.nats_tls_cert,
+                   nats_tls_key=args.nats_tls_key)
     return options
 
 
@@ -622,6 +624,12 @@ def add_serve(commands: Any) -> None:
     serve.add_argument("--nats-password-file", metavar="F", help="file holding its password")
     serve.add_argument("--nats-token-file", metavar="F",
                        help="file holding the NATS server's authorization token")
+    serve.add_argument("--nats-tls-ca", metavar="F",
+                       help="CA certificates (PEM) that vouch for the NATS servers "
+                            "(tls:// URLs; default: the system's)")
+    serve.add_argument("--nats-tls-cert", metavar="F",
+                       help="this broker's certificate, for servers that verify leafs")
+    serve.add_argument("--nats-tls-key", metavar="F", help="its private key")
     serve.add_argument("--nats-buffer", metavar="BYTES", type=byte_count,
                        default=DEFAULT_NATS_BUFFER,
                        help="bytes for NATS held while the link is down or slow; past it "
