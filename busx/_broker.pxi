@@ -1381,7 +1381,12 @@ cdef class BrokerLoop:
         cdef SSL *session = tls.take() if tls is not None else NULL
         with nogil:
             pthread_mutex_lock(&self.state_lock)
-            link_attach(self, fd, max_payload, session)
+            if self.link != NULL:
+                link_attach(self, fd, max_payload, session)
+            else:               # closed meanwhile (close_all)
+                if session != NULL:
+                    SSL_free(session)
+                close(fd)
             pthread_mutex_unlock(&self.state_lock)
         poller_wake(&self.poller)
 
