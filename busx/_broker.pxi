@@ -528,6 +528,8 @@ cdef class BrokerLoop:
             self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
+            if c.input_paused:
+                break           # its messages wait for the NATS link to drain
         if c.state == CS_READY and holds_unclaimed_fds(c):
             self._fail(c, b"protocol", b"file descriptors arrived that no frame declares")
         if c.fd_bytes_taken and c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
@@ -1058,8 +1060,10 @@ cdef class BrokerLoop:
         if c.state == CS_READY and buf_len(&c.wbuf) <= self.max_pending:
             if c.fd_bytes_taken:
                 self._report_fd_bytes_taken(c)      # held back while output was full
-            if c.input_paused:
+            if c.input_paused and not c.waits_for_link:
                 self._resume_input(c)
+        if c.is_link and self.link.publishers_wait:
+            link_drained(self, c)
         if wants_output(c) != c.want_out:
             c.want_out = not c.want_out
             self._set_events(c)
@@ -1356,6 +1360,7 @@ cdef class BrokerLoop:
             "dropped_too_large": l.dropped_too_large,
             "dropped_buffer_full": l.dropped_buffer_full,
             "dropped_invalid": l.dropped_invalid, "dropped_denied": l.dropped_denied,
+            "publisher_pauses": l.publisher_pauses,
             "fds_lost": l.fds_lost,
             "bytes_lost": l.bytes_lost, "max_payload": l.max_payload,
             "buffered_bytes": buf_len(&l.pending) + (buf_len(&l.conn.wbuf) if l.conn != NULL else 0),

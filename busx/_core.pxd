@@ -297,6 +297,9 @@ cdef struct Conn:
     unsigned long long ping_end     # stream offset just past the last PING queued
     bint answers_pings         # said so in CONNECT; older clients are never judged
     bint is_link               # the NATS link's connection (_nats.pxi), not a client
+    # Not read until the NATS link drains: what it publishes is wanted
+    # elsewhere faster than the NATS server takes it (_link.pxi, link_send).
+    bint waits_for_link
     Conn *hs_next              # the handshake queue, oldest first (until READY)
     Conn *hs_prev
     # The last topic this connection published to, already validated,
@@ -413,6 +416,8 @@ cdef struct NatsLink:
     size_t pings_count
     char why[160]               # why the connection is being given up, for the log
     unsigned long long bytes_lost           # written for the hub, unsent when a connection died
+    bint publishers_wait        # some connection waits_for_link
+    unsigned long long publisher_pauses     # times a publisher waited for the link to drain
     unsigned long long msgs_out, msgs_in, bytes_out, bytes_in
     unsigned long long dropped_too_large    # over the server's max_payload
     unsigned long long dropped_buffer_full  # past nats_buffer

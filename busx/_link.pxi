@@ -96,6 +96,8 @@ cdef void link_closed(BrokerLoop loop, Conn *c) noexcept nogil:
     l.bytes_lost += buf_len(&c.wbuf)
     l.conn = NULL
     l.state = LINK_DOWN
+    if l.publishers_wait:
+        link_drained(loop, NULL)    # an outage holds no one
     while l.pings_count:        # their flushes cannot learn more: answered now
         link_pong(loop)
     if not l.why[0]:
@@ -338,6 +340,36 @@ cdef void link_send(BrokerLoop loop, Conn *src, FrameView *f, RouteSlot *local,
     l.fds_lost += user_fds
     if l.state == LINK_UP:
         loop._mark_dirty(l.conn)
+        if buf_len(out) > l.buffer_max // 2 and not src.waits_for_link:
+            link_hold(loop, src)
+
+
+cdef void link_hold(BrokerLoop loop, Conn *src) noexcept nogil:
+    """src publishes what is wanted elsewhere faster than the NATS server
+    takes it: it is not read until the link's queue drains (back-pressure,
+    as NATS stalls fast producers), so a burst to a live link loses nothing.
+    An outage never holds anyone: the buffer drops and counts instead."""
+    src.waits_for_link = True
+    loop.link.publishers_wait = True
+    loop.link.publisher_pauses += 1
+    if not src.input_paused:
+        loop._pause_input(src)
+
+
+cdef void link_drained(BrokerLoop loop, Conn *link_conn) noexcept nogil:
+    """After a write to the link (or when it is lost): once its queue is
+    down to a quarter of nats_buffer, the publishers it held are read again."""
+    cdef size_t i
+    cdef Conn *c
+    if link_conn != NULL and buf_len(&link_conn.wbuf) > loop.link.buffer_max // 4:
+        return
+    loop.link.publishers_wait = False
+    for i in range(loop.nconns):
+        c = loop.conns[i]
+        if c.waits_for_link:
+            c.waits_for_link = False
+            if c.input_paused and c.state == CS_READY and buf_len(&c.wbuf) <= loop.max_pending:
+                loop._resume_input(c)
 
 
 cdef void link_interest(BrokerLoop loop, Subscription *s, int delta) noexcept nogil:
