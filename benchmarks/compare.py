@@ -371,6 +371,16 @@ def print_latency(rows: list[tuple], pings: int) -> None:
             print(f"| {name} | {p50:.0f} | {p99:.0f} |")
 
 
+def across_hosts(quick: bool) -> None:
+    """benchmarks/backbone.py in this run: busx across two brokers linked by a
+    nats-server beside nats-py, and a broker's local traffic with the link
+    on and off. Its own process: it starts and stops servers of its own."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbone.py")
+    done = subprocess.run([sys.executable, script] + (["--quick"] if quick else []))
+    if done.returncode != 0:
+        print(f"(backbone.py failed with status {done.returncode})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=500_000,
@@ -414,6 +424,8 @@ def main() -> None:
         print_latency(latency, args.pings)
         print("\n### Targets (ratios from this run)\n")
         print_targets(throughput, fanout, capacity, large, latency)
+        print("\n## Across hosts: the NATS backbone (benchmarks/backbone.py)\n", flush=True)
+        across_hosts(args.quick)
     finally:
         broker.finish()
         tls_broker.finish()
