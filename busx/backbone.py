@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from ._core import BrokerLoop
 from .errors import BusError, InvalidTopic
+from .nkeys import Credentials
 from .tls import TlsContext, TlsStream, client_tls_context
 from .topics import INBOX_PREFIX, pattern_bytes
 
@@ -153,13 +154,16 @@ class LinkStatus:
 class Backbone:
     def __init__(self, urls: Sequence[str], export: Sequence[str], import_: Sequence[str],
                  user: str | None, password: str | None, token: str | None,
-                 origin: str, name: str, tls: TlsContext | None = None) -> None:
+                 origin: str, name: str, tls: TlsContext | None = None,
+                 creds: Credentials | None = None) -> None:
         """tls: trust and identity for TLS to the servers (None: the
-        system's CAs, no client certificate)."""
+        system's CAs, no client certificate). creds: an nkey (and JWT) that
+        signs the server's nonce."""
         if not urls:
             raise BusError("nats= needs at least one NATS server URL")
         configured = [parse_server(url) for url in urls]
         self._tls = tls
+        self._creds = creds
         self._export = [_checked(p, "nats_export") for p in export]
         self._import = [_checked(p, "nats_import") for p in import_]
         self._auth = {k: v for k, v in (("user", user), ("pass", password),
@@ -251,6 +255,11 @@ class Backbone:
                 stream = self._start_tls(sock, server)
             connect = {"name": self.name, "headers": True, "protocol": 1,
                        "version": __version__, **self._auth}
+            if self._creds is not None:
+                if not info.get("nonce"):
+                    raise BusError("credentials given, but the server sent no nonce to sign "
+                                   "(it does not ask for an nkey)")
+                connect.update(self._creds.connect_fields(info["nonce"]))
             stream.sendall(b'INFO {"compression":"off"}\r\nCONNECT '
                            + json.dumps(connect).encode() + b"\r\n")
             stream.setblocking(False)

@@ -24,6 +24,7 @@ from ._core import PAYLOAD_FD_THRESHOLD, BrokerLoop, LoopStatus, encode_frame, e
 from .backbone import Backbone
 from .errors import BusError
 from .handshake import pack, token_proof, unpack_limited
+from .nkeys import read_credentials
 from .paths import default_socket_path, host_identity, host_name
 from .policy import Policy, Rights, load_policy
 from .tls import client_tls_context, tls_context
@@ -162,6 +163,8 @@ class Broker:
         nats_buffer: bytes for NATS held while the link is down or slow.
         nats_tls_ca, nats_tls_cert, nats_tls_key: TLS to the servers (the
         CAs that vouch for them, default the system's; a client certificate).
+        nats_creds: a NATS creds file, or an nkey seed file, whose key signs
+        the server's nonce (needs busx[nats]).
 
     start() runs it on a background thread; serve_forever() in this one.
     """
@@ -187,7 +190,7 @@ class Broker:
                  nats_token: str | None = None,
                  nats_buffer: int = DEFAULT_NATS_BUFFER,
                  nats_tls_ca: str | None = None, nats_tls_cert: str | None = None,
-                 nats_tls_key: str | None = None) -> None:
+                 nats_tls_key: str | None = None, nats_creds: str | None = None) -> None:
         if slow_consumer not in ("drop", "disconnect"):
             raise BusError(f"slow_consumer must be 'drop' or 'disconnect', not {slow_consumer!r}")
         if not protocol.HEADER_SIZE + MAX_STAMP < max_frame <= MAX_FRAME_LIMIT:
@@ -257,7 +260,8 @@ class Broker:
                 nats_user, nats_password, nats_token, origin=origin,
                 name=f"busx-{origin}-{self._instance}",
                 tls=(client_tls_context(nats_tls_ca, nats_tls_cert, nats_tls_key)
-                     if nats_tls_ca or nats_tls_cert else None))
+                     if nats_tls_ca or nats_tls_cert else None),
+                creds=read_credentials(nats_creds) if nats_creds else None)
         self.tcp_address: tuple[str, int] | None = None
         self._peers: dict[int, Peer] = {}
         # The loop thread's: policy verdicts on messages from other hosts.

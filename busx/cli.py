@@ -207,7 +207,7 @@ def nats_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.nats_token_file:
         options["nats_token"] = read_secret(args.nats_token_file, "NATS token file")
     options.update(nats_tls_ca=args.nats_tls_ca, nats_tls_cert=args.nats_tls_cert,
-                   nats_tls_key=args.nats_tls_key)
+                   nats_tls_key=args.nats_tls_key, nats_creds=args.nats_creds)
     return options
 
 
@@ -622,6 +622,9 @@ def add_serve(commands: Any) -> None:
                        help="take from NATS only topics matching P (repeatable; default >)")
     serve.add_argument("--nats-user", metavar="USER", help="user name for the NATS server")
     serve.add_argument("--nats-password-file", metavar="F", help="file holding its password")
+    serve.add_argument("--nats-creds", metavar="FILE",
+                       help="NATS credentials: a creds file (JWT and nkey seed) or an "
+                            "nkey seed file, for servers that ask for an nkey")
     serve.add_argument("--nats-token-file", metavar="F",
                        help="file holding the NATS server's authorization token")
     serve.add_argument("--nats-tls-ca", metavar="F",
