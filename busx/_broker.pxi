@@ -1369,12 +1369,15 @@ cdef class BrokerLoop:
 
     # ---- the NATS link (_link.pxi has its behaviour) ----
 
-    def enable_link(self, backbone, size_t buffer_max, bytes origin):
+    def enable_link(self, backbone, size_t buffer_max, bytes origin, bytes instance):
         """Give this broker a NATS link, before it runs: backbone is its
-        Python half (busx.backbone.Backbone)."""
+        Python half (busx.backbone.Backbone); instance names this broker
+        (NATS_INSTANCE_LEN hex characters)."""
         if self.link != NULL:
             raise ValueError("this broker already has a NATS link")
-        self.link = nats_link_new(buffer_max, origin, len(origin))
+        if len(instance) != NATS_INSTANCE_LEN:
+            raise ValueError(f"instance must be {NATS_INSTANCE_LEN} characters")
+        self.link = nats_link_new(buffer_max, origin, len(origin), instance)
         if self.link == NULL:
             raise MemoryError()
         self.backbone = backbone

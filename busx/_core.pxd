@@ -369,6 +369,8 @@ cdef enum:
     # Longest `Busx-Origin` a broker stamps: with the longest sender stamp it
     # still fits the 255-byte stamp field.
     NATS_MAX_ORIGIN = 48
+    # A broker's instance id in hex (Busx-Broker): what it recognises as its own.
+    NATS_INSTANCE_LEN = 16
     # Queue groups one outgoing message may name.
     NATS_MAX_QUEUES = 16
     # Our PINGs the hub has not answered yet, at most: past it, a client's
@@ -409,6 +411,7 @@ cdef struct NatsLink:
     size_t max_payload          # the server's (INFO): headers plus payload
     char origin[NATS_MAX_ORIGIN]    # this broker's host name, as remote senders see it
     uint8_t origin_len
+    char instance[NATS_INSTANCE_LEN]
     char remote_stamp[256]      # the stamp of the message being routed from NATS
     double last_ping_ms
     LinkPing *pings             # ring of NATS_MAX_PINGS, allocated with the link
@@ -417,6 +420,7 @@ cdef struct NatsLink:
     char why[160]               # why the connection is being given up, for the log
     unsigned long long bytes_lost           # written for the hub, unsent when a connection died
     bint publishers_wait        # some connection waits_for_link
+    size_t skip                 # bytes still to discard of a message too large for us
     unsigned long long publisher_pauses     # times a publisher waited for the link to drain
     unsigned long long msgs_out, msgs_in, bytes_out, bytes_in
     unsigned long long dropped_too_large    # over the server's max_payload

@@ -96,6 +96,7 @@ cdef void link_closed(BrokerLoop loop, Conn *c) noexcept nogil:
     l.bytes_lost += buf_len(&c.wbuf)
     l.conn = NULL
     l.state = LINK_DOWN
+    l.skip = 0
     if l.publishers_wait:
         link_drained(loop, NULL)    # an outage holds no one
     while l.pings_count:        # their flushes cannot learn more: answered now
@@ -179,6 +180,13 @@ cdef void link_take(BrokerLoop loop, Conn *c) noexcept nogil:
             break
         p = c.rbuf.data + c.rbuf.start
         avail = buf_len(&c.rbuf)
+        if loop.link.skip:          # the rest of a message too large to take
+            used = min(avail, loop.link.skip)
+            loop.link.skip -= used
+            buf_consume(&c.rbuf, used)
+            if loop.link.skip:
+                break
+            continue
         eol = <const char *>memchr(p, b'\n', min(avail, <size_t>NATS_MAX_CONTROL_LINE))
         if eol == NULL:
             if avail >= NATS_MAX_CONTROL_LINE:
@@ -210,16 +218,22 @@ cdef void link_take(BrokerLoop loop, Conn *c) noexcept nogil:
 cdef size_t link_message(BrokerLoop loop, Conn *c, const char *p, size_t line_len,
                          size_t head_len, size_t avail) noexcept nogil:
     """One LMSG/HMSG at p: the bytes it used, 0 when it has not all arrived
-    or the link was lost over it."""
+    or the link was lost over it. A message larger than this broker's
+    max_frame (yet within the server's max_payload, so any NATS client may
+    send one) is dropped alone: counted, and its bytes skipped as they come."""
     cdef NatsMsg m
     cdef size_t size
     if not nats_parse_msg(p + 4, line_len - 4, p[0] == b'H' or p[0] == b'h', &m):
         link_lose(loop, b"a malformed LMSG/HMSG line from the NATS server")
         return 0
-    if m.total_len > loop.max_frame:
-        link_lose(loop, b"a message from the NATS server larger than this broker's max_frame")
-        return 0
     size = head_len + m.total_len + 2
+    if m.total_len > loop.max_frame:
+        if m.total_len > loop.link.max_payload:
+            link_lose(loop, b"a message from the NATS server larger than its own max_payload")
+            return 0
+        loop.link.dropped_too_large += 1
+        loop.link.skip = size - min(avail, size)
+        return min(avail, size)
     if avail < size:
         return 0
     if p[size - 2] != b'\r' or p[size - 1] != b'\n':

@@ -19,14 +19,16 @@ cdef enum:
 cdef const char *HEADER_ORIGIN = b"Busx-Origin:"
 cdef const char *HEADER_STAMP = b"Busx-Stamp:"
 cdef const char *HEADER_FDS_LOST = b"Busx-Fds-Lost:"
+cdef const char *HEADER_BROKER = b"Busx-Broker:"
 cdef const char *HEX_DIGITS = b"0123456789abcdef"
 # [None x 6, "nats"]: a message from a native NATS client.
 cdef const char *NATIVE_STAMP = b"\x97\xc0\xc0\xc0\xc0\xc0\xc0\xa4nats"
 cdef size_t NATIVE_STAMP_LEN = 12
 
 
-cdef NatsLink *nats_link_new(size_t buffer_max, const char *origin,
-                             size_t origin_len) noexcept nogil:
+cdef NatsLink *nats_link_new(size_t buffer_max, const char *origin, size_t origin_len,
+                             const char *instance) noexcept nogil:
+    """instance: NATS_INSTANCE_LEN characters naming this broker."""
     cdef NatsLink *l = <NatsLink *>calloc(1, sizeof(NatsLink))
     if l == NULL:
         return NULL
@@ -39,6 +41,7 @@ cdef NatsLink *nats_link_new(size_t buffer_max, const char *origin,
     l.max_payload = 1 << 20         # nats-server's default, until its INFO says
     l.origin_len = <uint8_t>min(origin_len, <size_t>NATS_MAX_ORIGIN)
     memcpy(l.origin, origin, l.origin_len)
+    memcpy(l.instance, instance, NATS_INSTANCE_LEN)
     return l
 
 
@@ -177,40 +180,95 @@ cdef inline int hex_value(char c) noexcept nogil:
     return -1
 
 
+cdef bint stamp_is_valid(const uint8_t *p, size_t n) noexcept nogil:
+    """Whether p is a broker's stamp: a msgpack array of exactly [pid, uid,
+    gid, identity, host, port], each nil, an integer or (identity, host) a
+    string, and nothing after it."""
+    cdef size_t i = 1
+    cdef int k
+    cdef uint8_t b
+    if n == 0 or p[0] != STAMP_ARRAY6:
+        return False
+    for k in range(6):
+        if i >= n:
+            return False
+        b = p[i]
+        if b == 0xc0:                               # nil
+            i += 1
+        elif k == 3 or k == 4:                      # identity, host: str
+            if 0xa0 <= b <= 0xbf:
+                i += 1 + (b & 31)
+            elif b == 0xd9 and i + 1 < n:
+                i += 2 + p[i + 1]
+            else:
+                return False
+        elif b <= 0x7f or b >= 0xe0:                # fixint
+            i += 1
+        elif b == 0xcc or b == 0xd0:
+            i += 2
+        elif b == 0xcd or b == 0xd1:
+            i += 3
+        elif b == 0xce or b == 0xd2:
+            i += 5
+        elif b == 0xcf or b == 0xd3:
+            i += 9
+        else:
+            return False
+    return i == n
+
+
+cdef inline bint printable(const char *p, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if not 0x21 <= <uint8_t>p[i] <= 0x7e:
+            return False
+    return True
+
+
+cdef size_t native_stamp(NatsLink *l) noexcept nogil:
+    memcpy(l.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
+    return NATIVE_STAMP_LEN
+
+
 cdef size_t nats_sender_stamp(NatsLink *l, const char *hdr, size_t hdr_len,
                               uint8_t *fds_lost) noexcept nogil:
     """The stamp of a message from NATS, written into l.remote_stamp: its
-    broker's stamp with that broker's origin appended, or [None x 6,
-    "nats"] for a native client (or a stamp that does not parse). Also the
-    fds its publisher lost on the way."""
-    cdef size_t stamp_hex_len = 0, origin_len = 0, lost_len = 0, i, n
+    broker's stamp with that broker's origin appended; or [None x 6,
+    "nats"] for a native client, for headers that do not parse, and for
+    headers naming this very broker (a leaf's own messages never come back:
+    a client that copied them, as nats-py's respond() copies a request's,
+    is no broker). Also the fds its publisher lost on the way."""
+    cdef size_t stamp_hex_len = 0, origin_len = 0, lost_len = 0, broker_len = 0, i, n
     cdef const char *stamp_hex = NULL
     cdef const char *origin = NULL
+    cdef const char *broker = NULL
     cdef const char *lost
     cdef size_t lost_value
     cdef int hi, lo
     fds_lost[0] = 0
-    if hdr_len:
-        stamp_hex = nats_header(hdr, hdr_len, HEADER_STAMP, &stamp_hex_len)
-        origin = nats_header(hdr, hdr_len, HEADER_ORIGIN, &origin_len)
-        lost = nats_header(hdr, hdr_len, HEADER_FDS_LOST, &lost_len)
-        if lost != NULL and nats_size(lost, lost_len, &lost_value):
-            fds_lost[0] = <uint8_t>min(lost_value, <size_t>255)
+    if hdr_len == 0:
+        return native_stamp(l)
+    lost = nats_header(hdr, hdr_len, HEADER_FDS_LOST, &lost_len)
+    if lost != NULL and nats_size(lost, lost_len, &lost_value):
+        fds_lost[0] = <uint8_t>min(lost_value, <size_t>255)
+    stamp_hex = nats_header(hdr, hdr_len, HEADER_STAMP, &stamp_hex_len)
+    origin = nats_header(hdr, hdr_len, HEADER_ORIGIN, &origin_len)
+    broker = nats_header(hdr, hdr_len, HEADER_BROKER, &broker_len)
     n = stamp_hex_len // 2
     if (stamp_hex == NULL or origin == NULL or stamp_hex_len % 2 or n < 2
-            or origin_len == 0 or origin_len > NATS_MAX_ORIGIN or n + 2 + origin_len > MAX_NAME):
-        memcpy(l.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
-        return NATIVE_STAMP_LEN
+            or origin_len == 0 or origin_len > NATS_MAX_ORIGIN or n + 2 + origin_len > MAX_NAME
+            or not printable(origin, origin_len)
+            or (broker != NULL and broker_len == NATS_INSTANCE_LEN
+                and memcmp(broker, l.instance, NATS_INSTANCE_LEN) == 0)):
+        return native_stamp(l)
     for i in range(n):
         hi = hex_value(stamp_hex[2 * i])
         lo = hex_value(stamp_hex[2 * i + 1])
         if hi < 0 or lo < 0:
-            memcpy(l.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
-            return NATIVE_STAMP_LEN
+            return native_stamp(l)
         l.remote_stamp[i] = <char>(hi * 16 + lo)
-    if <uint8_t>l.remote_stamp[0] != STAMP_ARRAY6:
-        memcpy(l.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
-        return NATIVE_STAMP_LEN
+    if not stamp_is_valid(<const uint8_t *>l.remote_stamp, n):
+        return native_stamp(l)
     l.remote_stamp[0] = <char>STAMP_ARRAY7
     l.remote_stamp[n] = <char>0xd9         # str 8: the origin
     l.remote_stamp[n + 1] = <char>origin_len
@@ -219,8 +277,10 @@ cdef size_t nats_sender_stamp(NatsLink *l, const char *hdr, size_t hdr_len,
 
 
 cdef size_t nats_header_size(NatsLink *l, size_t stamp_len, int fds_lost) noexcept nogil:
-    # NATS/1.0\r\n  Busx-Origin: o\r\n  Busx-Stamp: hex\r\n  [Busx-Fds-Lost: n\r\n]  \r\n
-    cdef size_t size = 10 + 13 + l.origin_len + 2 + 12 + 2 * stamp_len + 2 + 2
+    # NATS/1.0\r\n  Busx-Origin: o\r\n  Busx-Broker: id\r\n  Busx-Stamp: hex\r\n
+    # [Busx-Fds-Lost: n\r\n]  \r\n
+    cdef size_t size = (10 + 13 + l.origin_len + 2 + 13 + NATS_INSTANCE_LEN + 2
+                        + 12 + 2 * stamp_len + 2 + 2)
     if fds_lost:
         size += 15 + 3 + 2
     return size
@@ -271,6 +331,10 @@ cdef int nats_write_msg(NatsLink *l, Buffer *out, const char *topic, size_t topi
     p += 23
     memcpy(p, l.origin, l.origin_len)
     p += l.origin_len
+    memcpy(p, b"\r\nBusx-Broker: ", 15)
+    p += 15
+    memcpy(p, l.instance, NATS_INSTANCE_LEN)
+    p += NATS_INSTANCE_LEN
     memcpy(p, b"\r\nBusx-Stamp: ", 14)
     p += 14
     for i in range(stamp_len):

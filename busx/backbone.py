@@ -115,6 +115,93 @@ def covers(outer: bytes, inner: bytes) -> bool:
     return len(outer_tokens) == len(inner_tokens)
 
 
+class PatternTrie:
+    """A set of patterns as a trie of their tokens. It answers whether a
+    pattern in it covers a given one, and which patterns in it a given one
+    covers, by walking only the branches that can match: the cost follows
+    the pattern's tokens and the answer's size, not the set's size."""
+
+    __slots__ = ("children", "here")
+
+    def __init__(self) -> None:
+        self.children: dict[bytes, PatternTrie] = {}
+        self.here = False
+
+    def add(self, pattern: bytes) -> None:
+        node = self
+        for token in pattern.split(b"."):
+            node = node.children.setdefault(token, PatternTrie())
+        node.here = True
+
+    def discard(self, pattern: bytes) -> None:
+        path = [self]
+        tokens = pattern.split(b".")
+        for token in tokens:
+            child = path[-1].children.get(token)
+            if child is None:
+                return
+            path.append(child)
+        path[-1].here = False
+        for depth in range(len(tokens), 0, -1):     # prune the branch it leaves empty
+            if path[depth].here or path[depth].children:
+                break
+            del path[depth - 1].children[tokens[depth - 1]]
+
+    def __contains__(self, pattern: bytes) -> bool:
+        node: PatternTrie | None = self
+        for token in pattern.split(b"."):
+            node = node.children.get(token) if node is not None else None
+        return node is not None and node.here
+
+    def covers(self, pattern: bytes) -> bool:
+        """Whether a pattern in the set covers `pattern` (see covers())."""
+        return self._covers(pattern.split(b"."), 0)
+
+    def _covers(self, tokens: list[bytes], i: int) -> bool:
+        rest = self.children.get(b">")
+        if rest is not None and rest.here and i < len(tokens):
+            return True
+        if i == len(tokens):
+            return self.here
+        token = tokens[i]
+        if token == b">":
+            return False        # only a ">" where it stands covers it
+        star = self.children.get(b"*")
+        if star is not None and star._covers(tokens, i + 1):
+            return True
+        literal = self.children.get(token) if token != b"*" else None
+        return literal is not None and literal._covers(tokens, i + 1)
+
+    def covered_by(self, pattern: bytes) -> list[bytes]:
+        """The patterns in the set that `pattern` covers."""
+        found: list[bytes] = []
+        self._covered(pattern.split(b"."), 0, [], found)
+        return found
+
+    def _covered(self, outer: list[bytes], i: int, prefix: list[bytes],
+                 found: list[bytes]) -> None:
+        if i == len(outer):
+            if self.here:
+                found.append(b".".join(prefix))
+            return
+        token = outer[i]
+        if token == b">":
+            for name, child in self.children.items():
+                child._all(prefix + [name], found)
+        elif token == b"*":
+            for name, child in self.children.items():
+                if name != b">":
+                    child._covered(outer, i + 1, prefix + [name], found)
+        elif token in self.children:
+            self.children[token]._covered(outer, i + 1, prefix + [token], found)
+
+    def _all(self, prefix: list[bytes], found: list[bytes]) -> None:
+        if self.here:
+            found.append(b".".join(prefix))
+        for name, child in self.children.items():
+            child._all(prefix + [name], found)
+
+
 def within(pattern: bytes, allowed: Sequence[bytes]) -> list[bytes]:
     """The parts of pattern that `allowed` (nats_import or nats_export)
     lets cross: inbox patterns always (replies travel on them); other
@@ -177,6 +264,7 @@ class Backbone:
         # _lock: shared by the connector and the loop's callbacks.
         self._status = LinkStatus(servers=list(configured))
         self._attached = False          # the loop owns a connection (or is being given one)
+        self._connecting: socket.socket | None = None   # the connector's socket until attached
         self._stopping = False
         # The loop thread's: local interest, (pattern, queue) -> local
         # members; the plain patterns the hub was told of, a minimal
@@ -184,10 +272,13 @@ class Backbone:
         # their weight); remote interest, (subject, queue) -> (the remote
         # router's sids, the generation that announced it).
         self._local: dict[tuple[bytes, bytes], int] = {}
-        self._announced: set[bytes] = set()
+        self._local_plain = PatternTrie()       # the plain patterns of _local
+        self._announced = PatternTrie()
+        self._announced_list: set[bytes] = set()     # the same, to list them
         self._remote: dict[tuple[bytes, bytes], tuple[list[int], int]] = {}
         self._generation = 0
         self._next_sid = 1
+        self._server_said: str | None = None    # the last -ERR on this connection
 
     # ---- lifecycle (the broker's thread) ----
 
@@ -201,6 +292,12 @@ class Backbone:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
+            connecting = self._connecting
+        if connecting is not None:
+            try:        # wakes the connector from connect(), recv() or the TLS handshake
+                connecting.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join()
 
@@ -237,7 +334,7 @@ class Backbone:
         """Connect to one server and hand the socket to the loop: True when
         it got that far (the loop reports what happens next)."""
         try:
-            sock = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+            sock = self._connect(server)
         except OSError as exc:
             self._failed(server, f"cannot connect: {exc.strerror or exc}")
             return False
@@ -264,10 +361,12 @@ class Backbone:
                            + json.dumps(connect).encode() + b"\r\n")
             stream.setblocking(False)
         except (OSError, BusError, ValueError) as exc:
+            self._forget_connecting()
             stream.close()
             self._failed(server, _reason(exc))
             return False
         with self._lock:
+            self._connecting = None
             if self._stopping:
                 stream.close()
                 return True
@@ -278,12 +377,36 @@ class Backbone:
                                stream if isinstance(stream, TlsStream) else None)
         return True
 
+    def _connect(self, server: Server) -> socket.socket:
+        """A TCP connection to server, made where stop() can reach it."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            server.host, server.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                raise OSError("stopping")
+            self._connecting = sock
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(address)
+        except BaseException:
+            self._forget_connecting()
+            sock.close()
+            raise
+        return sock
+
+    def _forget_connecting(self) -> None:
+        with self._lock:
+            self._connecting = None
+
     def _start_tls(self, sock: socket.socket, server: Server) -> TlsStream:
         """TLS inside the leaf connection, after the server's INFO; the
         server's certificate must name server.host."""
         if self._tls is None:
             self._tls = client_tls_context(None, None, None)
         sock.setblocking(False)
+        self._forget_connecting()       # the handshake's own deadline bounds it from here
         stream = TlsStream(self._tls, sock.detach(), server.host)
         stream.settimeout(CONNECT_TIMEOUT)
         try:
@@ -336,7 +459,7 @@ class Backbone:
         new generation begins: remote interest not in the hub's coming
         snapshot is forgotten when it ends (on_event("up"))."""
         self._generation += 1
-        return b"".join([_announce(pattern, b"", 1) for pattern in self._announced]
+        return b"".join([_announce(pattern, b"", 1) for pattern in self._announced_list]
                         + [_announce(pattern, queue, count)
                            for (pattern, queue), count in self._local.items() if queue])
 
@@ -354,8 +477,10 @@ class Backbone:
                 lines.append(_announce(part, queue, count) if count > 0
                              else b"LS- %s %s\r\n" % (part, queue))
             elif count == 1 and delta > 0:
+                self._local_plain.add(part)
                 lines += self._cover(part)
-            elif count == 0:
+            elif count <= 0:
+                self._local_plain.discard(part)
                 lines += self._uncover(part)
         return b"".join(lines)
 
@@ -363,27 +488,33 @@ class Backbone:
         """A new local plain pattern: told unless an announced one covers
         it; announced, it replaces those it covers (LS+ before the LS-, so
         the hub's interest has no gap)."""
-        if any(covers(other, pattern) for other in self._announced):
+        if self._announced.covers(pattern):
             return []
-        covered = [other for other in self._announced if covers(pattern, other)]
-        self._announced.difference_update(covered)
-        self._announced.add(pattern)
+        covered = self._announced.covered_by(pattern)
+        for other in covered:
+            self._unannounce(other)
+        self._announce(pattern)
         return [_announce(pattern, b"", 1)] + [b"LS- " + other + b"\r\n" for other in covered]
+
+    def _announce(self, pattern: bytes) -> None:
+        self._announced.add(pattern)
+        self._announced_list.add(pattern)
+
+    def _unannounce(self, pattern: bytes) -> None:
+        self._announced.discard(pattern)
+        self._announced_list.discard(pattern)
 
     def _uncover(self, pattern: bytes) -> list[bytes]:
         """The last local subscriber of pattern left: if it was announced,
         the local patterns it covered are told (broadest first, so the set
         stays minimal), then it is withdrawn."""
-        if pattern not in self._announced:
+        if pattern not in self._announced_list:
             return []
-        self._announced.discard(pattern)
-        orphans = sorted((p for (p, queue) in self._local if not queue
-                          and not any(covers(other, p) for other in self._announced)),
-                         key=_breadth)
+        self._unannounce(pattern)
         lines = []
-        for orphan in orphans:
-            if not any(covers(other, orphan) for other in self._announced):
-                self._announced.add(orphan)
+        for orphan in sorted(self._local_plain.covered_by(pattern), key=_breadth):
+            if not self._announced.covers(orphan):
+                self._announce(orphan)
                 lines.append(_announce(orphan, b"", 1))
         return lines + [b"LS- " + pattern + b"\r\n"]
 
@@ -396,14 +527,22 @@ class Backbone:
         elif op == b"LS-":
             self._remote_minus(rest.split())
         elif op == b"INFO":
+            try:
+                info = json.loads(rest)
+                if not isinstance(info, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                self._loop.drop_link(f"malformed INFO from the NATS server: {line[:60]!r}")
+                return
             with self._lock:
                 tls = self._status.server is not None and self._status.server.startswith("tls:")
-            self._learn(json.loads(rest), tls)
+            self._learn(info, tls)
         elif op == b"-ERR":
-            why = rest.decode(errors="replace").strip("' ")
+            # The server closes after most errors: the close reports this.
+            self._server_said = rest.decode(errors="replace").strip("' ")
             with self._lock:
-                self._status.last_error = f"the NATS server said: {why}"
-            log.warning("NATS link: the server said: %s", why)
+                self._status.last_error = f"the NATS server said: {self._server_said}"
+            log.warning("NATS link: the server said: %s", self._server_said)
         elif op != b"+OK":
             self._loop.drop_link(f"unexpected line from the NATS server: {line[:60]!r}")
 
@@ -447,6 +586,8 @@ class Backbone:
         log.info("NATS link: joined %s as leaf %s", server, self.name)
 
     def on_down(self, why: str) -> None:
+        if self._server_said is not None:
+            why, self._server_said = f"the NATS server said: {self._server_said}", None
         with self._lock:
             self._attached = False
             was = self._status.server
@@ -461,11 +602,11 @@ class Backbone:
             log.warning("NATS link to %s lost: %s; reconnecting", was, why)
 
 
-def _breadth(pattern: bytes) -> tuple[int, int]:
-    """Sort key putting broader patterns first: `>` ends, then fewer
-    tokens, then more `*`."""
+def _breadth(pattern: bytes) -> tuple[int, int, int]:
+    """Sort key putting a pattern before every pattern it covers: `>`
+    endings first, then fewer literal tokens, then fewer tokens."""
     tokens = pattern.split(b".")
-    return (0 if tokens[-1] == b">" else 1, len(tokens) - tokens.count(b"*"))
+    return (0 if tokens[-1] == b">" else 1, len(tokens) - tokens.count(b"*"), len(tokens))
 
 
 def _reason(exc: BaseException) -> str:

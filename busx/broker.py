@@ -390,7 +390,7 @@ class Broker:
             raise
         if self._backbone is not None:
             self._loop.enable_link(self._backbone, self.nats_buffer,
-                                   self._backbone.origin.encode())
+                                   self._backbone.origin.encode(), self._instance.encode())
             self._backbone.start(self._loop)
 
     def _listen_unix(self) -> None:
