@@ -35,6 +35,7 @@ from . import __version__
 from ._core import BrokerLoop
 from .errors import BusError, InvalidTopic
 from .nkeys import Credentials
+from .policy import pattern_contains
 from .tls import TlsContext, TlsStream, client_tls_context
 from .topics import INBOX_PREFIX, pattern_bytes
 
@@ -44,6 +45,7 @@ CONNECT_TIMEOUT = 2.0       # TCP connect plus the server's INFO
 BACKOFF_FIRST = 0.05        # seconds before the second round of attempts
 BACKOFF_MAX = 5.0
 MAX_INFO = 65536            # the longest INFO line read before CONNECT
+DEFAULT_MAX_PAYLOAD = 1 << 20   # nats-server's, when its INFO does not say
 # Subjects of NATS's own machinery: never busx topics, never announced.
 NATS_INTERNAL = (b"$LDS.", b"$SYS.", b"$JS.", b"$JSC.", b"$KV.", b"$O.", b"$G")
 SCHEMES = ("nats://", "nats-leaf://", "tls://")
@@ -102,17 +104,11 @@ def intersect(a: bytes, b: bytes) -> bytes | None:
 
 
 def covers(outer: bytes, inner: bytes) -> bool:
-    """Whether NATS delivers every subject matching inner to a subscription
-    on outer (NATS's matching: no busx rule about reserved topics)."""
-    outer_tokens, inner_tokens = outer.split(b"."), inner.split(b".")
-    for index, token in enumerate(outer_tokens):
-        if token == b">":
-            return index < len(inner_tokens)
-        if index >= len(inner_tokens) or inner_tokens[index] == b">":
-            return False
-        if token != b"*" and token != inner_tokens[index]:
-            return False
-    return len(outer_tokens) == len(inner_tokens)
+    """Whether every topic matching inner also matches outer, by busx's
+    rules: a first-token wildcard covers no reserved topic (`_INBOX.`), so
+    a local `>` never hides an inbox from the hub; the broker sending a
+    reply matches it against what the hub announced by the same rules."""
+    return pattern_contains(outer.decode(), inner.decode())
 
 
 class PatternTrie:
@@ -158,8 +154,9 @@ class PatternTrie:
         return self._covers(pattern.split(b"."), 0)
 
     def _covers(self, tokens: list[bytes], i: int) -> bool:
+        wild = i > 0 or not tokens[0].startswith(b"_")      # reserved: see covers()
         rest = self.children.get(b">")
-        if rest is not None and rest.here and i < len(tokens):
+        if wild and rest is not None and rest.here and i < len(tokens):
             return True
         if i == len(tokens):
             return self.here
@@ -167,7 +164,7 @@ class PatternTrie:
         if token == b">":
             return False        # only a ">" where it stands covers it
         star = self.children.get(b"*")
-        if star is not None and star._covers(tokens, i + 1):
+        if wild and star is not None and star._covers(tokens, i + 1):
             return True
         literal = self.children.get(token) if token != b"*" else None
         return literal is not None and literal._covers(tokens, i + 1)
@@ -187,10 +184,11 @@ class PatternTrie:
         token = outer[i]
         if token == b">":
             for name, child in self.children.items():
-                child._all(prefix + [name], found)
+                if i > 0 or not name.startswith(b"_"):      # reserved: see covers()
+                    child._all(prefix + [name], found)
         elif token == b"*":
             for name, child in self.children.items():
-                if name != b">":
+                if name != b">" and (i > 0 or not name.startswith(b"_")):
                     child._covered(outer, i + 1, prefix + [name], found)
         elif token in self.children:
             self.children[token]._covered(outer, i + 1, prefix + [token], found)
@@ -373,7 +371,7 @@ class Backbone:
             self._attached = True
             self._status.server = str(server)
             self._status.state = "joining"
-        self._loop.attach_link(stream.detach(), int(info.get("max_payload", 1 << 20)),
+        self._loop.attach_link(stream.detach(), info.get("max_payload", DEFAULT_MAX_PAYLOAD),
                                stream if isinstance(stream, TlsStream) else None)
         return True
 
@@ -433,13 +431,24 @@ class Backbone:
         line = data.split(b"\n", 1)[0].rstrip(b"\r")
         if not line.startswith(b"INFO "):
             raise BusError(f"expected INFO from the NATS server, got {line[:60]!r}")
-        return json.loads(line[5:])
+        info = json.loads(line[5:])
+        if not isinstance(info, dict):
+            raise BusError(f"the server's INFO is not a JSON object: {line[:60]!r}")
+        max_payload = info.get("max_payload", DEFAULT_MAX_PAYLOAD)
+        if type(max_payload) is not int or not 0 < max_payload < 1 << 40:
+            raise BusError(f"the server's INFO has no sensible max_payload: {max_payload!r}")
+        return info
 
     def _learn(self, info: dict, tls: bool) -> None:
         """Remember the cluster's other leafnode listeners, for failover
         (with TLS when the one that told us had it)."""
+        urls = info.get("leafnode_urls")
+        if not isinstance(urls, list):
+            return
         with self._lock:
-            for url in info.get("leafnode_urls") or ():
+            for url in urls:
+                if not isinstance(url, str):
+                    continue        # not a URL: nothing to learn from it
                 try:
                     server = parse_server(url, tls)
                 except BusError:
