@@ -113,7 +113,7 @@ def internal_errors(caplog, phases=("setup", "call")) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_internal_errors(request, caplog):
+def no_internal_errors(caplog):
     """Whatever the backbone is sent, the broker handles it: no callback
     of its fails ("broker callback failed")."""
     yield
