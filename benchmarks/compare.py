@@ -378,7 +378,7 @@ def across_hosts(quick: bool) -> None:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbone.py")
     done = subprocess.run([sys.executable, script] + (["--quick"] if quick else []))
     if done.returncode != 0:
-        print(f"(backbone.py failed with status {done.returncode})")
+        print(f"backbone.py failed: status {done.returncode}")
 
 
 def main() -> None:
