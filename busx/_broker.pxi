@@ -1352,19 +1352,19 @@ cdef class BrokerLoop:
         }
 
     cdef object _link_snapshot(self):
-        cdef NatsLink *l = self.link
+        cdef NatsLink *link = self.link
         return {
-            "state": ("down", "joining", "up")[l.state],
-            "msgs_out": l.msgs_out, "msgs_in": l.msgs_in,
-            "bytes_out": l.bytes_out, "bytes_in": l.bytes_in,
-            "dropped_too_large": l.dropped_too_large,
-            "dropped_buffer_full": l.dropped_buffer_full,
-            "dropped_invalid": l.dropped_invalid, "dropped_denied": l.dropped_denied,
-            "publisher_pauses": l.publisher_pauses,
-            "fds_lost": l.fds_lost,
-            "bytes_lost": l.bytes_lost, "max_payload": l.max_payload,
-            "buffered_bytes": buf_len(&l.pending) + (buf_len(&l.conn.wbuf) if l.conn != NULL else 0),
-            "remote_interest": l.remote.subscriptions,
+            "state": ("down", "joining", "up")[link.state],
+            "msgs_out": link.msgs_out, "msgs_in": link.msgs_in,
+            "bytes_out": link.bytes_out, "bytes_in": link.bytes_in,
+            "dropped_too_large": link.dropped_too_large,
+            "dropped_buffer_full": link.dropped_buffer_full,
+            "dropped_invalid": link.dropped_invalid, "dropped_denied": link.dropped_denied,
+            "publisher_pauses": link.publisher_pauses,
+            "fds_lost": link.fds_lost,
+            "bytes_lost": link.bytes_lost, "max_payload": link.max_payload,
+            "buffered_bytes": buf_len(&link.pending) + (buf_len(&link.conn.wbuf) if link.conn != NULL else 0),
+            "remote_interest": link.remote.subscriptions,
         }
 
     # ---- the NATS link (_link.pxi has its behaviour) ----
@@ -1406,23 +1406,23 @@ cdef class BrokerLoop:
     def remote_add(self, uint32_t sid, bytes pattern, bytes queue):
         """Interest elsewhere (an LS+ within nats_export), as subscription
         sid of the remote router. The loop thread only (from on_line)."""
-        cdef NatsLink *l = self.link
+        cdef NatsLink *link = self.link
         cdef Subscription *s = new_subscription(NULL, sid, queue, len(queue))
         if s == NULL:
             raise MemoryError()
-        if sid_insert(&l.sids, s) < 0:
+        if sid_insert(&link.sids, s) < 0:
             subscription_free(s)
             raise MemoryError()
-        if router_add(&l.remote, s, pattern, len(pattern)) < 0:
-            sid_delete(&l.sids, s)
+        if router_add(&link.remote, s, pattern, len(pattern)) < 0:
+            sid_delete(&link.sids, s)
             subscription_free(s)
             raise MemoryError()
 
     def remote_remove(self, uint32_t sid):
         """Interest elsewhere withdrawn (LS-, or not in a new snapshot)."""
-        cdef NatsLink *l = self.link
-        cdef Subscription *s = sid_find(&l.sids, sid)
+        cdef NatsLink *link = self.link
+        cdef Subscription *s = sid_find(&link.sids, sid)
         if s != NULL:
-            sid_delete(&l.sids, s)
-            router_remove(&l.remote, s)
+            sid_delete(&link.sids, s)
+            router_remove(&link.remote, s)
             subscription_free(s)

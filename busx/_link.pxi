@@ -45,17 +45,17 @@ cdef Conn *link_open(BrokerLoop loop, int fd, SSL *tls) noexcept nogil:
 cdef void link_attach(BrokerLoop loop, int fd, size_t max_payload, SSL *tls) noexcept nogil:
     """The connector has sent CONNECT on fd: announce our interest, PING
     (the hub's PONG ends its snapshot of interest: LINK_UP), read on."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     cdef Conn *c
-    if l.conn != NULL:
-        loop._close_conn(l.conn)
+    if link.conn != NULL:
+        loop._close_conn(link.conn)
     c = link_open(loop, fd, tls)
     if c == NULL:
         link_py_down(loop, b"cannot register the link's socket")
         return
-    l.conn = c
-    l.state = LINK_JOINING
-    l.max_payload = max_payload
+    link.conn = c
+    link.state = LINK_JOINING
+    link.max_payload = max_payload
     if link_py_hello(loop, c) < 0:
         link_lose(loop, b"could not announce this broker's interest")
         return
@@ -66,56 +66,56 @@ cdef void link_attach(BrokerLoop loop, int fd, size_t max_payload, SSL *tls) noe
 cdef void link_up(BrokerLoop loop) noexcept nogil:
     """The hub answered our first PING: it holds our interest and we hold
     its snapshot. What waited in the outage buffer goes now, in order."""
-    cdef NatsLink *l = loop.link
-    l.state = LINK_UP
-    if buf_len(&l.pending):
-        if buf_append(&l.conn.wbuf, l.pending.data + l.pending.start, buf_len(&l.pending)) < 0:
+    cdef NatsLink *link = loop.link
+    link.state = LINK_UP
+    if buf_len(&link.pending):
+        if buf_append(&link.conn.wbuf, link.pending.data + link.pending.start, buf_len(&link.pending)) < 0:
             link_lose(loop, b"out of memory")
             return
-        buf_free(&l.pending)
-        loop._mark_dirty(l.conn)
+        buf_free(&link.pending)
+        loop._mark_dirty(link.conn)
     link_py_event(loop, b"up")
 
 
 cdef void link_lose(BrokerLoop loop, const char *why) noexcept nogil:
     """Give the connection up (the connector reconnects): why is logged."""
-    cdef NatsLink *l = loop.link
-    if l.conn == NULL:
+    cdef NatsLink *link = loop.link
+    if link.conn == NULL:
         return
-    snprintf(l.why, sizeof(l.why), b"%s", why)
-    loop._close_conn(l.conn)
+    snprintf(link.why, sizeof(link.why), b"%s", why)
+    loop._close_conn(link.conn)
 
 
 cdef void link_closed(BrokerLoop loop, Conn *c) noexcept nogil:
     """_close_conn closed the link's connection. Its unsent bytes are lost
     (counted); interest stays known until the next snapshot replaces it,
     so messages for the backbone wait in the outage buffer meanwhile."""
-    cdef NatsLink *l = loop.link
-    if l == NULL or l.conn != c:
+    cdef NatsLink *link = loop.link
+    if link == NULL or link.conn != c:
         return
-    l.bytes_lost += buf_len(&c.wbuf)
-    l.conn = NULL
-    l.state = LINK_DOWN
-    l.skip = 0
-    if l.publishers_wait:
+    link.bytes_lost += buf_len(&c.wbuf)
+    link.conn = NULL
+    link.state = LINK_DOWN
+    link.skip = 0
+    if link.publishers_wait:
         link_drained(loop, NULL)    # an outage holds no one
-    while l.pings_count:        # their flushes cannot learn more: answered now
+    while link.pings_count:        # their flushes cannot learn more: answered now
         link_pong(loop)
-    if not l.why[0]:
-        snprintf(l.why, sizeof(l.why), b"the NATS server closed the connection")
-    link_py_down(loop, l.why)
-    l.why[0] = 0
+    if not link.why[0]:
+        snprintf(link.why, sizeof(link.why), b"the NATS server closed the connection")
+    link_py_down(loop, link.why)
+    link.why[0] = 0
 
 
 cdef bint link_beat(BrokerLoop loop, Conn *c, double now) noexcept nogil:
     """Every heartbeat sweep: PING the hub once a heartbeat; give the link
     up after three heartbeats without a byte from it. False when it was
     closed (its slot in the table now holds another connection)."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     if now - c.last_in_ms >= 3 * loop.heartbeat_ms:
         link_lose(loop, b"no word from the NATS server for three heartbeats")
         return False
-    if now - l.last_ping_ms >= loop.heartbeat_ms:
+    if now - link.last_ping_ms >= loop.heartbeat_ms:
         link_ping(loop, 0, 0)
     return True
 
@@ -123,18 +123,18 @@ cdef bint link_beat(BrokerLoop loop, Conn *c, double now) noexcept nogil:
 cdef bint link_ping(BrokerLoop loop, uint32_t conn_id, uint32_t ping_id) noexcept nogil:
     """PING the hub, for a client's backbone flush (conn_id, ping_id) or
     for ourselves (0, 0). False when too many PINGs are unanswered."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     cdef LinkPing *entry
-    if l.conn == NULL or l.pings_count == NATS_MAX_PINGS:
+    if link.conn == NULL or link.pings_count == NATS_MAX_PINGS:
         return False
-    if buf_append(&l.conn.wbuf, b"PING\r\n", 6) < 0:
+    if buf_append(&link.conn.wbuf, b"PING\r\n", 6) < 0:
         return False
-    entry = &l.pings[(l.pings_head + l.pings_count) % NATS_MAX_PINGS]
+    entry = &link.pings[(link.pings_head + link.pings_count) % NATS_MAX_PINGS]
     entry.conn_id = conn_id
     entry.ping_id = ping_id
-    l.pings_count += 1
-    l.last_ping_ms = loop.turn_ms
-    loop._mark_dirty(l.conn)
+    link.pings_count += 1
+    link.last_ping_ms = loop.turn_ms
+    loop._mark_dirty(link.conn)
     return True
 
 
@@ -142,16 +142,16 @@ cdef void link_pong(BrokerLoop loop) noexcept nogil:
     """The hub answered our oldest PING: everything we sent before it is
     in the hub's hands. The first ends the joining; one for a client's
     backbone flush answers that flush."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     cdef LinkPing entry
     cdef size_t i
     cdef Conn *c
-    if l.pings_count == 0:
+    if link.pings_count == 0:
         return          # not ours to count: ignored
-    entry = l.pings[l.pings_head]
-    l.pings_head = (l.pings_head + 1) % NATS_MAX_PINGS
-    l.pings_count -= 1
-    if l.state == LINK_JOINING:
+    entry = link.pings[link.pings_head]
+    link.pings_head = (link.pings_head + 1) % NATS_MAX_PINGS
+    link.pings_count -= 1
+    if link.state == LINK_JOINING:
         link_up(loop)
     if entry.conn_id == 0:
         return
@@ -248,7 +248,7 @@ cdef void link_route(BrokerLoop loop, Conn *c, NatsMsg *m, const char *body) noe
     """Deliver a message from the hub to the local subscribers it names:
     every plain subscription that matches, and one member of each queue
     group the hub chose this broker for. Never back to the hub."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     cdef FrameView f
     cdef RouteSlot *slot
     cdef FdPayload inline_payload
@@ -259,23 +259,23 @@ cdef void link_route(BrokerLoop loop, Conn *c, NatsMsg *m, const char *body) noe
     f.payload = body + m.hdr_len
     f.payload_len = m.total_len - m.hdr_len
     if m.subject_len > MAX_NAME or not loop._topic_ok(m.subject, m.subject_len):
-        l.dropped_invalid += 1
+        link.dropped_invalid += 1
         return
     f.topic = m.subject
     f.topic_len = <uint8_t>m.subject_len
     if m.reply != NULL and m.reply_len <= MAX_NAME and loop._topic_ok(m.reply, m.reply_len):
         f.reply = m.reply
         f.reply_len = <uint8_t>m.reply_len
-    c.stamp_len = <uint8_t>nats_sender_stamp(l, body, m.hdr_len, &f.fds_lost)
-    memcpy(c.stamp, l.remote_stamp, c.stamp_len)
+    c.stamp_len = <uint8_t>nats_sender_stamp(link, body, m.hdr_len, &f.fds_lost)
+    memcpy(c.stamp, link.remote_stamp, c.stamp_len)
     if frame_size(f.topic_len, f.reply_len, c.stamp_len, f.payload_len) > loop.max_frame:
-        l.dropped_too_large += 1
+        link.dropped_too_large += 1
         return
     if loop.check_publish and not link_py_may_deliver(loop, c, &f):
-        l.dropped_denied += 1
+        link.dropped_denied += 1
         return
-    l.msgs_in += 1
-    l.bytes_in += f.payload_len
+    link.msgs_in += 1
+    link.bytes_in += f.payload_len
     slot = router_lookup(&loop.router, f.topic, f.topic_len)
     if slot == NULL:
         return
@@ -307,7 +307,7 @@ cdef void link_send(BrokerLoop loop, Conn *src, FrameView *f, RouteSlot *local,
     nats_export lets it): plain interest, or a queue group with no member
     here (members here are preferred, and already have it). Past the
     server's max_payload, or nats_buffer, it is dropped and counted."""
-    cdef NatsLink *l = loop.link
+    cdef NatsLink *link = loop.link
     cdef RouteSlot *remote
     cdef Subscription *queues[NATS_MAX_QUEUES]
     cdef int nqueues = 0
@@ -316,9 +316,9 @@ cdef void link_send(BrokerLoop loop, Conn *src, FrameView *f, RouteSlot *local,
     cdef const char *payload
     cdef int user_fds = f.nfds - (big.fd >= 0)
     cdef Buffer *out
-    if l.remote.subscriptions == 0:
+    if link.remote.subscriptions == 0:
         return
-    remote = router_lookup(&l.remote, f.topic, f.topic_len)
+    remote = router_lookup(&link.remote, f.topic, f.topic_len)
     if remote == NULL:
         return
     while i < remote.nsubs:
@@ -337,24 +337,24 @@ cdef void link_send(BrokerLoop loop, Conn *src, FrameView *f, RouteSlot *local,
         payload, payload_len = loop.delivery.fd_payload.data, big.size
     else:
         payload, payload_len = f.payload, f.payload_len
-    if nats_header_size(l, src.stamp_len, user_fds) + payload_len > l.max_payload:
-        l.dropped_too_large += 1
+    if nats_header_size(link, src.stamp_len, user_fds) + payload_len > link.max_payload:
+        link.dropped_too_large += 1
         return
-    out = &l.conn.wbuf if l.state == LINK_UP else &l.pending
-    if buf_len(out) + payload_len > l.buffer_max:
-        l.dropped_buffer_full += 1
+    out = &link.conn.wbuf if link.state == LINK_UP else &link.pending
+    if buf_len(out) + payload_len > link.buffer_max:
+        link.dropped_buffer_full += 1
         return
-    if nats_write_msg(l, out, f.topic, f.topic_len, f.reply, f.reply_len, queues, nqueues,
+    if nats_write_msg(link, out, f.topic, f.topic_len, f.reply, f.reply_len, queues, nqueues,
                       src.stamp, src.stamp_len, user_fds + f.fds_lost,
                       payload, payload_len) < 0:
-        l.dropped_buffer_full += 1
+        link.dropped_buffer_full += 1
         return
-    l.msgs_out += 1
-    l.bytes_out += payload_len
-    l.fds_lost += user_fds
-    if l.state == LINK_UP:
-        loop._mark_dirty(l.conn)
-        if buf_len(out) > l.buffer_max // 2 and not src.waits_for_link:
+    link.msgs_out += 1
+    link.bytes_out += payload_len
+    link.fds_lost += user_fds
+    if link.state == LINK_UP:
+        loop._mark_dirty(link.conn)
+        if buf_len(out) > link.buffer_max // 2 and not src.waits_for_link:
             link_hold(loop, src)
 
 

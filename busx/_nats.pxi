@@ -29,35 +29,35 @@ cdef size_t NATIVE_STAMP_LEN = 12
 cdef NatsLink *nats_link_new(size_t buffer_max, const char *origin, size_t origin_len,
                              const char *instance) noexcept nogil:
     """instance: NATS_INSTANCE_LEN characters naming this broker."""
-    cdef NatsLink *l = <NatsLink *>calloc(1, sizeof(NatsLink))
-    if l == NULL:
+    cdef NatsLink *link = <NatsLink *>calloc(1, sizeof(NatsLink))
+    if link == NULL:
         return NULL
-    l.pings = <LinkPing *>calloc(NATS_MAX_PINGS, sizeof(LinkPing))
-    if l.pings == NULL or router_init(&l.remote) < 0:
-        free(l.pings)
-        free(l)
+    link.pings = <LinkPing *>calloc(NATS_MAX_PINGS, sizeof(LinkPing))
+    if link.pings == NULL or router_init(&link.remote) < 0:
+        free(link.pings)
+        free(link)
         return NULL
-    l.buffer_max = buffer_max
-    l.max_payload = 1 << 20         # nats-server's default, until its INFO says
-    l.origin_len = <uint8_t>min(origin_len, <size_t>NATS_MAX_ORIGIN)
-    memcpy(l.origin, origin, l.origin_len)
-    memcpy(l.instance, instance, NATS_INSTANCE_LEN)
-    return l
+    link.buffer_max = buffer_max
+    link.max_payload = 1 << 20         # nats-server's default, until its INFO says
+    link.origin_len = <uint8_t>min(origin_len, <size_t>NATS_MAX_ORIGIN)
+    memcpy(link.origin, origin, link.origin_len)
+    memcpy(link.instance, instance, NATS_INSTANCE_LEN)
+    return link
 
 
-cdef void nats_link_free(NatsLink *l) noexcept nogil:
+cdef void nats_link_free(NatsLink *link) noexcept nogil:
     cdef size_t i
-    if l == NULL:
+    if link == NULL:
         return
-    for i in range(l.sids.cap):
-        if l.sids.slots[i] != NULL:
-            router_remove(&l.remote, l.sids.slots[i])
-            subscription_free(l.sids.slots[i])
-    sid_free(&l.sids)
-    router_free(&l.remote)
-    buf_free(&l.pending)
-    free(l.pings)
-    free(l)
+    for i in range(link.sids.cap):
+        if link.sids.slots[i] != NULL:
+            router_remove(&link.remote, link.sids.slots[i])
+            subscription_free(link.sids.slots[i])
+    sid_free(&link.sids)
+    router_free(&link.remote)
+    buf_free(&link.pending)
+    free(link.pings)
+    free(link)
 
 
 cdef inline bint nats_space(char c) noexcept nogil:
@@ -225,14 +225,14 @@ cdef inline bint printable(const char *p, size_t n) noexcept nogil:
     return True
 
 
-cdef size_t native_stamp(NatsLink *l) noexcept nogil:
-    memcpy(l.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
+cdef size_t native_stamp(NatsLink *link) noexcept nogil:
+    memcpy(link.remote_stamp, NATIVE_STAMP, NATIVE_STAMP_LEN)
     return NATIVE_STAMP_LEN
 
 
-cdef size_t nats_sender_stamp(NatsLink *l, const char *hdr, size_t hdr_len,
+cdef size_t nats_sender_stamp(NatsLink *link, const char *hdr, size_t hdr_len,
                               uint8_t *fds_lost) noexcept nogil:
-    """The stamp of a message from NATS, written into l.remote_stamp: its
+    """The stamp of a message from NATS, written into link.remote_stamp: its
     broker's stamp with that broker's origin appended; or [None x 6,
     "nats"] for a native client, for headers that do not parse, and for
     headers naming this very broker (a leaf's own messages never come back:
@@ -247,7 +247,7 @@ cdef size_t nats_sender_stamp(NatsLink *l, const char *hdr, size_t hdr_len,
     cdef int hi, lo
     fds_lost[0] = 0
     if hdr_len == 0:
-        return native_stamp(l)
+        return native_stamp(link)
     lost = nats_header(hdr, hdr_len, HEADER_FDS_LOST, &lost_len)
     if lost != NULL and nats_size(lost, lost_len, &lost_value):
         fds_lost[0] = <uint8_t>min(lost_value, <size_t>255)
@@ -259,34 +259,34 @@ cdef size_t nats_sender_stamp(NatsLink *l, const char *hdr, size_t hdr_len,
             or origin_len == 0 or origin_len > NATS_MAX_ORIGIN or n + 2 + origin_len > MAX_NAME
             or not printable(origin, origin_len)
             or (broker != NULL and broker_len == NATS_INSTANCE_LEN
-                and memcmp(broker, l.instance, NATS_INSTANCE_LEN) == 0)):
-        return native_stamp(l)
+                and memcmp(broker, link.instance, NATS_INSTANCE_LEN) == 0)):
+        return native_stamp(link)
     for i in range(n):
         hi = hex_value(stamp_hex[2 * i])
         lo = hex_value(stamp_hex[2 * i + 1])
         if hi < 0 or lo < 0:
-            return native_stamp(l)
-        l.remote_stamp[i] = <char>(hi * 16 + lo)
-    if not stamp_is_valid(<const uint8_t *>l.remote_stamp, n):
-        return native_stamp(l)
-    l.remote_stamp[0] = <char>STAMP_ARRAY7
-    l.remote_stamp[n] = <char>0xd9         # str 8: the origin
-    l.remote_stamp[n + 1] = <char>origin_len
-    memcpy(l.remote_stamp + n + 2, origin, origin_len)
+            return native_stamp(link)
+        link.remote_stamp[i] = <char>(hi * 16 + lo)
+    if not stamp_is_valid(<const uint8_t *>link.remote_stamp, n):
+        return native_stamp(link)
+    link.remote_stamp[0] = <char>STAMP_ARRAY7
+    link.remote_stamp[n] = <char>0xd9         # str 8: the origin
+    link.remote_stamp[n + 1] = <char>origin_len
+    memcpy(link.remote_stamp + n + 2, origin, origin_len)
     return n + 2 + origin_len
 
 
-cdef size_t nats_header_size(NatsLink *l, size_t stamp_len, int fds_lost) noexcept nogil:
+cdef size_t nats_header_size(NatsLink *link, size_t stamp_len, int fds_lost) noexcept nogil:
     # NATS/1.0\r\n  Busx-Origin: o\r\n  Busx-Broker: id\r\n  Busx-Stamp: hex\r\n
     # [Busx-Fds-Lost: n\r\n]  \r\n
-    cdef size_t size = (10 + 13 + l.origin_len + 2 + 13 + NATS_INSTANCE_LEN + 2
+    cdef size_t size = (10 + 13 + link.origin_len + 2 + 13 + NATS_INSTANCE_LEN + 2
                         + 12 + 2 * stamp_len + 2 + 2)
     if fds_lost:
         size += 15 + 3 + 2
     return size
 
 
-cdef int nats_write_msg(NatsLink *l, Buffer *out, const char *topic, size_t topic_len,
+cdef int nats_write_msg(NatsLink *link, Buffer *out, const char *topic, size_t topic_len,
                         const char *reply, size_t reply_len,
                         Subscription **queues, int nqueues,
                         const char *stamp, size_t stamp_len, int fds_lost,
@@ -294,7 +294,7 @@ cdef int nats_write_msg(NatsLink *l, Buffer *out, const char *topic, size_t topi
     """Append one HMSG for the backbone: the message, its sender stamp and
     origin in headers, and the queue groups it is for. -1 when memory runs
     out."""
-    cdef size_t hdr_len = nats_header_size(l, stamp_len, fds_lost)
+    cdef size_t hdr_len = nats_header_size(link, stamp_len, fds_lost)
     cdef size_t line_max = 5 + topic_len + 3 + reply_len + 24 + 24
     cdef size_t i
     cdef int k, n
@@ -329,11 +329,11 @@ cdef int nats_write_msg(NatsLink *l, Buffer *out, const char *topic, size_t topi
     p += n
     memcpy(p, b"NATS/1.0\r\nBusx-Origin: ", 23)
     p += 23
-    memcpy(p, l.origin, l.origin_len)
-    p += l.origin_len
+    memcpy(p, link.origin, link.origin_len)
+    p += link.origin_len
     memcpy(p, b"\r\nBusx-Broker: ", 15)
     p += 15
-    memcpy(p, l.instance, NATS_INSTANCE_LEN)
+    memcpy(p, link.instance, NATS_INSTANCE_LEN)
     p += NATS_INSTANCE_LEN
     memcpy(p, b"\r\nBusx-Stamp: ", 14)
     p += 14

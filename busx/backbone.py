@@ -262,6 +262,7 @@ class Backbone:
         # _lock: shared by the connector and the loop's callbacks.
         self._status = LinkStatus(servers=list(configured))
         self._attached = False          # the loop owns a connection (or is being given one)
+        self._was_up = False            # ... and it got up: relink without waiting
         self._connecting: socket.socket | None = None   # the connector's socket until attached
         self._stopping = False
         # The loop thread's: local interest, (pattern, queue) -> local
@@ -309,24 +310,28 @@ class Backbone:
     # ---- the connector thread ----
 
     def _connect_forever(self) -> None:
+        """Link, and relink whenever the loop reports the link lost: at once
+        after a link that was up, else after a jittered backoff (50 ms
+        doubling to 5 s) between rounds over every known server, so a
+        server that refuses us (credentials, loop detection) is not
+        hammered."""
         attempt = 0
         while True:
             with self._lock:
                 while self._attached and not self._stopping:
                     self._wake.wait()
+                if self._was_up:
+                    attempt, self._was_up = 0, False
+                if attempt and not self._stopping:
+                    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
+                    self._wake.wait(delay * random.uniform(0.5, 1.0))
                 if self._stopping:
                     return
                 servers = list(self._status.servers)
+            attempt += 1
             for server in servers:
                 if self._join(server):
-                    attempt = 0
                     break
-            else:
-                attempt += 1
-                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
-                with self._lock:
-                    if not self._stopping:
-                        self._wake.wait(delay * random.uniform(0.5, 1.0))
 
     def _join(self, server: Server) -> bool:
         """Connect to one server and hand the socket to the loop: True when
@@ -591,6 +596,7 @@ class Backbone:
                     self._loop.remote_remove(sid)
         with self._lock:
             self._status.state = "up"
+            self._was_up = True
             server = self._status.server
         log.info("NATS link: joined %s as leaf %s", server, self.name)
 

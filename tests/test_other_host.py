@@ -119,7 +119,7 @@ def test_client_on_another_host_talks_through_tcp(hosts, tmp_path, stop_later, v
     assert report["transport"] == config["expected"]
     # The UNIX publisher is stamped with SO_PEERCRED, whichever way the client came.
     assert report["local"] == ["oh.local", "hello remote",
-                               [os.getpid(), os.getuid(), os.getgid(), None, None]]
+                               [os.getpid(), os.getuid(), os.getgid(), None, None, None]]
     [remote] = from_remote
     assert remote.data == "hello from afar"
     [seen] = report["seen_by_broker"]
