@@ -708,7 +708,7 @@ cdef class BrokerLoop:
         elif (src.last_slot != NULL and slot_current(&self.router, src.last_slot, src.last_version)
                 and f.topic_len == src.last_topic_len
                 and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
-            self._deliver_all(src, f, src.last_slot, fds, &big)
+            self._deliver_all(src, f, src.last_slot, fds, &big, NULL)
         elif not self._topic_ok(f.topic, f.topic_len):
             self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
         elif self.check_publish and not self._may_publish(src, f):
@@ -722,7 +722,7 @@ cdef class BrokerLoop:
                 src.last_topic_len = f.topic_len
                 src.last_slot = slot
                 src.last_version = slot.version
-                self._deliver_all(src, f, slot, fds, &big)
+                self._deliver_all(src, f, slot, fds, &big, NULL)
         for k in range(f.nfds):
             close(fds[k])
         unload_payload(&self.delivery, &big)
@@ -761,7 +761,7 @@ cdef class BrokerLoop:
         self._mark_dirty(c)
 
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
-                           int *fds, FdPayload *big, NatsMsg *from_nats=NULL) noexcept nogil:
+                           int *fds, FdPayload *big, NatsMsg *from_nats) noexcept nogil:
         """Deliver to every matching subscription; one member per queue
         group (from NATS: per group the hub named). Then to the backbone,
         when someone elsewhere wants a local message."""

@@ -672,7 +672,7 @@ cdef class BrokerLoop:
                                FdPayload *big) noexcept nogil
     cdef void _report_fd_bytes_taken(self, Conn *c) noexcept nogil
     cdef void _deliver_all(self, Conn *src, FrameView *f, RouteSlot *slot,
-                           int *fds, FdPayload *big, NatsMsg *from_nats=*) noexcept nogil
+                           int *fds, FdPayload *big, NatsMsg *from_nats) noexcept nogil
     cdef void _delivery_failed(self, Conn *dst, int result) noexcept nogil
     cdef bint _topic_ok(self, const char *topic, size_t length) noexcept nogil
     cdef bint _reply_ok(self, FrameView *f) noexcept nogil
