@@ -57,10 +57,17 @@ cdef class Message:
     @property
     def data(self):
         if self._data is _UNDECODED:
-            if self._raw is None:
-                self._data = decode_payload(self.mapped, self.size, None)
-            else:
-                self._data = decode_payload(self._raw, len(self._raw), self._raw)
+            try:
+                if self._raw is None:
+                    self._data = decode_payload(self.mapped, self.size, None)
+                else:
+                    self._data = decode_payload(self._raw, len(self._raw), self._raw)
+            except (ValueError, msgpack.UnpackException) as exc:
+                # Not msgpack: a native NATS client's bytes, say (docs/backbone.md).
+                raise ValueError(
+                    f"the payload of this {self.topic!r} message is not msgpack "
+                    f"({type(exc).__name__}: {exc}); msg.raw has its {self.size} bytes "
+                    f"as sent") from exc
         return self._data
 
     @property

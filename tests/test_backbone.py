@@ -777,6 +777,30 @@ def test_nats_py_publishes_to_busx_subscribers_on_two_brokers(nats_server, hosts
     assert link(a)["msgs_out"] == link(b)["msgs_out"] == 0
 
 
+@pytest.mark.parametrize("payload, why", [
+    (b"hello world", "ExtraData"), (b"\xc1", "FormatError"), (b"", "incomplete"),
+])
+def test_a_payload_that_is_not_msgpack_arrives_raw_and_data_says_why(nats_server, hosts,
+                                                                     payload, why):
+    a = hosts.broker("hostA", nats_server.leaf_url)
+    bus = hosts.client(a)
+    sub = bus.subscribe("plain.text")
+    settle(bus)
+
+    async def scenario():
+        nc = await nats_connect(nats_server)
+        await nc.publish("plain.text", payload)
+        await nc.flush()
+        await nc.close()
+
+    run(scenario())
+    msg = sub.recv(timeout=5)
+    assert msg.raw == payload
+    with pytest.raises(ValueError, match=f"'plain.text' message is not msgpack .*{why}.*"
+                                         f"msg.raw has its {len(payload)} bytes"):
+        msg.data
+
+
 def test_nats_py_subscribes_to_a_busx_publisher(nats_server, hosts):
     a = hosts.broker("hostA", nats_server.leaf_url)
     pub = hosts.client(a)
