@@ -320,7 +320,7 @@ class BrokerProcess:
         self.stderr_path = os.path.join(directory, f"broker-{name}.log")
         with open(self.stderr_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "busx", "serve", "--unix", path,
+                [sys.executable, "-P", "-m", "busx", "serve", "--unix", path,
                  *(["--nats", nats] if nats else []),
                  *(["--nats-buffer", nats_buffer] if nats and nats_buffer else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,

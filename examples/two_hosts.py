@@ -52,7 +52,7 @@ def wait_until(predicate, what: str, timeout: float = 10.0):
 
 def start_broker(directory: str, host: str, leaf_url: str) -> subprocess.Popen:
     env = dict(os.environ, BUSX_HOST_ID=host)
-    return subprocess.Popen([sys.executable, "-m", "busx", "serve",
+    return subprocess.Popen([sys.executable, "-P", "-m", "busx", "serve",
                              "--unix", os.path.join(directory, "bus.sock"),
                              "--nats", leaf_url], env=env)
 

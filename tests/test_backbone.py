@@ -989,11 +989,14 @@ def test_failover_to_another_cluster_node(tmp_path, hosts, configured):
             pub_a.publish("fo.x", i)
         assert [m.data for m in recv_n(sub_b, 100)] == list(range(100))
 
+        killed = time.monotonic()
         cluster[0].kill()
         for i in range(100, 200):          # in flight: may be lost, never doubled
             pub_a.publish("fo.x", i)
         wait_for(lambda: link(a)["reconnects"] >= 1 and link(a)["state"] == "up",
                  timeout=5, message=f"A did not relink: {link(a)}")
+        # Up means the new node answered the PING after A's LS+: it holds A's interest.
+        assert time.monotonic() - killed < 2.0
         assert link(a)["server"] != first
         assert link(a)["remote_interest"] >= 1      # B's, from the new node's snapshot
         # A's interest reaches B's node one route hop later.
