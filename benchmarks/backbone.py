@@ -40,11 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import datetime
 import json
 import os
-import platform
-import select
 import shutil
 import signal
 import statistics
@@ -52,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 
 import msgpack
 
@@ -237,7 +233,7 @@ def _die_with_parent() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-class Worker:
+class Worker(peers.Peer):
     """One worker process (a peers.py role or one of this file's), with the
     interface peers.Transfer expects: read(), tell(), finish(), kill().
     stderr goes to a file in the run's directory (a chatty broker must not
@@ -245,6 +241,8 @@ class Worker:
 
     directory = ""
 
+    # Starts its process its own way (stderr to a file, its environment), so
+    # peers.Peer.__init__ is not called; read() and tell() are Peer's.
     def __init__(self, role: str, *args, script: str = SELF, env: dict | None = None,
                  timeout: float = READY_TIMEOUT) -> None:
         self.role = role
@@ -262,34 +260,12 @@ class Worker:
     def stderr_tail(self) -> str:
         return file_tail(self.stderr_path)
 
-    def read(self, timeout: float = 60.0) -> dict:
-        stdout = self.process.stdout
-        readable, _, _ = select.select([stdout], [], [], timeout)
-        line = stdout.readline() if readable else b""
-        if not line:
-            self.kill()
-            raise peers.PeerError(f"{self.role} worker said nothing within {timeout}s"
-                                  f"{': ' + self.stderr_tail() if self.stderr_tail() else ''}")
-        return json.loads(line)
-
-    def tell(self, word: str) -> None:
-        self.process.stdin.write(word.encode() + b"\n")
-
     def finish(self, timeout: float = 10.0) -> None:
-        try:
-            self.process.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        super().finish(timeout)
         _live.pop(self.pid, None)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        super().kill()
         _live.pop(self.pid, None)
 
 
@@ -644,24 +620,8 @@ def print_report(results: dict, rounds: int, count: int, pings: int) -> list[tup
 
 
 def machine_lines(server_version: str) -> list[str]:
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return [
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
-        f"- nproc: {len(os.sched_getaffinity(0))}; CPU: {cpu}; kernel: {platform.release()}; "
-        f"load average at start: {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}; busx {version('busx')}; msgpack "
-        f"{version('msgpack')}; nats-py {version('nats-py')}; nats-server {server_version}",
-    ]
+    return peers.machine_lines(f"nats-py {peers.package_version('nats-py')}; "
+                               f"nats-server {server_version}")
 
 
 def on_sigterm(signum, frame) -> None:

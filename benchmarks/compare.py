@@ -17,10 +17,8 @@ Prints Markdown tables for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
@@ -51,29 +48,11 @@ class Row:
 
 
 def machine_lines() -> list[str]:
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     libzmq = "not installed"
     if peers.zmq_available():
         import zmq
         libzmq = zmq.zmq_version()
-    nproc = len(os.sched_getaffinity(0))     # what `nproc` prints
-    return [
-        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
-        f"- nproc: {nproc}; CPU: {cpu}; kernel: {platform.release()}; "
-        f"load average at start: {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}; busx {version('busx')}; "
-        f"msgpack {version('msgpack')}; pyzmq {version('pyzmq')} (libzmq {libzmq})",
-    ]
+    return peers.machine_lines(f"pyzmq {peers.package_version('pyzmq')} (libzmq {libzmq})")
 
 
 def build_c(directory: str, source: str) -> tuple[str | None, str]:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import datetime
 import json
 import os
+import platform
 import select
 import signal
 import socket
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import msgpack
 
@@ -429,6 +432,34 @@ class PeerError(RuntimeError):
     pass
 
 
+def package_version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine_lines(others: str) -> list[str]:
+    """The run's machine and software, as BENCHMARKS.md shows them; others:
+    the versions of the other systems in the run."""
+    nproc = len(os.sched_getaffinity(0))     # what `nproc` prints
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+        f"- nproc: {nproc}; CPU: {cpu_model()}; kernel: {platform.release()}; "
+        f"load average at start: {os.getloadavg()[0]:.2f}",
+        f"- Python {platform.python_version()}; busx {package_version('busx')}; "
+        f"msgpack {package_version('msgpack')}; {others}",
+    ]
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) process pid has used so far."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -456,8 +487,11 @@ class Peer:
         if not line:
             self.kill()
             raise PeerError(f"{self.role} worker said nothing within {timeout}s: "
-                            f"{self.process.stderr.read()[-2000:].decode(errors='replace')}")
+                            f"{self.stderr_tail()}")
         return json.loads(line)
+
+    def stderr_tail(self) -> str:
+        return self.process.stderr.read()[-2000:].decode(errors="replace")
 
     def tell(self, word: str) -> None:
         self.process.stdin.write(word.encode() + b"\n")
