@@ -206,7 +206,7 @@ def within(pattern: bytes, allowed: Sequence[bytes]) -> list[bytes]:
     reserved topics never; else pattern's intersection with each allowed
     pattern that is a valid busx pattern."""
     if pattern.startswith(INBOX_PREFIX.encode()):
-        return [pattern]
+        return [pattern] if _valid_pattern(pattern) else []
     if pattern.startswith(b"_") or pattern.startswith(NATS_INTERNAL):
         return []
     parts = []

@@ -1465,6 +1465,17 @@ def test_good_credentials_join(tmp_path, hosts):
         assert sub.recv(timeout=5).data == 1
 
 
+def test_interest_the_hub_gets_wrong_is_ignored(hosts, fake_hub):
+    """LS+ for subjects that are no busx pattern (empty tokens, an inbox
+    with one) is not routed on; the link stays up and the valid one counts."""
+    broker, fake = joined(hosts, fake_hub)
+    before = link(broker)["remote_interest"]
+    fake.send(b"LS+ _INBOX.a..b\r\nLS+ foo..x\r\nLS+ ok.*\r\nPING\r\n")
+    assert fake.line() == b"PONG"
+    assert link(broker)["remote_interest"] == before + 1
+    assert link(broker)["state"] == "up" and link(broker)["reconnects"] == 0
+
+
 def test_messages_the_hub_gets_wrong_are_dropped_and_counted(hosts, fake_hub):
     broker, fake = joined(hosts, fake_hub)
     sub = hosts.client(broker).subscribe(">")
