@@ -240,10 +240,12 @@ class Backbone:
     def __init__(self, urls: Sequence[str], export: Sequence[str], import_: Sequence[str],
                  user: str | None, password: str | None, token: str | None,
                  origin: str, name: str, tls: TlsContext | None = None,
-                 creds: Credentials | None = None) -> None:
+                 creds: Credentials | None = None, max_interest: int = 1_000_000) -> None:
         """tls: trust and identity for TLS to the servers (None: the
         system's CAs, no client certificate). creds: an nkey (and JWT) that
-        signs the server's nonce."""
+        signs the server's nonce. max_interest: the most subjects (with
+        queue groups) of remote interest kept; past it a server's LS+ is
+        refused and counted (the broker's max_subscriptions)."""
         if not urls:
             raise BusError("nats= needs at least one NATS server URL")
         configured = [parse_server(url) for url in urls]
@@ -277,6 +279,8 @@ class Backbone:
         self._remote: dict[tuple[bytes, bytes], tuple[list[int], int]] = {}
         self._generation = 0
         self._next_sid = 1
+        self._max_interest = max_interest
+        self._interest_refused = 0      # read by status() from any thread: one int
         self._server_said: str | None = None    # the last -ERR on this connection
 
     # ---- lifecycle (the broker's thread) ----
@@ -305,7 +309,8 @@ class Backbone:
             s = self._status
             return {"server": s.server, "reconnects": s.reconnects,
                     "last_error": s.last_error, "origin": self.origin,
-                    "local_interest": len(self._local)}
+                    "local_interest": len(self._local),
+                    "remote_interest_refused": self._interest_refused}
 
     # ---- the connector thread ----
 
@@ -569,10 +574,18 @@ class Backbone:
         if known is not None:
             self._remote[key] = (known[0], self._generation)    # a weight change, or a resend
             return
-        if len(key[1]) > 255:
+        parts = within(args[0], self._export) if len(key[1]) <= 255 else []
+        if not parts:
+            return          # nothing here can match it: not kept (an LS- for it is ignored)
+        if len(self._remote) >= self._max_interest:
+            if not self._interest_refused:
+                log.warning("NATS link: the server announced more than %d subjects of "
+                            "interest (max_subscriptions); messages for the rest stay here",
+                            self._max_interest)
+            self._interest_refused += 1
             return
         sids = []
-        for part in within(args[0], self._export):
+        for part in parts:
             sid, self._next_sid = self._next_sid, self._next_sid % 0xFFFFFFFF + 1
             self._loop.remote_add(sid, part, key[1])
             sids.append(sid)

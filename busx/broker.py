@@ -261,7 +261,8 @@ class Broker:
                 name=f"busx-{origin}-{self._instance}",
                 tls=(client_tls_context(nats_tls_ca, nats_tls_cert, nats_tls_key)
                      if nats_tls_ca or nats_tls_cert else None),
-                creds=read_credentials(nats_creds) if nats_creds else None)
+                creds=read_credentials(nats_creds) if nats_creds else None,
+                max_interest=max_subscriptions)
         self.tcp_address: tuple[str, int] | None = None
         self._peers: dict[int, Peer] = {}
         # The loop thread's: policy verdicts on messages from other hosts.

@@ -55,9 +55,10 @@ import time
 import msgpack
 import pytest
 from nats_servers import start_cluster, start_server, subject_matches
-from support import open_fds, stop_process, wait_for
+from support import RawPeer, open_fds, stop_process, wait_for
 
 import busx
+from busx import protocol
 
 nats = pytest.importorskip("nats", reason="nats-py is not installed: pip install '.[test]'")
 
@@ -882,6 +883,70 @@ def test_busx_requests_a_nats_py_service_answering_with_respond(nats_server, hos
     replies = nats_py_service(nats_server, requester, "svc.times", answer)
     assert [r.data for r in replies] == [0, 10, 20, 30, 40]
     assert replies[0].sender.origin == "nats", replies[0].sender
+
+
+# ---- the backbone flush, and what the server may make the broker hold ----
+
+def test_backbone_flush_waits_for_the_server(nats_server, hosts):
+    """flush(backbone=True) returns only once the NATS server has answered:
+    with the server stopped it times out (a plain flush still returns),
+    resumed it returns."""
+    a = hosts.broker("hostA", nats_server.leaf_url)
+    bus = hosts.client(a)
+    bus.subscribe("flushed.>")
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        bus.flush(timeout=5)
+        with pytest.raises(busx.Timeout):
+            bus.flush(timeout=0.5, backbone=True)
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    bus.flush(timeout=5, backbone=True)
+    assert nats_server.interest("flushed.x") == {"leaf"}     # held, without waiting
+
+
+def test_backbone_flushes_past_the_ping_bound_are_answered_at_once(nats_server, hosts):
+    """A client flooding backbone flushes while the server is stopped makes
+    the broker hold at most NATS_MAX_PINGS (4096) PINGs for it; the rest are
+    answered at once. Nothing is lost: all are answered once it resumes."""
+    a = hosts.broker("hostA", nats_server.leaf_url, heartbeat=60)
+    peer = RawPeer(a, "unix")
+    peer.handshake()
+    count, held = 5000, 4096
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        peer.send(b"".join(protocol.encode_frame(protocol.PING, id=n, topic=b"nats")
+                           for n in range(1, count + 1))
+                  + protocol.encode_frame(protocol.PING, id=count + 1))   # a plain one
+        early = []
+        while (frame := peer.next_frame()).id != count + 1:
+            early.append(frame.id)
+        assert early == list(range(held + 1, count + 1))   # answered in order, at once
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    late = [peer.next_frame().id for _ in range(held)]
+    assert sorted(late) == list(range(1, held + 1))
+
+
+def test_remote_interest_is_bounded_by_max_subscriptions(nats_server, hosts):
+    """A server announcing more subjects than max_subscriptions: the broker
+    keeps that many, counts the rest, and keeps serving and linking."""
+    a = hosts.broker("hostA", nats_server.leaf_url, max_subscriptions=10)
+
+    async def scenario():
+        nc = await nats_connect(nats_server)
+        for i in range(15):
+            await nc.subscribe(f"many.{i}")
+        await nc.flush()
+        await asyncio.to_thread(wait_for, lambda: link(a)["remote_interest_refused"] == 5,
+                                message=str(link(a)))
+        state = link(a)
+        await nc.close()
+        return state
+
+    state = run(scenario())
+    assert (state["remote_interest"], state["state"]) == (10, "up")
+    assert_local_pub_sub_works(hosts, a)
 
 
 # ---- senders and the policy ----
