@@ -949,6 +949,50 @@ def test_remote_interest_is_bounded_by_max_subscriptions(nats_server, hosts):
     assert_local_pub_sub_works(hosts, a)
 
 
+def test_interest_converges_under_churn_and_relinks(tmp_path, hosts):
+    """Stress: four threads subscribe and unsubscribe on their own
+    connections while the server is killed and restarted under the link
+    three times. Afterwards the server holds exactly the subscriptions that
+    remain, each once: no LS+/LS- lost or doubled across the relinks, and
+    the loop, the connector thread and the clients never deadlock."""
+    with start_server(tmp_path / "nats") as server:
+        a = hosts.broker("hostA", server.leaf_url)
+        stop = threading.Event()
+        kept: list[set[str]] = [set() for _ in range(4)]
+
+        def churn(n: int) -> None:
+            bus = hosts.client(a)
+            subs: dict[str, busx.Subscription] = {}
+            rng = random.Random(n)
+            while not stop.is_set() or len(subs) > 10:
+                name = f"churn.{n}.{rng.randrange(30)}"
+                if name in subs:
+                    subs.pop(name).unsubscribe()
+                else:
+                    subs[name] = bus.subscribe(name)
+            kept[n] = set(subs)
+
+        threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(3):
+                reconnects = link(a)["reconnects"]
+                server.kill()
+                wait_for(lambda: link(a)["reconnects"] > reconnects)
+                server.restart()
+                wait_for(lambda: link(a)["state"] == "up", message=str(link(a)))
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        hosts.client(a).flush(backbone=True)
+        [held] = leaf_subs(server)
+        assert sorted(held) == sorted(set().union(*kept))
+        assert link(a)["local_interest"] == len(held)
+
+
 # ---- senders and the policy ----
 
 REMOTE_POLICY = {"rule": [
