@@ -17,7 +17,9 @@ This half does what happens rarely:
 Threads: the connector thread owns the socket until attach_link(); the
 broker's loop thread calls the on_* methods, holding the loop's state_lock
 (never take it from here). Fields say whose they are; `_lock` guards the
-few both read.
+few both read. Lock order: state_lock, then the GIL, then `_lock`; the
+connector never holds `_lock` across attach_link() (which takes
+state_lock), a connect or a read (docs/development.md, Threads and locks).
 """
 
 from __future__ import annotations
