@@ -186,6 +186,19 @@ def leaf_subs(server) -> list[list[str]]:
     return [leaf.get("subscriptions_list") or [] for leaf in server.leafz(subs=True)["leafs"]]
 
 
+def two_hosts(hosts, server, here: str, there: str):
+    """Brokers A and B on server; a publisher and a subscriber on A (to
+    `here`), a subscriber on B (to `there`), B's interest known on A:
+    (a, b, pub, local, remote)."""
+    a = hosts.broker("hostA", server.leaf_url)
+    b = hosts.broker("hostB", server.leaf_url)
+    pub, remote_bus = hosts.client(a), hosts.client(b)
+    local = hosts.client(a).subscribe(here)
+    remote = remote_bus.subscribe(there)
+    settle(remote_bus, pub)
+    return a, b, pub, local, remote
+
+
 def assert_local_pub_sub_works(hosts, broker) -> None:
     bus = hosts.client(broker)
     sub = bus.subscribe("local.check")
@@ -257,12 +270,8 @@ def test_per_publisher_order_across_hosts(nats_server, hosts):
 
 
 def test_local_traffic_never_reaches_nats(nats_server, hosts):
-    a = hosts.broker("hostA", nats_server.leaf_url)
-    b = hosts.broker("hostB", nats_server.leaf_url)
-    pub, remote_bus = hosts.client(a), hosts.client(b)
-    local = hosts.client(a).subscribe("local.>")
-    remote = remote_bus.subscribe("wanted.x")          # interest elsewhere, not in local.>
-    settle(remote_bus, pub)
+    # Interest elsewhere (wanted.x), none of it in local.>.
+    a, b, pub, local, remote = two_hosts(hosts, nats_server, "local.>", "wanted.x")
     in_msgs = nats_server.varz()["in_msgs"]
 
     for i in range(1000):
@@ -979,7 +988,7 @@ def test_interest_converges_under_churn_and_relinks(tmp_path, hosts):
             for _ in range(3):
                 reconnects = link(a)["reconnects"]
                 server.kill()
-                wait_for(lambda: link(a)["reconnects"] > reconnects)
+                wait_for(lambda before=reconnects: link(a)["reconnects"] > before)
                 server.restart()
                 wait_for(lambda: link(a)["state"] == "up", message=str(link(a)))
         finally:
@@ -1033,12 +1042,7 @@ def test_policy_rules_for_remote_senders(nats_server, hosts):
 # ---- 7. fds and sizes ----
 
 def test_fds_do_not_cross_hosts(nats_server, hosts):
-    a = hosts.broker("hostA", nats_server.leaf_url)
-    b = hosts.broker("hostB", nats_server.leaf_url)
-    pub, remote_bus = hosts.client(a), hosts.client(b)
-    local = hosts.client(a).subscribe("file.>")
-    remote = remote_bus.subscribe("file.>")
-    settle(remote_bus, pub)
+    a, b, pub, local, remote = two_hosts(hosts, nats_server, "file.>", "file.>")
     r, w = os.pipe()
     try:
         pub.publish("file.x", "here", fds=[r, w])
@@ -1082,12 +1086,7 @@ def test_payloads_past_max_payload_are_dropped_at_the_exact_boundary(tmp_path, h
 
 
 def test_memfd_sized_payload_crosses_intact(nats_server, hosts):
-    a = hosts.broker("hostA", nats_server.leaf_url)
-    b = hosts.broker("hostB", nats_server.leaf_url)
-    pub, remote_bus = hosts.client(a), hosts.client(b)
-    local = hosts.client(a).subscribe("blob")
-    remote = remote_bus.subscribe("blob")
-    settle(remote_bus, pub)
+    a, b, pub, local, remote = two_hosts(hosts, nats_server, "blob", "blob")
     blob = os.urandom(300 * 1024)       # at least PAYLOAD_FD_MIN (256 KiB): a memfd locally
     pub.publish("blob", blob)
     pub.publish("blob", b"small")
