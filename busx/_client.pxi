@@ -394,10 +394,13 @@ cdef class ClientIO:
         cdef bint chasing = False
         cdef int tls_want = 0
         while not blocked:
-            if chasing and buf_len(&box.out) < YIELD_BELOW:
+            if chasing and 0 < buf_len(&box.out) < YIELD_BELOW:
                 # Publishers are still appending: let them (or the broker)
                 # have this core for a moment so the next send carries a
                 # batch. Free on an idle core; only contended cores wait.
+                # Not when nothing was appended: a publisher waiting for an
+                # answer would find this thread still busy (wake_pending)
+                # and queue its next lone frame instead of sending it directly.
                 sched_yield()
             if not outbox_take(box):
                 break

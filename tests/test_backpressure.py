@@ -4,7 +4,7 @@ without bound, and never stalls for good."""
 import threading
 
 import pytest
-from support import COUNTING
+from support import COUNTING, run_python
 
 import busx
 from busx._core import PAYLOAD_FD_THRESHOLD
@@ -135,6 +135,30 @@ def test_lone_messages_go_direct_and_bursts_are_batched(broker):
         got = 0
         while got < 50_000:
             got += len(sub.recv_many(max_count=50_000, timeout=5))
+
+
+# Broker, I/O thread and caller on one core: after each send the I/O thread
+# used to yield the core with nothing queued, so the caller, answered in
+# that moment, found it still busy and queued its next lone frame: once
+# that started, no frame went direct again.
+ONE_CORE_ROUND_TRIPS = """
+import os, sys, busx
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+with busx.Broker(unix_path=sys.argv[1]) as broker, busx.connect(broker.url) as pub, \\
+        busx.connect(broker.url) as sub_bus:
+    sub = sub_bus.subscribe("d")
+    for i in range(200):
+        pub.publish("d", i)
+        assert sub.recv(timeout=5).data == i
+    print(pub.counters["direct_sends"])
+"""
+
+
+@pytest.mark.skipif(COUNTING, reason="batching ratios depend on speed: measured on the -O2 build")
+def test_lone_messages_go_direct_on_a_single_core(tmp_path):
+    result = run_python(ONE_CORE_ROUND_TRIPS, str(tmp_path / "bus.sock"))
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 150
 
 
 @pytest.mark.timeout(60)
