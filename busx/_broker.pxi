@@ -496,6 +496,8 @@ cdef class BrokerLoop:
     cdef void _take_frames(self, Conn *c) noexcept nogil:
         cdef FrameView f
         cdef int status
+        cdef uint64_t hashes[PREFETCH_FRAMES]   # of the frames _prefetch_routes looked at
+        cdef size_t looked_at = 0, prefetched = 0   # those not yet taken
         if c.state == CS_PREAMBLE and not self._take_preamble(c):
             return
         # One connection's turn routes at most DELIVERY_BUDGET copies: a
@@ -526,8 +528,13 @@ cdef class BrokerLoop:
             # CONTROL_COST copies: one client's burst of SUBs must not hold
             # everyone's messages for long (tests/test_hardening.py).
             self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
+            if prefetched == 0 and c.state == CS_READY:
+                looked_at = prefetched = self._prefetch_routes(c, hashes)
+            self.topic_hash = hashes[looked_at - prefetched] if prefetched else 0
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
+            if prefetched:
+                prefetched -= 1
             if c.input_paused:
                 break           # its messages wait for the NATS link to drain
         if c.state == CS_READY and holds_unclaimed_fds(c):
@@ -536,6 +543,33 @@ cdef class BrokerLoop:
             self._report_fd_bytes_taken(c)
         if c.state != CS_CLOSED:
             buf_shrink(&c.rbuf, READ_CHUNK * 2)
+
+    cdef size_t _prefetch_routes(self, Conn *c, uint64_t *hashes) noexcept nogil:
+        """Start loading the route cache entries, and their first
+        subscriptions, of the next PREFETCH_FRAMES frames in c's input, in
+        three passes so that none waits on another's miss (_router.pxi,
+        prefetching). Frames on the topic c published last need none: their
+        route is remembered. hashes[i] gets the i-th frame's topic hash (0:
+        not computed), for _route to reuse. Returns the frames looked at."""
+        cdef FrameView f
+        cdef RouteSlot *slots[PREFETCH_FRAMES]
+        cdef size_t at = c.rbuf.start, seen = 0, k
+        while seen < PREFETCH_FRAMES and parse_frame(
+                c.rbuf.data + at, c.rbuf.end - at, self.max_frame, &f) == PARSE_OK:
+            at += f.size
+            hashes[seen] = 0
+            if f.kind == K_PUB and f.topic_len and not (
+                    f.topic_len == c.last_topic_len
+                    and memcmp(f.topic, c.last_topic, f.topic_len) == 0):
+                hashes[seen] = busx_hash(f.topic, f.topic_len)
+                prefetch_tags(&self.router, hashes[seen])
+            seen += 1
+        for k in range(seen):
+            slots[k] = prefetch_slot(&self.router, hashes[k]) if hashes[k] else NULL
+        for k in range(seen):
+            if slots[k] != NULL:
+                prefetch_subscription(slots[k])
+        return seen
 
     cdef bint _take_preamble(self, Conn *c) noexcept nogil:
         """Check and consume the client's preamble; False while it is not
@@ -709,23 +743,34 @@ cdef class BrokerLoop:
                 and f.topic_len == src.last_topic_len
                 and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
             self._deliver_all(src, f, src.last_slot, fds, &big, NULL)
-        elif not self._topic_ok(f.topic, f.topic_len):
-            self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
-        elif self.check_publish and not self._may_publish(src, f):
-            pass
         else:
-            slot = router_lookup(&self.router, f.topic, f.topic_len)
-            if slot == NULL:
-                self._fail(src, b"internal", b"broker out of memory")
-            else:
-                memcpy(src.last_topic, f.topic, f.topic_len)
-                src.last_topic_len = f.topic_len
-                src.last_slot = slot
-                src.last_version = slot.version
-                self._deliver_all(src, f, slot, fds, &big, NULL)
+            self._route_by_topic(src, f, fds, &big)
         for k in range(f.nfds):
             close(fds[k])
         unload_payload(&self.delivery, &big)
+
+    cdef void _route_by_topic(self, Conn *src, FrameView *f, int *fds,
+                              FdPayload *big) noexcept nogil:
+        """Route f through the router's cache, or the trie on a miss. A topic
+        the cache holds was checked against the topic rules when it was
+        cached; any other is checked first."""
+        cdef uint64_t h = self.topic_hash or busx_hash(f.topic, f.topic_len)
+        cdef RouteSlot *slot = router_cached(&self.router, f.topic, f.topic_len, h)
+        if slot == NULL and not self._topic_ok(f.topic, f.topic_len):
+            self._fail(src, b"invalid-topic", b"PUB topic breaks the topic rules")
+            return
+        if self.check_publish and not self._may_publish(src, f):
+            return
+        if slot == NULL:
+            slot = router_lookup_hashed(&self.router, f.topic, f.topic_len, h)
+        if slot == NULL:
+            self._fail(src, b"internal", b"broker out of memory")
+            return
+        memcpy(src.last_topic, f.topic, f.topic_len)
+        src.last_topic_len = f.topic_len
+        src.last_slot = slot
+        src.last_version = slot.version
+        self._deliver_all(src, f, slot, fds, big, NULL)
 
     cdef bint _take_payload_fd(self, Conn *src, FrameView *f, int *fds,
                                FdPayload *big) noexcept nogil:
@@ -1348,6 +1393,7 @@ cdef class BrokerLoop:
             "heartbeat_timeouts": self.heartbeat_timeouts, "tls_failures": self.tls_failures,
             "subscriptions_refused": self.limits_hit,
             "busy_poll_window_us": round(self.poll_window_ms * 1000, 1),
+            "route_cache_entries": self.router.cache_sets * CACHE_WAYS,
             "nats": self._link_snapshot() if self.link != NULL else None,
         }
 

@@ -17,14 +17,52 @@
 cdef int router_init(Router *r) noexcept nogil:
     memset(r, 0, sizeof(Router))
     r.next_version = 1
-    r.cache = <RouteSlot *>calloc(ROUTE_CACHE_SETS * CACHE_WAYS, sizeof(RouteSlot))
-    return 0 if r.cache != NULL else -1
+    return cache_alloc(r, ROUTE_CACHE_SETS)
+
+
+cdef int cache_alloc(Router *r, size_t sets) noexcept nogil:
+    """An empty cache of sets sets, aligned so that a set's tags share one
+    cache line. -1 (and the old cache kept) when memory runs out."""
+    cdef size_t entries = sets * CACHE_WAYS
+    cdef RouteSlot *cache = <RouteSlot *>aligned_alloc(64, entries * sizeof(RouteSlot))
+    cdef uint64_t *tags = <uint64_t *>aligned_alloc(64, entries * sizeof(uint64_t))
+    if cache == NULL or tags == NULL:
+        free(cache)
+        free(tags)
+        return -1
+    memset(cache, 0, entries * sizeof(RouteSlot))
+    memset(tags, 0, entries * sizeof(uint64_t))
+    r.cache = cache
+    r.tags = tags
+    r.cache_sets = sets
+    return 0
+
+
+cdef void cache_fit(Router *r) noexcept nogil:
+    """Grow the cache fourfold while the subscriptions outnumber its entries
+    (up to ROUTE_CACHE_MAX_SETS): a fleet's topics then stay cached. Its
+    entries are dropped, and refilled as their topics are next published."""
+    cdef RouteSlot *old_cache = r.cache
+    cdef uint64_t *old_tags = r.tags
+    cdef size_t old_sets = r.cache_sets
+    cdef size_t sets = old_sets
+    while sets * CACHE_WAYS < r.subscriptions and sets < ROUTE_CACHE_MAX_SETS:
+        sets *= 4
+    if sets == old_sets:
+        return
+    cache_clear(r)
+    if cache_alloc(r, min(sets, <size_t>ROUTE_CACHE_MAX_SETS)) < 0:
+        return              # the old one serves on
+    free(old_cache)
+    free(old_tags)
 
 
 cdef void slot_clear(Router *r, RouteSlot *slot) noexcept nogil:
     r.cached_refs -= slot.nsubs
-    free(slot.topic)
-    free(slot.subs)
+    if slot.topic != &slot.inline_topic[0]:
+        free(slot.topic)
+    if slot.subs != &slot.one:
+        free(slot.subs)
     slot.topic = NULL
     slot.subs = NULL
     slot.nsubs = 0
@@ -33,7 +71,7 @@ cdef void slot_clear(Router *r, RouteSlot *slot) noexcept nogil:
 
 cdef void cache_clear(Router *r) noexcept nogil:
     cdef size_t i
-    for i in range(<size_t>(ROUTE_CACHE_SETS * CACHE_WAYS)):
+    for i in range(r.cache_sets * CACHE_WAYS):
         slot_clear(r, &r.cache[i])
 
 
@@ -60,7 +98,9 @@ cdef void router_free(Router *r) noexcept nogil:
     if r.cache != NULL:
         cache_clear(r)
         free(r.cache)
+        free(r.tags)
         r.cache = NULL
+        r.tags = NULL
     node_free(&r.root)
     memset(&r.root, 0, sizeof(TrieNode))
     free(r.scratch)
@@ -249,6 +289,7 @@ cdef int router_add(Router *r, Subscription *s, const char *pattern,
     s.node = node
     r.subscriptions += 1
     invalidate(r, pattern, length)
+    cache_fit(r)
     return 0
 
 
@@ -412,52 +453,69 @@ cdef bint same_subscription(Subscription *s, const char *pattern, size_t length,
 
 # ---- the cache ----
 
-cdef inline RouteSlot *cache_set(Router *r, uint64_t h) noexcept nogil:
-    return &r.cache[(h & (ROUTE_CACHE_SETS - 1)) * CACHE_WAYS]
+cdef inline size_t cache_set(Router *r, uint64_t h) noexcept nogil:
+    """The index of h's set's first way."""
+    return (h & (r.cache_sets - 1)) * CACHE_WAYS
 
 
 cdef RouteSlot *cache_find(Router *r, const char *topic, size_t length,
                            uint64_t h) noexcept nogil:
-    cdef RouteSlot *ways = cache_set(r, h)
+    cdef size_t first = cache_set(r, h)
+    cdef RouteSlot *slot
     cdef int k
     for k in range(CACHE_WAYS):
-        if (ways[k].topic != NULL and ways[k].hash == h and ways[k].topic_len == length
-                and memcmp(ways[k].topic, topic, length) == 0):
-            return &ways[k]
+        if r.tags[first + k] == h:
+            slot = &r.cache[first + k]
+            if (slot.topic != NULL and slot.topic_len == length
+                    and memcmp(slot.topic, topic, length) == 0):
+                return slot
     return NULL
 
 
 cdef inline bint slot_current(Router *r, RouteSlot *slot, unsigned long long version) noexcept nogil:
     """Whether a slot remembered with version still holds its topic's
-    current matches."""
+    current matches. The slot may belong to a cache that has since grown
+    (cache_fit freed it): it is read only if it lies in the current one."""
+    cdef uintptr_t at = <uintptr_t>slot
+    cdef uintptr_t start = <uintptr_t>r.cache
+    if slot != &r.transient and not (
+            start <= at < start + r.cache_sets * CACHE_WAYS * sizeof(RouteSlot)):
+        return False
     return slot.version == version and slot.epoch == r.wild_epoch
 
 
 cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexcept nogil:
     """The subscriptions matching topic, from the cache or freshly matched
     into it. NULL when memory runs out. Valid until the next add/remove."""
-    cdef uint64_t h
-    cdef RouteSlot *slot
-    cdef RouteSlot *ways
-    cdef int k
+    return router_lookup_hashed(r, topic, length, busx_hash(topic, length))
+
+
+cdef RouteSlot *router_cached(Router *r, const char *topic, size_t length,
+                              uint64_t h) noexcept nogil:
+    """topic's current cache entry (h its busx_hash), or NULL. Every caller
+    checks a topic against the PUB topic rules before router_lookup caches
+    it, so a topic found here needs no check again."""
+    cdef RouteSlot *slot = cache_find(r, topic, length, h)
+    if slot == NULL or slot.epoch != r.wild_epoch:
+        return NULL
+    r.tick += 1
+    slot.used = r.tick
+    return slot
+
+
+cdef RouteSlot *router_lookup_hashed(Router *r, const char *topic, size_t length,
+                                     uint64_t h) noexcept nogil:
+    """router_lookup, with the topic's busx_hash already computed."""
+    cdef RouteSlot *slot = router_cached(r, topic, length, h)
+    if slot != NULL:
+        return slot
     r.transient.version = 0         # its subs (scratch) are about to change
     if is_inbox_topic(topic, length):
         return transient_lookup(r, topic, length)
-    h = busx_hash(topic, length)
-    slot = cache_find(r, topic, length, h)
+    slot = cache_find(r, topic, length, h)      # NULL, or stale: refilled in place
     r.tick += 1
-    if slot != NULL and slot.epoch == r.wild_epoch:
-        slot.used = r.tick
-        return slot
     if slot == NULL:
-        ways = cache_set(r, h)
-        slot = &ways[0]
-        for k in range(CACHE_WAYS):
-            if ways[k].topic == NULL:
-                slot = &ways[k]
-                break
-            if ways[k].used < slot.used:
-                slot = &ways[k]
+        slot = cache_victim(r, h)
     slot_clear(r, slot)
     r.scratch_len = 0
     if match_tokens(r, &r.root, topic, length, 0, True, topic[0] == b'_') < 0:
@@ -465,22 +523,80 @@ cdef RouteSlot *router_lookup(Router *r, const char *topic, size_t length) noexc
     group_queues(r.scratch, r.scratch_len)
     if r.cached_refs + r.scratch_len > CACHE_MAX_REFS:
         cache_clear(r)      # topics matching very many subscriptions: memory stays bounded
-    slot.topic = <char *>malloc(length)
-    slot.subs = <Subscription **>malloc(r.scratch_len * sizeof(void *) + 1)
+    if slot_fill(r, slot, topic, length, h) < 0:
+        return NULL
+    return slot
+
+
+cdef RouteSlot *cache_victim(Router *r, uint64_t h) noexcept nogil:
+    """The way of h's set to fill: an empty one, else the least recently used."""
+    cdef size_t first = cache_set(r, h)
+    cdef RouteSlot *slot = &r.cache[first]
+    cdef int k
+    for k in range(CACHE_WAYS):
+        if r.cache[first + k].topic == NULL:
+            return &r.cache[first + k]
+        if r.cache[first + k].used < slot.used:
+            slot = &r.cache[first + k]
+    return slot
+
+
+cdef int slot_fill(Router *r, RouteSlot *slot, const char *topic, size_t length,
+                   uint64_t h) noexcept nogil:
+    """Remember topic's matches (r.scratch) in an empty slot. A short topic
+    and a lone match are kept inside it. -1 when memory runs out."""
+    slot.topic = &slot.inline_topic[0] if length <= SLOT_TOPIC_INLINE else <char *>malloc(length)
+    if r.scratch_len <= 1:
+        slot.subs = &slot.one
+        slot.one = r.scratch[0] if r.scratch_len else NULL
+    else:
+        slot.subs = <Subscription **>malloc(r.scratch_len * sizeof(void *))
     if slot.topic == NULL or slot.subs == NULL:
         slot_clear(r, slot)
-        return NULL
+        return -1
     memcpy(slot.topic, topic, length)
-    memcpy(slot.subs, r.scratch, r.scratch_len * sizeof(void *))
+    if slot.subs != &slot.one:
+        memcpy(slot.subs, r.scratch, r.scratch_len * sizeof(void *))
     slot.topic_len = length
-    slot.hash = h
+    r.tags[slot - r.cache] = h
     slot.nsubs = r.scratch_len
     r.cached_refs += slot.nsubs
     slot.epoch = r.wild_epoch
     slot.version = r.next_version
     r.next_version += 1
     slot.used = r.tick
-    return slot
+    return 0
+
+
+# ---- prefetching: the broker fetches the next messages' entries early ----
+#
+# A stream over many hot topics finds each entry, its topic and its
+# subscription in DRAM. The broker calls these for the next few PUB frames of
+# a read before routing them, so their misses overlap instead of queueing one
+# after another. Hints only: an entry that changes meanwhile is just looked up.
+
+cdef inline void prefetch_tags(Router *r, uint64_t h) noexcept nogil:
+    busx_prefetch(&r.tags[cache_set(r, h)])
+
+
+cdef inline RouteSlot *prefetch_slot(Router *r, uint64_t h) noexcept nogil:
+    """After prefetch_tags(h): start loading h's entry; NULL if it is not cached."""
+    cdef size_t first = cache_set(r, h)
+    cdef RouteSlot *slot
+    cdef int k
+    for k in range(CACHE_WAYS):
+        if r.tags[first + k] == h:
+            slot = &r.cache[first + k]
+            busx_prefetch(slot)
+            busx_prefetch(<char *>slot + 64)
+            return slot
+    return NULL
+
+
+cdef inline void prefetch_subscription(RouteSlot *slot) noexcept nogil:
+    """After prefetch_slot: start loading the entry's first subscription."""
+    if slot.nsubs:
+        busx_prefetch(slot.subs[0])
 
 
 cdef RouteSlot *transient_lookup(Router *r, const char *topic, size_t length) noexcept nogil:

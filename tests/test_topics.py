@@ -173,6 +173,29 @@ def test_broker_routing_equals_reference(shared_bus, patterns, published):
     assert got == expected
 
 
+# ---- the route cache growing ----
+
+def test_routes_hold_while_the_route_cache_grows(broker):
+    # Past 8,192 subscriptions the cache grows fourfold and drops its
+    # entries, the one a publisher remembers for its last topic included.
+    with busx.connect(broker.url) as subscriber, busx.connect(broker.url) as publisher:
+        first = subscriber.subscribe("fleet.0.temp")
+        publisher.publish("fleet.0.temp", 0)
+        assert first.recv(timeout=5).data == 0
+        entries = broker.stats()["route_cache_entries"]
+        fleet = [subscriber.subscribe(f"fleet.{i}.temp") for i in range(1, entries + 1)]
+        second = subscriber.subscribe("fleet.0.temp")
+        subscriber.flush(timeout=30)
+        assert broker.stats()["route_cache_entries"] == 4 * entries
+        publisher.publish("fleet.0.temp", 1)            # the remembered route, looked up anew
+        for i in (1, entries // 2, entries):
+            publisher.publish(f"fleet.{i}.temp", i)
+        publisher.flush(timeout=5)
+        assert [first.recv(timeout=5).data, second.recv(timeout=5).data] == [1, 1]
+        assert [fleet[i - 1].recv(timeout=5).data for i in (1, entries // 2, entries)] == [
+            1, entries // 2, entries]
+
+
 # ---- the route cache under subscription churn ----
 # The broker caches each topic's matches and remembers, per publisher, the
 # last topic's; a subscription change must reach both at once (a literal

@@ -32,8 +32,15 @@ cdef enum:
     # while publishers keep appending (benchmarks/compare.py).
     YIELD_BELOW = 16 * 1024
     # Sets of the router's topic cache (CACHE_WAYS entries each, the least
-    # recently used evicted): 8,192 hot topics (benchmarks/test_routing.py).
-    ROUTE_CACHE_SETS = 2048
+    # recently used evicted): 8,192 hot topics to begin with. It grows
+    # fourfold while there are more subscriptions than entries, up to 262,144
+    # entries (34 MiB): a fleet's topics stay cached (BENCHMARKS.md, Routing
+    # at scale).
+    ROUTE_CACHE_SETS = 1024
+    ROUTE_CACHE_MAX_SETS = 32768
+    # PUB frames whose cache entries the broker fetches ahead of routing
+    # them: enough misses in flight to hide DRAM's latency (_prefetch_routes).
+    PREFETCH_FRAMES = 16
     # Subscription pointers all cache entries together may hold (32 MiB): a
     # topic matching a million subscriptions must not be cached 8,192 times.
     CACHE_MAX_REFS = 4 * 1024 * 1024

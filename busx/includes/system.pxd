@@ -28,6 +28,18 @@ cdef extern from *:
     void busx_set_errno(int value) nogil
 
 
+cdef extern from *:
+    """
+    static inline void busx_prefetch(const void *p) { __builtin_prefetch(p); }
+    """
+    # A hint to start loading p's cache line; never faults, whatever p is.
+    void busx_prefetch(const void *p) nogil
+
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
