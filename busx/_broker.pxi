@@ -496,8 +496,8 @@ cdef class BrokerLoop:
     cdef void _take_frames(self, Conn *c) noexcept nogil:
         cdef FrameView f
         cdef int status
-        cdef uint64_t hashes[PREFETCH_FRAMES]   # of the frames _prefetch_routes looked at
-        cdef size_t looked_at = 0, prefetched = 0   # those not yet taken
+        cdef Lookahead ahead
+        ahead.bytes = ahead.parsed = ahead.taken = 0
         if c.state == CS_PREAMBLE and not self._take_preamble(c):
             return
         # One connection's turn routes at most DELIVERY_BUDGET copies: a
@@ -528,13 +528,14 @@ cdef class BrokerLoop:
             # CONTROL_COST copies: one client's burst of SUBs must not hold
             # everyone's messages for long (tests/test_hardening.py).
             self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
-            if prefetched == 0 and c.state == CS_READY:
-                looked_at = prefetched = self._prefetch_routes(c, hashes)
-            self.topic_hash = hashes[looked_at - prefetched] if prefetched else 0
+            self.topic_hash = 0
+            if c.state == CS_READY:
+                self._look_ahead(c, &ahead)
+                self.topic_hash = ahead.hashes[ahead.taken % LOOKAHEAD_RING]
             self._handle(c, &f)
             buf_consume(&c.rbuf, f.size)
-            if prefetched:
-                prefetched -= 1
+            ahead.bytes -= min(ahead.bytes, f.size)
+            ahead.taken += 1
             if c.input_paused:
                 break           # its messages wait for the NATS link to drain
         if c.state == CS_READY and holds_unclaimed_fds(c):
@@ -544,32 +545,46 @@ cdef class BrokerLoop:
         if c.state != CS_CLOSED:
             buf_shrink(&c.rbuf, READ_CHUNK * 2)
 
-    cdef size_t _prefetch_routes(self, Conn *c, uint64_t *hashes) noexcept nogil:
-        """Start loading the route cache entries, and their first
-        subscriptions, of the next PREFETCH_FRAMES frames in c's input, in
-        three passes so that none waits on another's miss (_router.pxi,
-        prefetching). Frames on the topic c published last need none: their
-        route is remembered. hashes[i] gets the i-th frame's topic hash (0:
-        not computed), for _route to reuse. Returns the frames looked at."""
+    cdef void _look_ahead(self, Conn *c, Lookahead *ahead) noexcept nogil:
+        """Before c's frame number ahead.taken is taken: start loading what
+        the frames after it will route through, a stage per distance, so
+        that each miss has LOOKAHEAD frames' work to land in (_router.pxi,
+        prefetching): the cache tags of the frame 3 x LOOKAHEAD on (hashing
+        its topic), the entry of the one 2 x LOOKAHEAD on, the first
+        subscription of the one LOOKAHEAD on. The first frame of a turn
+        starts all three for those closer. Frames on the topic c published
+        last need none: their route is remembered."""
         cdef FrameView f
-        cdef RouteSlot *slots[PREFETCH_FRAMES]
-        cdef size_t at = c.rbuf.start, seen = 0, k
-        while seen < PREFETCH_FRAMES and parse_frame(
-                c.rbuf.data + at, c.rbuf.end - at, self.max_frame, &f) == PARSE_OK:
-            at += f.size
-            hashes[seen] = 0
+        cdef size_t k, first_stage3 = ahead.taken + LOOKAHEAD
+        cdef size_t first_stage2 = ahead.taken + 2 * LOOKAHEAD
+        cdef RouteSlot *slot
+        if ahead.parsed <= ahead.taken:     # frames were taken before the handshake ended
+            ahead.parsed = ahead.taken
+            ahead.bytes = 0
+        while ahead.parsed < ahead.taken + 3 * LOOKAHEAD and parse_frame(
+                c.rbuf.data + c.rbuf.start + ahead.bytes, buf_len(&c.rbuf) - ahead.bytes,
+                self.max_frame, &f) == PARSE_OK:
+            k = ahead.parsed % LOOKAHEAD_RING
+            ahead.hashes[k] = 0
+            ahead.slots[k] = NULL
             if f.kind == K_PUB and f.topic_len and not (
                     f.topic_len == c.last_topic_len
-                    and memcmp(f.topic, c.last_topic, f.topic_len) == 0):
-                hashes[seen] = busx_hash(f.topic, f.topic_len)
-                prefetch_tags(&self.router, hashes[seen])
-            seen += 1
-        for k in range(seen):
-            slots[k] = prefetch_slot(&self.router, hashes[k]) if hashes[k] else NULL
-        for k in range(seen):
-            if slots[k] != NULL:
-                prefetch_subscription(slots[k])
-        return seen
+                    and busx_same_bytes(f.topic, c.last_topic, f.topic_len)):
+                ahead.hashes[k] = busx_hash(f.topic, f.topic_len)
+                prefetch_tags(&self.router, ahead.hashes[k])
+            ahead.bytes += f.size
+            ahead.parsed += 1
+        if ahead.taken == 0:
+            first_stage2 = first_stage3 = 0
+        for k in range(first_stage2, min(ahead.taken + 2 * LOOKAHEAD + 1, ahead.parsed)):
+            if ahead.hashes[k % LOOKAHEAD_RING]:
+                ahead.slots[k % LOOKAHEAD_RING] = prefetch_slot(
+                    &self.router, ahead.hashes[k % LOOKAHEAD_RING])
+        for k in range(first_stage3, min(ahead.taken + LOOKAHEAD + 1, ahead.parsed)):
+            slot = ahead.slots[k % LOOKAHEAD_RING]
+            # Checked: a SUB taken since may have grown the cache (cache_fit).
+            if slot != NULL and slot_in_cache(&self.router, slot):
+                prefetch_subscription(slot)
 
     cdef bint _take_preamble(self, Conn *c) noexcept nogil:
         """Check and consume the client's preamble; False while it is not
@@ -741,7 +756,7 @@ cdef class BrokerLoop:
                        b"_INBOX. topic")
         elif (src.last_slot != NULL and slot_current(&self.router, src.last_slot, src.last_version)
                 and f.topic_len == src.last_topic_len
-                and memcmp(src.last_topic, f.topic, f.topic_len) == 0):
+                and busx_same_bytes(src.last_topic, f.topic, f.topic_len)):
             self._deliver_all(src, f, src.last_slot, fds, &big, NULL)
         else:
             self._route_by_topic(src, f, fds, &big)

@@ -146,6 +146,10 @@ cdef enum:
     # Topics up to this long are kept inside their cache entry, which then
     # fills two cache lines with no pointer to chase (the rest are malloc'd).
     SLOT_TOPIC_INLINE = 64
+    # The broker prefetches a frame's route in three stages, this many
+    # frames apart (BrokerLoop._look_ahead), over a ring of 4 x as many.
+    LOOKAHEAD = 4
+    LOOKAHEAD_RING = 16
 
 
 cdef struct RouteSlot:
@@ -161,6 +165,16 @@ cdef struct RouteSlot:
     char *topic           # NULL: empty; else inline_topic or malloc'd
     size_t topic_len
     char inline_topic[SLOT_TOPIC_INLINE]   # 128 bytes in all: two cache lines
+
+
+cdef struct Lookahead:
+    # The broker's view of a connection's frames past the one being taken,
+    # during one turn of _take_frames (BrokerLoop._look_ahead).
+    size_t bytes          # of input looked at, from the frame being taken on
+    size_t parsed         # frames looked at this turn
+    size_t taken          # frames taken this turn
+    uint64_t hashes[LOOKAHEAD_RING]     # by frame number: its topic's hash, 0 if not hashed
+    RouteSlot *slots[LOOKAHEAD_RING]    # by frame number: its prefetched cache entry
 
 
 cdef struct Router:
@@ -670,7 +684,7 @@ cdef class BrokerLoop:
     cdef void _defer(self, Conn *c) noexcept nogil
     cdef void _take_backlog(self) noexcept nogil
     cdef void _take_frames(self, Conn *c) noexcept nogil
-    cdef size_t _prefetch_routes(self, Conn *c, uint64_t *hashes) noexcept nogil
+    cdef void _look_ahead(self, Conn *c, Lookahead *ahead) noexcept nogil
     cdef bint _take_preamble(self, Conn *c) noexcept nogil
     cdef bint _must_wait_for_room(self, Conn *c, FrameView *f) noexcept nogil
     cdef void _pause_input(self, Conn *c) noexcept nogil

@@ -126,7 +126,7 @@ cdef TrieNode *child_lookup(TrieNode *n, const char *token, size_t token_len,
         if child == NULL:
             return NULL
         if (child.token_hash == h and child.token_len == token_len
-                and memcmp(child.token, token, token_len) == 0):
+                and busx_same_bytes(child.token, token, token_len)):
             return child
         i = (i + 1) & mask
 
@@ -467,19 +467,23 @@ cdef RouteSlot *cache_find(Router *r, const char *topic, size_t length,
         if r.tags[first + k] == h:
             slot = &r.cache[first + k]
             if (slot.topic != NULL and slot.topic_len == length
-                    and memcmp(slot.topic, topic, length) == 0):
+                    and busx_same_bytes(slot.topic, topic, length)):
                 return slot
     return NULL
 
 
-cdef inline bint slot_current(Router *r, RouteSlot *slot, unsigned long long version) noexcept nogil:
-    """Whether a slot remembered with version still holds its topic's
-    current matches. The slot may belong to a cache that has since grown
-    (cache_fit freed it): it is read only if it lies in the current one."""
+cdef inline bint slot_in_cache(Router *r, RouteSlot *slot) noexcept nogil:
+    """Whether slot lies in the current cache: one remembered from before
+    cache_fit grew it was freed with the old one."""
     cdef uintptr_t at = <uintptr_t>slot
     cdef uintptr_t start = <uintptr_t>r.cache
-    if slot != &r.transient and not (
-            start <= at < start + r.cache_sets * CACHE_WAYS * sizeof(RouteSlot)):
+    return start <= at < start + r.cache_sets * CACHE_WAYS * sizeof(RouteSlot)
+
+
+cdef inline bint slot_current(Router *r, RouteSlot *slot, unsigned long long version) noexcept nogil:
+    """Whether a slot remembered with version still holds its topic's
+    current matches. It is read only if it is still there to read."""
+    if slot != &r.transient and not slot_in_cache(r, slot):
         return False
     return slot.version == version and slot.epoch == r.wild_epoch
 

@@ -38,9 +38,6 @@ cdef enum:
     # at scale).
     ROUTE_CACHE_SETS = 1024
     ROUTE_CACHE_MAX_SETS = 32768
-    # PUB frames whose cache entries the broker fetches ahead of routing
-    # them: enough misses in flight to hide DRAM's latency (_prefetch_routes).
-    PREFETCH_FRAMES = 16
     # Subscription pointers all cache entries together may hold (32 MiB): a
     # topic matching a million subscriptions must not be cached 8,192 times.
     CACHE_MAX_REFS = 4 * 1024 * 1024

@@ -242,6 +242,7 @@ cdef extern from "wire.h" nogil:
     void busx_store_u64(char *p, uint64_t v)
     void busx_store_be(char *p, uint64_t v, int width)
     uint64_t busx_hash(const char *p, size_t n)
+    bint busx_same_bytes(const char *a, const char *b, size_t n)
 
 
 cdef extern from "counters.h" nogil:
