@@ -1,6 +1,6 @@
 """busx beside pyzmq, a plain socket and C, on one workload, in one run.
 
-    python benchmarks/compare.py [--count N] [--pings N] [--quick]
+    python benchmarks/compare.py [--count N] [--pings N] [--quick] [--table-only]
 
 Workload: 100-byte msgpack dicts from one publisher process to one
 subscriber process, which decodes every message. busx goes through a
@@ -11,7 +11,9 @@ socket itself carries when the program costs nothing. Round trips: one
 request in flight, ping -> echo process -> pong, every side decoding and
 re-encoding; benchmarks/c/ping_pong.c gives the machine's own round trip,
 direct and through a relay process that stands where the broker does.
-Prints Markdown tables for BENCHMARKS.md.
+After its own tables it runs scale.py (routing at scale) and backbone.py
+(across hosts), with --quick when given it. Prints Markdown tables for
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -350,14 +352,13 @@ def print_latency(rows: list[tuple], pings: int) -> None:
             print(f"| {name} | {p50:.0f} | {p99:.0f} |")
 
 
-def across_hosts(quick: bool) -> None:
-    """benchmarks/backbone.py in this run: busx across two brokers linked by a
-    nats-server beside nats-py, and a broker's local traffic with the link
-    on and off. Its own process: it starts and stops servers of its own."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbone.py")
-    done = subprocess.run([sys.executable, script] + (["--quick"] if quick else []))
+def run_section(script: str, quick: bool) -> None:
+    """Another benchmark script of this directory, in its own process (it
+    starts and stops servers of its own), printing its own Markdown."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    done = subprocess.run([sys.executable, path] + (["--quick"] if quick else []))
     if done.returncode != 0:
-        print(f"backbone.py failed: status {done.returncode}")
+        print(f"{script} failed: status {done.returncode}")
 
 
 def main() -> None:
@@ -369,6 +370,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="transfers per system, median shown (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke test")
+    parser.add_argument("--table-only", action="store_true",
+                        help="leave out the scale.py and backbone.py sections")
     args = parser.parse_args()
     if args.quick:
         args.count = min(args.count, 100_000)
@@ -403,8 +406,13 @@ def main() -> None:
         print_latency(latency, args.pings)
         print("\n### Targets (ratios from this run)\n")
         print_targets(throughput, fanout, capacity, large, latency)
-        print("\n## Across hosts: the NATS backbone (benchmarks/backbone.py)\n", flush=True)
-        across_hosts(args.quick)
+        if not args.table_only:
+            print("\n## Routing at scale, C peers (benchmarks/scale.py)\n", flush=True)
+            run_section("scale.py", args.quick)
+            # busx across two brokers linked by a nats-server beside nats-py,
+            # and a broker's local traffic with the link on and off.
+            print("\n## Across hosts: the NATS backbone (benchmarks/backbone.py)\n", flush=True)
+            run_section("backbone.py", args.quick)
     finally:
         broker.finish()
         tls_broker.finish()

@@ -153,8 +153,9 @@ cdef enum:
 
 
 cdef struct RouteSlot:
-    Subscription **subs   # queue members grouped together (see group_queues);
-                          # &one when there is at most one
+    # subs: the matches, queue members grouped together (see group_queues);
+    # &one when there is at most one
+    Subscription **subs
     Subscription *one
     size_t nsubs
     unsigned long long epoch      # Router.wild_epoch when filled: older is stale

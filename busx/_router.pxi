@@ -2,13 +2,17 @@
 # a literal child by hashing the token (an open-addressing table), and keeps
 # its "*" and ">" children apart, so matching a topic costs one probe per
 # token and level, whatever the number of subscriptions. In front of the
-# trie, a bounded set-associative cache maps a topic to its matching
+# trie, a bounded 8-way set-associative cache maps a topic to its matching
 # subscriptions: a steady stream on one topic costs one hash lookup per
-# message. A subscription change invalidates only the cache entry of its own
-# topic when its pattern is literal; a wildcard pattern may match any topic,
-# so it makes every entry stale at once by bumping an epoch, and entries are
-# recomputed as they are next used (nats-server's sublist does the same job
-# with a generation counter).
+# message. Each set's tags (topic hashes) share a cache line and an entry
+# keeps a short topic and a lone match inside it, so a hit reads three lines
+# (tags, entry, subscription), which the broker prefetches ahead (below).
+# The cache grows with the subscriptions (cache_fit), so a fleet's hot
+# topics fit in it. A subscription change invalidates only the cache entry
+# of its own topic when its pattern is literal; a wildcard pattern may match
+# any topic, so it makes every entry stale at once by bumping an epoch, and
+# entries are recomputed as they are next used (nats-server's sublist does
+# the same job with a generation counter).
 #
 # Owned by the broker's loop thread (under BrokerLoop.state_lock); nothing
 # here takes a lock or the GIL.
@@ -574,10 +578,12 @@ cdef int slot_fill(Router *r, RouteSlot *slot, const char *topic, size_t length,
 
 # ---- prefetching: the broker fetches the next messages' entries early ----
 #
-# A stream over many hot topics finds each entry, its topic and its
-# subscription in DRAM. The broker calls these for the next few PUB frames of
-# a read before routing them, so their misses overlap instead of queueing one
-# after another. Hints only: an entry that changes meanwhile is just looked up.
+# A stream over many hot topics finds each set's tags, entry and
+# subscription far from the CPU: three dependent misses a message, one
+# after another. The broker calls these a few frames ahead of routing
+# (BrokerLoop._look_ahead), one stage each, so the misses of several
+# messages overlap. Hints only: an entry that changes meanwhile is looked
+# up as usual.
 
 cdef inline void prefetch_tags(Router *r, uint64_t h) noexcept nogil:
     busx_prefetch(&r.tags[cache_set(r, h)])

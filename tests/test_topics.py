@@ -4,9 +4,11 @@ real broker held against busx.topics.matches (the reference semantics)."""
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import RawPeer
 
 import busx
-from busx import topics
+from busx import protocol, topics
+from busx.handshake import pack
 
 BAD_TEXT = [
     "", "a" * 256, "é" * 128,                       # 0 bytes; 256 bytes (as chars or as UTF-8)
@@ -194,6 +196,45 @@ def test_routes_hold_while_the_route_cache_grows(broker):
         assert [first.recv(timeout=5).data, second.recv(timeout=5).data] == [1, 1]
         assert [fleet[i - 1].recv(timeout=5).data for i in (1, entries // 2, entries)] == [
             1, entries // 2, entries]
+
+
+# ---- the broker's look-ahead ----
+# The broker hashes the topics of the frames after the one it routes, and
+# routes each with its own frame's hash: also when frames follow the CONNECT
+# in the same read, and when SUB frames (which may grow the cache) sit
+# between PUB frames.
+
+def test_frames_pipelined_behind_the_handshake_route_by_their_own_topics(broker):
+    with busx.connect(broker.url) as subscriber:
+        sub = subscriber.subscribe("pipe.>")
+        subscriber.flush(timeout=5)
+        peer = RawPeer(broker, "unix")
+        peer.read_hello()
+        topics_sent = [f"pipe.{i % 7}.{i}" for i in range(60)] + ["pipe.same"] * 5
+        peer.send(protocol.PREAMBLE
+                  + protocol.encode_frame(protocol.CONNECT, payload=pack({"heartbeats": True}))
+                  + b"".join(protocol.encode_frame(protocol.PUB, topic.encode(), pack(n))
+                             for n, topic in enumerate(topics_sent)))
+        got = [sub.recv(timeout=5) for _ in topics_sent]
+        assert [(m.topic, m.data) for m in got] == list(zip(topics_sent, range(len(topics_sent))))
+
+
+def test_subscriptions_between_publishes_in_one_read(broker):
+    entries = broker.stats()["route_cache_entries"]
+    with busx.connect(broker.url) as subscriber:
+        sub = subscriber.subscribe("mix.>")
+        subscriber.flush(timeout=5)
+        peer = RawPeer(broker, "unix")
+        peer.handshake()
+        frames = []
+        for i in range(entries + 40):       # the SUBs grow the route cache mid-read
+            frames.append(protocol.encode_frame(protocol.SUB, f"mine.{i}".encode(), id=i + 1))
+            if i % 1000 == 0 or i >= entries:
+                frames.append(protocol.encode_frame(protocol.PUB, f"mix.{i}".encode(), pack(i)))
+        peer.send(b"".join(frames))
+        expected = [i for i in range(entries + 40) if i % 1000 == 0 or i >= entries]
+        assert [sub.recv(timeout=10).data for _ in expected] == expected
+        assert broker.stats()["route_cache_entries"] == 4 * entries
 
 
 # ---- the route cache under subscription churn ----
