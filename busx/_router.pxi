@@ -43,14 +43,17 @@ cdef int cache_alloc(Router *r, size_t sets) noexcept nogil:
 
 
 cdef void cache_fit(Router *r) noexcept nogil:
-    """Grow the cache fourfold while the subscriptions outnumber its entries
-    (up to ROUTE_CACHE_MAX_SETS): a fleet's topics then stay cached. Its
-    entries are dropped, and refilled as their topics are next published."""
+    """Grow the cache fourfold while it has fewer than two entries a
+    subscription (up to ROUTE_CACHE_MAX_SETS): a fleet's topics then stay
+    cached. At one entry a subscription, a topic per subscription left a
+    fifth of the sets with more hot topics than ways, and least recently
+    used eviction misses every time in such a set. The entries are dropped,
+    and refilled as their topics are next published."""
     cdef RouteSlot *old_cache = r.cache
     cdef uint64_t *old_tags = r.tags
     cdef size_t old_sets = r.cache_sets
     cdef size_t sets = old_sets
-    while sets * CACHE_WAYS < r.subscriptions and sets < ROUTE_CACHE_MAX_SETS:
+    while sets * CACHE_WAYS < 2 * r.subscriptions and sets < ROUTE_CACHE_MAX_SETS:
         sets *= 4
     if sets == old_sets:
         return

@@ -33,9 +33,9 @@ cdef enum:
     YIELD_BELOW = 16 * 1024
     # Sets of the router's topic cache (CACHE_WAYS entries each, the least
     # recently used evicted): 8,192 hot topics to begin with. It grows
-    # fourfold while there are more subscriptions than entries, up to 262,144
-    # entries (34 MiB): a fleet's topics stay cached (BENCHMARKS.md, Routing
-    # at scale).
+    # fourfold while it has fewer than two entries a subscription, up to
+    # 262,144 entries (34 MiB): a fleet's topics stay cached (BENCHMARKS.md,
+    # Routing at scale).
     ROUTE_CACHE_SETS = 1024
     ROUTE_CACHE_MAX_SETS = 32768
     # Subscription pointers all cache entries together may hold (32 MiB): a
