@@ -529,7 +529,10 @@ cdef class BrokerLoop:
             # everyone's messages for long (tests/test_hardening.py).
             self.budget -= CONTROL_COST if f.kind == K_SUB or f.kind == K_STATS else 1
             self.topic_hash = 0
-            if c.state == CS_READY:
+            # Looking ahead pays only while topics change; a stream on one
+            # topic is routed by c's remembered route, and would only pay
+            # for parsing every frame twice.
+            if c.state == CS_READY and (ahead.taken == 0 or self.routed_by_topic):
                 self._look_ahead(c, &ahead)
                 self.topic_hash = ahead.hashes[ahead.taken % LOOKAHEAD_RING]
             self._handle(c, &f)
@@ -551,16 +554,19 @@ cdef class BrokerLoop:
         that each miss has LOOKAHEAD frames' work to land in (_router.pxi,
         prefetching): the cache tags of the frame 3 x LOOKAHEAD on (hashing
         its topic), the entry of the one 2 x LOOKAHEAD on, the first
-        subscription of the one LOOKAHEAD on. The first frame of a turn
-        starts all three for those closer. Frames on the topic c published
-        last need none: their route is remembered."""
+        subscription of the one LOOKAHEAD on. Frames on the topic c
+        published last need none: their route is remembered."""
         cdef FrameView f
         cdef size_t k, first_stage3 = ahead.taken + LOOKAHEAD
         cdef size_t first_stage2 = ahead.taken + 2 * LOOKAHEAD
         cdef RouteSlot *slot
-        if ahead.parsed <= ahead.taken:     # frames were taken before the handshake ended
+        # Starting, or again after frames taken without looking (during the
+        # handshake, or on one topic): every stage for the frames closer.
+        cdef bint fresh = ahead.parsed <= ahead.taken
+        if fresh:
             ahead.parsed = ahead.taken
             ahead.bytes = 0
+            first_stage2 = first_stage3 = ahead.taken
         while ahead.parsed < ahead.taken + 3 * LOOKAHEAD and parse_frame(
                 c.rbuf.data + c.rbuf.start + ahead.bytes, buf_len(&c.rbuf) - ahead.bytes,
                 self.max_frame, &f) == PARSE_OK:
@@ -574,8 +580,6 @@ cdef class BrokerLoop:
                 prefetch_tags(&self.router, ahead.hashes[k])
             ahead.bytes += f.size
             ahead.parsed += 1
-        if ahead.taken == 0:
-            first_stage2 = first_stage3 = 0
         for k in range(first_stage2, min(ahead.taken + 2 * LOOKAHEAD + 1, ahead.parsed)):
             if ahead.hashes[k % LOOKAHEAD_RING]:
                 ahead.slots[k % LOOKAHEAD_RING] = prefetch_slot(
@@ -757,8 +761,10 @@ cdef class BrokerLoop:
         elif (src.last_slot != NULL and slot_current(&self.router, src.last_slot, src.last_version)
                 and f.topic_len == src.last_topic_len
                 and busx_same_bytes(src.last_topic, f.topic, f.topic_len)):
+            self.routed_by_topic = False
             self._deliver_all(src, f, src.last_slot, fds, &big, NULL)
         else:
+            self.routed_by_topic = True
             self._route_by_topic(src, f, fds, &big)
         for k in range(f.nfds):
             close(fds[k])

@@ -627,6 +627,7 @@ cdef class BrokerLoop:
     cdef Conn *backlog         # connections whose frames wait for their next turn
     cdef long budget           # deliveries left in the current connection's turn
     cdef uint64_t topic_hash   # the frame being handled's topic hash, if prefetching made it (else 0)
+    cdef bint routed_by_topic  # the last PUB routed missed its publisher's remembered route
     cdef Conn *dead
     cdef size_t nclosing
     cdef Conn *handshaking        # oldest connection not yet READY (hs_next: newer)
