@@ -4,7 +4,7 @@ real broker held against busx.topics.matches (the reference semantics)."""
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support import RawPeer
+from support import RawPeer, wait_for
 
 import busx
 from busx import protocol, topics
@@ -196,6 +196,22 @@ def test_routes_hold_while_the_route_cache_grows(broker):
         assert [first.recv(timeout=5).data, second.recv(timeout=5).data] == [1, 1]
         assert [fleet[i - 1].recv(timeout=5).data for i in (1, entries // 2, entries)] == [
             1, entries // 2, entries]
+
+
+def test_the_route_cache_stops_growing_at_its_bound(broker):
+    # 262,144 entries (34 MiB, docs/guarantees.md) however many subscribe.
+    peer = RawPeer(broker, "unix")
+    peer.handshake()
+    for held in (80_000, 160_000, 240_000):
+        peer.send(b"".join(protocol.encode_frame(protocol.SUB, f"cap.{i}.t".encode(), id=i + 1)
+                           for i in range(held - 80_000, held)))
+        wait_for(lambda want=held: broker.stats()["subscriptions"] == want, timeout=30)
+        assert broker.stats()["route_cache_entries"] == 262_144
+    with busx.connect(broker.url) as bus:
+        sub = bus.subscribe("cap.1.t")
+        bus.publish("cap.239999.t", "not for sub")
+        bus.publish("cap.1.t", "routed")
+        assert sub.recv(timeout=5).data == "routed"
 
 
 # ---- the broker's look-ahead ----
