@@ -137,6 +137,7 @@ cdef class ClientIO:
         buf_free(&self.rbuf)
         fdq_close_all(&self.recv_fds)
         self.fd = fd
+        self.bytes_sent_on_socket = 0
         self.max_frame = max_frame
         self.inbox.direct_result = -1
         self.inbox.reading_paused = False
@@ -169,8 +170,11 @@ cdef class ClientIO:
             pthread_mutex_lock(&self.outbox.lock)
             if self.fd >= 0:
                 poller_remove(&self.poller, self.fd)
+                # Over UNIX, SIOCOUTQ counts the kernel memory the unread
+                # sends hold (per send, not per byte): never more than was sent.
                 if ioctl(self.fd, SIOCOUTQ, &unacknowledged) == 0 and unacknowledged > 0:
-                    self.bytes_lost_in_flight += unacknowledged
+                    self.bytes_lost_in_flight += min(<unsigned long long>unacknowledged,
+                                                     self.bytes_sent_on_socket)
             self._close_socket()
             buf_free(&self.rbuf)
             fdq_close_all(&self.recv_fds)
@@ -194,11 +198,15 @@ cdef class ClientIO:
         cdef ssize_t n
         if self.tls == NULL:
             if fds == NULL:
-                return send(self.fd, data, length, MSG_NOSIGNAL | MSG_DONTWAIT)
-            return send_with_fds(self.fd, data, length, base, fds)
-        pthread_mutex_lock(&self.tls_lock)
-        n = tls_send(self.tls, data, length, tls_want)
-        pthread_mutex_unlock(&self.tls_lock)
+                n = send(self.fd, data, length, MSG_NOSIGNAL | MSG_DONTWAIT)
+            else:
+                n = send_with_fds(self.fd, data, length, base, fds)
+        else:
+            pthread_mutex_lock(&self.tls_lock)
+            n = tls_send(self.tls, data, length, tls_want)
+            pthread_mutex_unlock(&self.tls_lock)
+        if n > 0:
+            self.bytes_sent_on_socket += n
         return n
 
     cdef ssize_t _recv_tls(self) noexcept nogil:

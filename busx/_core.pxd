@@ -835,6 +835,9 @@ cdef class ClientIO:
     # side had not yet taken (SIOCOUTQ at detach): messages among them may
     # be lost. Written by detach() under both rooms' locks.
     cdef public unsigned long long bytes_lost_in_flight
+    # Bytes sent on the current socket, by whichever thread may send (the
+    # I/O thread, or a publisher sending directly while it is idle).
+    cdef unsigned long long bytes_sent_on_socket
 
     # Methods, defined in _client.pxi:
     cdef void _release_shared(self) noexcept nogil
